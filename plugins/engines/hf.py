@@ -1,0 +1,103 @@
+"""Rollout engine ``hf``: transformers ``generate`` on the policy itself.
+
+Batched with left padding, n samples per prompt (group-major rows), stops at
+EOS or the chat end-of-turn token, and reports each sampled token's raw-model
+logprob (log_softmax of the unprocessed logits, the convention vLLM uses), so
+the trainer can compare like with like. It samples from the live policy module,
+so ``sync`` has nothing to copy: its weights are never stale.
+
+Not covered: speculative decoding, prefix caching across groups (each of the
+G samples re-encodes its prompt; vLLM's engine shares it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import rlbench
+from rlbench.models import stop_token_ids
+from rlbench.types import Prompt, Rollouts, Sampling
+
+
+@rlbench.hookimpl
+def rlbench_rollout_engines():
+    return {"hf": "rlbench.plugins.engines.hf:HFEngine"}
+
+
+@dataclass
+class HFConfig:
+    batch_size: int = 64  # sequences per generate call (bounds the stored logits: batch × tokens × vocab)
+
+    def validate(self):
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+
+
+class HFEngine:
+    Config = HFConfig
+
+    def __init__(self, config: HFConfig, model, tokenizer, device):
+        self.config = config
+        self.model = model
+        self.tok = tokenizer
+        self.device = device
+        self.stops = stop_token_ids(tokenizer)
+
+    def sync(self, model) -> None:
+        self.model = model  # generates from the live policy: nothing to copy
+
+    @torch.no_grad()
+    def generate(self, prompts: list[Prompt], n: int, sampling: Sampling) -> Rollouts:
+        tok = self.tok
+        prompt_ids = [tok(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
+        rows = [g for g in range(len(prompts)) for _ in range(n)]  # group-major
+        per_call = max(1, self.config.batch_size // n) if n <= self.config.batch_size else 1
+        pieces = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for s in range(0, len(prompts), per_call):
+                pieces.append(self._generate(prompt_ids[s:s + per_call], n, sampling))
+        finally:
+            self.model.train(was_training)
+        C = max(p[0].shape[1] for p in pieces)
+        pad = tok.pad_token_id
+
+        def padto(t, value):
+            return torch.nn.functional.pad(t, (0, C - t.shape[1]), value=value)
+
+        ids = torch.cat([padto(p[0], pad) for p in pieces])  # [N, C]
+        mask = torch.cat([padto(p[1], 0.0) for p in pieces])  # [N, C]
+        lps = torch.cat([padto(p[2], 0.0) for p in pieces])  # [N, C]
+        finish = [f for p in pieces for f in p[3]]
+        texts = tok.batch_decode([r[: int(m.sum())].tolist() for r, m in zip(ids, mask)], skip_special_tokens=True)
+        return Rollouts(prompts=list(prompts), prompt_ids=prompt_ids, group=torch.tensor(rows), completion_ids=ids,
+                        completion_mask=mask, logprobs=lps, texts=texts, finish_reasons=finish, pad_id=pad)
+
+    def _generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling):
+        tok = self.tok
+        P = max(len(p) for p in prompt_ids)
+        input_ids = torch.full((len(prompt_ids), P), tok.pad_token_id, dtype=torch.long)  # [b, P]
+        attn = torch.zeros_like(input_ids)  # [b, P]
+        for i, p in enumerate(prompt_ids):
+            input_ids[i, P - len(p):] = torch.tensor(p)
+            attn[i, P - len(p):] = 1
+        kwargs = dict(do_sample=False) if sampling.greedy else dict(
+            do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        out = self.model.generate(
+            input_ids=input_ids.to(self.device), attention_mask=attn.to(self.device),
+            num_return_sequences=n, max_new_tokens=sampling.max_tokens, eos_token_id=self.stops,
+            pad_token_id=tok.pad_token_id, return_dict_in_generate=True, output_logits=True, **kwargs)
+        comp = out.sequences[:, P:].cpu()  # [b*n, C]
+        logits = torch.stack(out.logits, 1).float().cpu()  # [b*n, C, V] raw, before temperature/top-p
+        lp = torch.log_softmax(logits, -1).gather(-1, comp.unsqueeze(-1)).squeeze(-1)  # [b*n, C]
+        is_stop = torch.zeros_like(comp, dtype=torch.bool)
+        for s in self.stops:
+            is_stop |= comp == s
+        # Real tokens: up to and including the first stop token.
+        before_stop = (is_stop.long().cumsum(-1) - is_stop.long()) == 0  # [b*n, C]
+        mask = before_stop.float()
+        finish = ["stop" if r.any() else "length" for r in is_stop]
+        comp = torch.where(before_stop, comp, torch.full_like(comp, tok.pad_token_id))
+        return comp, mask, lp * mask, finish

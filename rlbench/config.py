@@ -1,0 +1,247 @@
+"""Run configuration: YAML → strictly validated dataclasses.
+
+Sections: run, model, task, engine, rollout, algorithm, train, eval, logging.
+``task``, ``engine`` and ``algorithm`` hold ``name`` plus the options of the
+chosen plugin's ``Config`` dataclass; the other sections are defined here.
+Every unknown key is an error naming the key, its section and the closest
+valid key; values are type-checked (an int is accepted where a float is due).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"  # run directory name under --out (default runs/)
+    seed: int = 0  # seeds data order, sampling and init (tiny-random)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"  # alias, local path or Hugging Face id
+    dtype: str = "auto"  # auto = float32 on CPU (bf16 is ~400x slower there), bfloat16 on GPU
+    revision: str = "main"  # for hub ids only
+    # tiny-random only: size of the random Llama (built deterministically from run.seed)
+    tiny_layers: int = 2
+    tiny_hidden: int = 64
+    tiny_init_std: float = 0.02  # larger (e.g. 0.5) gives a peaked, lower-entropy random model
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 8  # B prompts sampled from the train split each step
+    group_size: int = 8  # G completions per prompt (R1 recipe: >= 8 for stable advantages)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 64  # completion budget; truncated completions finish with "length"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20  # optimizer steps (x epochs when the algorithm asks for μ > 1)
+    lr: float = 5e-6
+    weight_decay: float = 0.0  # RL fine-tuning from a good init: no decay (TRL/verl default)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99  # 0.99 rather than 0.999: faster adaptation to shifting rewards
+    warmup_steps: int = 0  # linear warmup, then cosine decay to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0  # R1 recipe: 0.5-1.0; guards against long-completion blow-ups
+    micro_batch_size: int = 16  # sequences per forward/backward; gradients accumulate to the full batch
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 10  # steps between resumable checkpoints (0 = only at the end)
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class EvalConfig:
+    n: int = 200  # held-out problems, greedy pass@1 (>= 200 so ±2 SE is ~±7 points)
+    every: int = 0  # evaluate every k steps (0 = only before and after training)
+    before: bool = True
+    after: bool = True
+    max_tokens: int = 64
+    batch_size: int = 64
+    kl: bool = True  # exact KL(policy || reference) over the vocabulary on greedy completions
+
+
+@dataclass
+class LoggingConfig:
+    loggers: list = field(default_factory=lambda: ["jsonl", "tensorboard"])  # add "wandb" for W&B
+    wandb_project: str = "rlbench"
+    wandb_mode: str = "offline"  # offline | online | disabled
+    progress: bool = True  # a progress bar with the live reward
+
+
+CORE_SECTIONS = {
+    "run": RunConfig,
+    "model": ModelConfig,
+    "rollout": RolloutConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "logging": LoggingConfig,
+}
+PLUGIN_SECTIONS = {"task": "task", "engine": "engine", "algorithm": "algorithm"}  # section -> plugin kind
+DEFAULT_PLUGINS = {"task": "arithmetic", "engine": "hf", "algorithm": "grpo"}
+
+
+@dataclass
+class Config:
+    run: RunConfig
+    model: ModelConfig
+    task: Any
+    engine: Any
+    rollout: RolloutConfig
+    algorithm: Any
+    train: TrainConfig
+    eval: EvalConfig
+    logging: LoggingConfig
+    names: dict = field(default_factory=dict)  # section -> plugin name
+
+    def to_dict(self) -> dict:
+        out = {}
+        for sec in ["run", "model", "task", "engine", "rollout", "algorithm", "train", "eval", "logging"]:
+            d = dataclasses.asdict(getattr(self, sec))
+            if sec in PLUGIN_SECTIONS:
+                d = {"name": self.names[sec], **d}
+            out[sec] = d
+        return out
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid) or '(none)'}"
+
+
+def _check_type(section: str, key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(tp)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # PyYAML reads 3e-3 (no dot) as a string: accept what float() accepts
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool):
+        if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+            return value
+        raise ConfigError(f"config: {section}.{key} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, list):
+            return value
+        raise ConfigError(f"config: {section}.{key} must be a list, got {type(value).__name__} {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"config: {section}.{key} must be a mapping, got {type(value).__name__} {value!r}")
+    return value
+
+
+def build_section(section: str, cls: type, values: dict | None, *, ignore: tuple = ()) -> Any:
+    values = dict(values or {})
+    if not isinstance(values, dict):
+        raise ConfigError(f"config: section {section!r} must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key in ignore:
+            continue
+        if key not in fields:
+            raise ConfigError(f"config: unknown key {key!r} in section {section!r}{_suggest(key, list(fields))}")
+        kwargs[key] = _check_type(section, key, value, hints[key])
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ValueError as e:
+            raise ConfigError(f"config: section {section!r}: {e}") from e
+    return obj
+
+
+def _set_dotted(raw: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects section.key=value, got {assignment!r}")
+    path, _, value = assignment.partition("=")
+    parts = path.strip().split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"--set expects section.key=value, got {assignment!r}")
+    section, key = parts
+    raw.setdefault(section, {})
+    if raw[section] is None:
+        raw[section] = {}
+    raw[section][key] = yaml.safe_load(value)
+
+
+def load_raw(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections")
+    return raw
+
+
+def resolve(raw: dict, overrides: list[str] = ()) -> Config:
+    """Validate a raw mapping (plus ``section.key=value`` overrides) into a Config."""
+    from rlbench import manager
+
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for a in overrides:
+        _set_dotted(raw, a)
+    valid_sections = list(CORE_SECTIONS) + list(PLUGIN_SECTIONS)
+    for sec in raw:
+        if sec not in valid_sections:
+            raise ConfigError(f"config: unknown section {sec!r}{_suggest(sec, valid_sections)}")
+    built: dict[str, Any] = {}
+    for sec, cls in CORE_SECTIONS.items():
+        built[sec] = build_section(sec, cls, raw.get(sec))
+    names = {}
+    for sec, kind in PLUGIN_SECTIONS.items():
+        values = raw.get(sec) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config: section {sec!r} must be a mapping")
+        name = values.get("name", DEFAULT_PLUGINS[sec])
+        if not isinstance(name, str):
+            raise ConfigError(f"config: {sec}.name must be a string, got {name!r}")
+        try:
+            plugin = manager.get(kind, name)
+        except manager.PluginError as e:
+            raise ConfigError(f"config: {sec}.name: {e}") from e
+        cls = getattr(plugin, "Config", None)
+        if cls is None:
+            raise ConfigError(f"{kind} plugin {name!r} has no Config dataclass")
+        built[sec] = build_section(sec, cls, values, ignore=("name",))
+        names[sec] = name
+    return Config(names=names, **built)
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Config:
+    return resolve(load_raw(path), overrides)
+
+
+def dump(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,109 @@
+"""The rlbench hook specifications: the stable interface between the core and plugins.
+
+Grouped by phase, like pytest's ``hookspec.py``. A plugin is a module (or object)
+with functions named like these hooks, decorated with ``rlbench.hookimpl``; it is
+found through the ``rlbench`` entry-point group (built-ins included) or registered
+at run time with ``rlbench.manager.register(obj)``.
+
+API versioning: ``API_VERSION`` below is bumped when a hook's name, arguments or
+return contract change incompatibly. A plugin may declare the version it was
+written against with a module attribute ``RLBENCH_API_VERSION = <int>``; the
+manager refuses to load a plugin whose declared version differs, with an error
+that names both versions (a plugin without the attribute is assumed current).
+
+Registration hooks return ``{name: "package.module:Object"}`` mappings. The
+strings are resolved lazily, only when a run selects that name, so that
+``import rlbench`` and ``rlbench plugins`` never import vLLM, DeepSpeed or
+bitsandbytes (lm-eval's registry habit). A value may also be the object itself.
+
+What each registered object must provide is documented in ``rlbench.types``
+(``Algorithm``, ``RolloutEngine``, ``Task``, ``Logger`` protocols).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import pluggy
+
+API_VERSION = 1
+
+hookspec = pluggy.HookspecMarker("rlbench")
+
+# --------------------------------------------------------------------------
+# Registration: what exists. Called once when the plugin manager is built.
+# --------------------------------------------------------------------------
+
+
+@hookspec
+def rlbench_algorithms() -> Mapping[str, Any]:
+    """Register RL algorithms.
+
+    Return ``{name: "module:Class"}``. The class has a ``Config`` dataclass (the
+    options of the config's ``algorithm`` section besides ``name``), a
+    ``needs(config)`` classmethod that returns ``rlbench.types.Needs`` (reference
+    model, group size, old-logprob pass), and is constructed as ``Class(config)``
+    with methods ``prepare(rollouts, rewards, ctx) -> TrainBatch`` and
+    ``loss(logprobs, batch, ctx) -> (loss, metrics)``. See ``rlbench.types.Algorithm``.
+    """
+
+
+@hookspec
+def rlbench_rollout_engines() -> Mapping[str, Any]:
+    """Register rollout engines (samplers).
+
+    Return ``{name: "module:Class"}``. The class has a ``Config`` dataclass and is
+    constructed as ``Class(config, model, tokenizer, device)``; it implements
+    ``generate(prompts, n, sampling) -> Rollouts`` and ``sync(model)``.
+    See ``rlbench.types.RolloutEngine``.
+    """
+
+
+@hookspec
+def rlbench_tasks() -> Mapping[str, Any]:
+    """Register reward tasks.
+
+    Return ``{name: "module:Class"}``. The class has a ``Config`` dataclass and is
+    constructed as ``Class(config, tokenizer)``; it implements
+    ``prompts(split, n, seed) -> list[Prompt]`` and ``score(prompts, texts) ->
+    dict[str, list[float]]`` (named reward components; their sum is the reward).
+    See ``rlbench.types.Task``.
+    """
+
+
+@hookspec
+def rlbench_loggers() -> Mapping[str, Any]:
+    """Register metric loggers.
+
+    Return ``{name: "module:Class"}``. The class is constructed as
+    ``Class(run_dir, config)`` and implements ``log(step, metrics)`` and ``close()``.
+    Which loggers run is chosen by the config's ``logging.loggers`` list.
+    """
+
+
+# --------------------------------------------------------------------------
+# Events during a run. Every registered plugin may observe them; return values
+# are ignored except where stated.
+# --------------------------------------------------------------------------
+
+
+@hookspec
+def rlbench_on_rollouts(step: int, rollouts: Any, rewards: Mapping[str, Any]) -> Mapping[str, float] | None:
+    """Called after rollouts of ``step`` are generated and scored, before training.
+
+    ``rollouts`` is an ``rlbench.types.Rollouts``; ``rewards`` maps component
+    names (``accuracy``, ``format``, …) to float tensors ``[N]``. A plugin may
+    return a dict of extra metrics (for example an aha-moment rate); they are
+    merged into the step's metrics. Must not modify its arguments.
+    """
+
+
+@hookspec
+def rlbench_on_step_end(step: int, metrics: Mapping[str, float]) -> None:
+    """Called after each optimizer step with that step's final metrics
+    (what is written to metrics.jsonl)."""
+
+
+@hookspec
+def rlbench_on_run_end(run_dir: str, summary: Mapping[str, Any]) -> None:
+    """Called once when a run finishes successfully. ``summary`` holds the
+    final eval results and cost figures (what cost.json holds)."""

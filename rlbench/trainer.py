@@ -1,0 +1,436 @@
+"""The training loop: rollouts → rewards → algorithm → Accelerate update → sync.
+
+One step, top to bottom (``Trainer.step``):
+  1. B prompts from the task's train split (seeded by run seed and step: the
+     data position is the step number, so resuming needs no sampler state);
+  2. the engine samples G completions per prompt;
+  3. the task scores them (named components, summed into the reward);
+  4. the algorithm turns rollouts + rewards into a TrainBatch;
+  5. the trainer adds what the algorithm needs: reference logprobs (no-grad,
+     batched), old logprobs when μ > 1;
+  6. μ optimizer steps, each over micro-batches with gradient accumulation
+     (the algorithm's loss shares are normalised by whole-batch totals, so
+     micro-batching does not change the loss or gradient), clipping, AdamW,
+     warmup + cosine schedule;
+  7. the engine syncs to the new weights.
+Held-out evaluation (greedy pass@1 and the exact KL to the reference on the
+policy's own greedy completions, the same for every algorithm) runs before,
+every ``eval.every`` steps and after training.
+
+Not covered here (other issues): multi-process sharding of prompts, vLLM
+sleep/wake, NaN skipping, suites.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import resource
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlbench import config as cfgmod
+from rlbench import logprobs as lpmod
+from rlbench import manager, models, rundir
+from rlbench.types import Sampling, StepContext, TrainBatch
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: int, ctx: StepContext,
+                         backward=None) -> dict[str, float]:
+    """Forward + backward over micro-batches; gradients accumulate in ``.grad``.
+
+    Returns the batch's loss and the algorithm's metrics (summed shares), the
+    trainer's own ``kl`` (mean k3 to the reference over completion tokens, when
+    reference logprobs are present) and ``entropy``."""
+    backward = backward or (lambda loss: loss.backward())
+    C = batch["completion_mask"].shape[1]
+    totals: dict[str, float] = {"loss": 0.0}
+    kl_sum = ent_sum = 0.0
+    for micro in batch.split(micro_batch_size):
+        logp, ent = lpmod.token_logprobs(model, micro["input_ids"], micro["attention_mask"], C, with_entropy=True)
+        loss, metrics = algorithm.loss(logp, micro, ctx)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"non-finite loss {loss.item()} at step {ctx.step}")
+        backward(loss)
+        mask = micro["completion_mask"]
+        totals["loss"] += loss.item()
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + v
+        ent_sum += (ent * mask).sum().item()
+        if "ref_logprobs" in micro:
+            d = micro["ref_logprobs"] - logp.detach()
+            kl_sum += ((torch.exp(d) - d - 1) * mask).sum().item()
+    totals["entropy"] = ent_sum / batch.totals["tokens"]
+    if "ref_logprobs" in batch:
+        totals["kl"] = kl_sum / batch.totals["tokens"]
+    return totals
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.random.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: cfgmod.Config, run_dir: str | Path, resume: bool = False):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        use_cuda = torch.cuda.is_available()
+        dtype = models.resolve_dtype(cfg.model.dtype, torch.device("cuda" if use_cuda else "cpu"))
+        self.accelerator = Accelerator(cpu=not use_cuda,
+                                       mixed_precision="bf16" if dtype == torch.bfloat16 and use_cuda else "no")
+        self.device = self.accelerator.device
+        _seed_all(cfg.run.seed)
+
+        self.times: dict[str, float] = {}
+        t0 = time.perf_counter()
+        policy, self.tok = models.load(cfg.model.name, seed=cfg.run.seed, dtype=torch.float32 if not use_cuda else dtype,
+                                       tiny_layers=cfg.model.tiny_layers, tiny_hidden=cfg.model.tiny_hidden,
+                             tiny_init_std=cfg.model.tiny_init_std)
+        self.n_params = sum(p.numel() for p in policy.parameters())
+        self.model_hash = rundir.tensor_hash(sorted(policy.state_dict().items())[:4])
+        # The frozen reference: a separate copy, never handed to the optimizer.
+        self.reference = copy.deepcopy(policy).eval().requires_grad_(False).to(self.device)
+        if cfg.train.gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
+            policy.config.use_cache = False
+        self.times["load"] = time.perf_counter() - t0
+
+        self.task = manager.get("task", cfg.names["task"])(cfg.task, self.tok)
+        algo_cls = manager.get("algorithm", cfg.names["algorithm"])
+        self.algorithm = algo_cls(cfg.algorithm)
+        self.needs = algo_cls.needs(cfg.algorithm)
+        if cfg.rollout.group_size < self.needs.group_size:
+            raise cfgmod.ConfigError(f"config: rollout.group_size={cfg.rollout.group_size} but algorithm "
+                                     f"{cfg.names['algorithm']!r} needs at least {self.needs.group_size}")
+
+        opt = torch.optim.AdamW(policy.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                betas=(cfg.train.adam_beta1, cfg.train.adam_beta2))
+        total = cfg.train.steps * self.needs.epochs
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train.warmup_steps, total, cfg.train.min_lr_ratio))
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(policy, opt, sched)
+        self.engine = manager.get("engine", cfg.names["engine"])(cfg.engine, self.policy, self.tok, self.device)
+
+        self.step_done = 0
+        self.counters = {"tokens/generated": 0.0, "tokens/trained": 0.0, "tokens/reference": 0.0}
+        self.sampling = Sampling(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_tokens)
+        if resume:
+            self._load_latest()
+        self.loggers = [manager.get("logger", name)(self.run_dir, cfg) for name in cfg.logging.loggers]
+
+    @property
+    def policy(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    # -- the loop ------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        evals = rundir.read_jsonl(self.run_dir / "eval.jsonl")
+        if cfg.eval.before and self.step_done == 0 and not any(e["step"] == 0 for e in evals):
+            self.evaluate(0)
+        bar = None
+        if cfg.logging.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=cfg.train.steps, initial=self.step_done, desc=cfg.run.name, unit="step")
+        try:
+            while self.step_done < cfg.train.steps:
+                step = self.step_done + 1
+                metrics = self.step(step)
+                self.step_done = step
+                self._log(step, metrics)
+                if bar is not None:
+                    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['reward/accuracy']:.3f}",
+                                    kl=f"{metrics.get('kl', 0.0):.4f}")
+                    bar.update(1)
+                if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+                    self.evaluate(step)
+                if step == cfg.train.steps or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+                    self.save_checkpoint(step)
+        finally:
+            if bar is not None:
+                bar.close()
+        final = rundir.read_jsonl(self.run_dir / "eval.jsonl")
+        if cfg.eval.after and not any(e["step"] == cfg.train.steps for e in final):
+            self.evaluate(cfg.train.steps)
+        summary = self.write_cost()
+        summary["eval"] = rundir.read_jsonl(self.run_dir / "eval.jsonl")
+        manager.hook().rlbench_on_run_end(run_dir=str(self.run_dir), summary=summary)
+        for lg in self.loggers:
+            lg.close()
+        return summary
+
+    def _timed(self, name: str):
+        trainer = self
+
+        class _T:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                dt = time.perf_counter() - self.t
+                trainer.times[name] = trainer.times.get(name, 0.0) + dt
+                trainer._last[name] = dt
+        return _T()
+
+    def step(self, step: int) -> dict[str, float]:
+        cfg, G = self.cfg, self.cfg.rollout.group_size
+        self._last: dict[str, float] = {}
+        ctx = StepContext(step=step)
+        prompts = self.task.prompts("train", cfg.rollout.prompts_per_step, seed=cfg.run.seed * 1_000_003 + step)
+
+        with self._timed("rollout"):
+            rollouts = self.engine.generate(prompts, G, self.sampling)
+        with self._timed("reward"):
+            expanded = [prompts[g] for g in rollouts.group.tolist()]
+            components = {k: torch.tensor(v, dtype=torch.float32) for k, v in self.task.score(expanded, rollouts.texts).items()}
+            rewards = torch.stack(list(components.values())).sum(0)  # [N]
+        if not torch.isfinite(rewards).all():
+            raise TrainingError(f"non-finite reward at step {step}")
+        extra = {}
+        for res in manager.hook().rlbench_on_rollouts(step=step, rollouts=rollouts, rewards=components):
+            extra.update(res or {})
+
+        batch = self.algorithm.prepare(rollouts, rewards, ctx)
+        with self._timed("reference"):
+            if self.needs.reference or self.cfg.eval.kl:
+                batch.tensors["ref_logprobs"] = lpmod.batched_logprobs(
+                    self.reference, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+                    batch["completion_mask"].shape[1], cfg.train.micro_batch_size).cpu()
+                self.counters["tokens/reference"] += batch["attention_mask"].sum().item()
+            if self.needs.old_logprobs:
+                self.model.eval()
+                batch.tensors["old_logprobs"] = lpmod.batched_logprobs(
+                    self.model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+                    batch["completion_mask"].shape[1], cfg.train.micro_batch_size).cpu()
+        batch = batch.to(self.device)
+
+        with self._timed("train"):
+            self.model.train()
+            train_metrics = {}
+            for epoch in range(self.needs.epochs):
+                ctx.epoch = epoch
+                self.optimizer.zero_grad(set_to_none=True)
+                m = accumulate_gradients(self.model, self.algorithm, batch, cfg.train.micro_batch_size, ctx,
+                                         backward=self.accelerator.backward)
+                grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
+                grad_norm = float(grad_norm)
+                if not math.isfinite(grad_norm):
+                    raise TrainingError(f"non-finite gradient norm at step {step}")
+                self.optimizer.step()
+                self.scheduler.step()
+                m["grad_norm"] = grad_norm
+                m["grad_clipped"] = float(grad_norm > cfg.train.max_grad_norm)
+                if epoch == 0:
+                    train_metrics = m  # KL / entropy of the sampling policy, as logged by every algorithm
+            self.counters["tokens/trained"] += batch["attention_mask"].sum().item() * self.needs.epochs
+        with self._timed("sync"):
+            self.engine.sync(self.policy)
+
+        lengths = rollouts.lengths()
+        gen_tokens = float(lengths.sum().item())
+        self.counters["tokens/generated"] += gen_tokens
+        metrics = {
+            "step": step,
+            "reward/mean": rewards.mean().item(),
+            "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+            **{f"reward/{k}": v.mean().item() for k, v in components.items()},
+            **train_metrics,
+            **batch.metrics,
+            "completion_len/mean": lengths.mean().item(),
+            "completion_len/max": lengths.max().item(),
+            "truncated_frac": sum(f == "length" for f in rollouts.finish_reasons) / rollouts.n,
+            "lr": self.scheduler.get_last_lr()[0],
+            **{f"time/{k}": v for k, v in self._last.items()},
+            "tokens/generated": gen_tokens,
+            "tokens/generated_total": self.counters["tokens/generated"],
+            **extra,
+        }
+        metrics.update(self.algorithm.after_step(metrics))
+        return metrics
+
+    def _log(self, step: int, metrics: dict) -> None:
+        rundir.append_jsonl(self.run_dir / "metrics.jsonl", metrics)
+        for lg in getattr(self, "loggers", []):
+            lg.log(step, metrics)
+        manager.hook().rlbench_on_step_end(step=step, metrics=metrics)
+
+    # -- evaluation ------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict:
+        ev = self.cfg.eval
+        t = time.perf_counter()
+        prompts = self.task.prompts("test", ev.n, seed=0)
+        rollouts = self.engine.generate(prompts, 1, Sampling(max_tokens=ev.max_tokens, greedy=True))
+        scores = self.task.score(prompts, rollouts.texts)
+        correct = scores["accuracy"]
+        n = len(correct)
+        acc = sum(correct) / max(1, n)
+        rec = {"step": step, "accuracy": acc, "n": n, "stderr": math.sqrt(acc * (1 - acc) / max(1, n))}
+        for k, v in scores.items():
+            if k != "accuracy":
+                rec[f"reward/{k}"] = sum(v) / max(1, n)
+        rec["format_rate"] = sum(1 for v in scores.get("format", []) if v > 0) / max(1, n)
+        rec["completion_len"] = rollouts.lengths().mean().item()
+        if ev.kl:
+            inputs = rollouts.model_inputs()
+            self.model.eval()
+            kl = lpmod.exact_kl(self.policy, self.reference, inputs["input_ids"].to(self.device),
+                                inputs["attention_mask"].to(self.device), rollouts.completion_mask.to(self.device),
+                                self.cfg.train.micro_batch_size)
+            rec["kl"] = (kl.sum() / rollouts.completion_mask.sum().clamp(min=1)).item()
+        rec["correct"] = [int(c) for c in correct]
+        rec["ids"] = [p.id for p in prompts]
+        rec["time"] = time.perf_counter() - t
+        self.times["eval"] = self.times.get("eval", 0.0) + rec["time"]
+        rundir.append_jsonl(self.run_dir / "eval.jsonl", rec)
+        for lg in getattr(self, "loggers", []):
+            lg.log(step, {f"eval/{k}": v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"})
+        return rec
+
+    # -- checkpoints -------------------------------------------------------------
+    def save_checkpoint(self, step: int) -> Path:
+        from safetensors.torch import save_file
+
+        final = self.ckpt_dir / f"step_{step:06d}"
+        tmp = self.ckpt_dir / f".tmp_step_{step:06d}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.policy.state_dict().items()}
+        # tied embeddings share storage: save each tensor once
+        seen, unique = set(), {}
+        for k, v in state.items():
+            key = (v.data_ptr(), v.shape)
+            if key not in seen:
+                seen.add(key)
+                unique[k] = v
+        save_file(unique, str(tmp / "model.safetensors"))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "rng": _rng_state(), "algorithm": self.algorithm.state_dict(), "counters": self.counters,
+                    "times": self.times, "step": step}, tmp / "trainer.pt")
+        rundir.write_json(tmp / "state.json", {"step": step, "data_position": step})
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        ckpts = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir())
+        for old in ckpts[: max(0, len(ckpts) - self.cfg.train.keep_checkpoints)]:
+            shutil.rmtree(old)
+        return final
+
+    def _load_latest(self) -> None:
+        from safetensors.torch import load_file
+
+        ckpts = sorted(p for p in self.ckpt_dir.glob("step_*") if (p / "state.json").exists())
+        if not ckpts:
+            raise TrainingError(f"no complete checkpoint under {self.ckpt_dir}")
+        ck = ckpts[-1]
+        missing, unexpected = self.policy.load_state_dict(load_file(str(ck / "model.safetensors")), strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k]:
+            raise TrainingError(f"checkpoint {ck} does not match the model: missing={missing} unexpected={unexpected}")
+        state = torch.load(ck / "trainer.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.counters = state["counters"]
+        self.times = state["times"]
+        _set_rng_state(state["rng"])
+        self.step_done = state["step"]
+        self.engine.sync(self.policy)
+        # Records written after this checkpoint belong to the lost future: drop them.
+        rundir.truncate_jsonl(self.run_dir / "metrics.jsonl", lambda r: r.get("step", 0) <= self.step_done)
+        rundir.truncate_jsonl(self.run_dir / "eval.jsonl", lambda r: r.get("step", 0) <= self.step_done)
+
+    # -- cost ------------------------------------------------------------------------
+    def write_cost(self) -> dict:
+        import yaml
+
+        wall = sum(v for k, v in self.times.items())
+        N = self.n_params
+        flops = (2 * N * self.counters["tokens/generated"] + 6 * N * self.counters["tokens/trained"]
+                 + 2 * N * self.counters["tokens/reference"])
+        on_gpu = self.device.type == "cuda"
+        cores = torch.get_num_threads()
+        hours = wall / 3600
+        price_file = Path(__file__).resolve().parent.parent / "configs" / "prices.yaml"
+        prices = yaml.safe_load(price_file.read_text()) if price_file.exists() else {}
+        if on_gpu:
+            gpu = torch.cuda.get_device_name(0)
+            rate = next((v for k, v in (prices.get("gpu_hour") or {}).items() if k.lower() in gpu.lower()), None)
+            device_hours, price = hours, (hours * rate if rate is not None else None)
+            peak_dev = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            rate = (prices.get("cpu_core_hour") or 0.0)
+            device_hours, price, peak_dev = hours * cores, hours * cores * rate, None
+        cost = {
+            "wall_seconds": {k: round(v, 3) for k, v in self.times.items()},
+            "wall_seconds_total": round(wall, 3),
+            "tokens_generated": self.counters["tokens/generated"],
+            "tokens_trained": self.counters["tokens/trained"],
+            "tokens_reference": self.counters["tokens/reference"],
+            "flops_estimate": flops,
+            "params": N,
+            "device": str(self.device),
+            "device_hours": device_hours,
+            "device_hours_unit": "gpu-hours" if on_gpu else "cpu-core-hours",
+            "price_usd": price,
+            "peak_host_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "peak_device_memory_gb": peak_dev,
+        }
+        rundir.write_json(self.run_dir / "cost.json", cost)
+        return cost
+
+
+def start(cfg: cfgmod.Config, run_dir: Path, resume: bool = False) -> Trainer:
+    """Create the run directory (config.yaml, manifest.json) and a ready Trainer."""
+    run_dir = Path(run_dir)
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise TrainingError(f"run directory {run_dir} already holds a run; use --resume {run_dir} or another --out/--set run.name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        cfgmod.dump(cfg, run_dir / "config.yaml")
+    trainer = Trainer(cfg, run_dir, resume=resume)
+    if not resume:
+        import hashlib
+        import json
+
+        data_hash = hashlib.sha256(json.dumps(cfg.to_dict()["task"], sort_keys=True).encode()).hexdigest()[:16]
+        rundir.write_json(run_dir / "manifest.json", rundir.manifest(
+            config=cfg.to_dict(), model_hash=trainer.model_hash, data_hash=data_hash, device=str(trainer.device),
+            engine=cfg.names["engine"], seed=cfg.run.seed))
+    return trainer

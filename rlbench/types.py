@@ -1,0 +1,172 @@
+"""The data that flows through one training step, and the plugin protocols.
+
+    Task.prompts ──► [Prompt] ──► RolloutEngine.generate(n=G) ──► Rollouts
+    Task.score(prompts, texts) ──► {component: [N]} rewards
+    Algorithm.prepare(rollouts, rewards, ctx) ──► TrainBatch
+    trainer micro-batches: Algorithm.loss(logprobs, micro_batch, ctx) ──► (loss, metrics)
+
+Shapes: N = number of completions (B prompts × G samples, group-major: rows
+g*G … g*G+G-1 share prompt g), P = padded prompt length, C = padded completion
+length, L = P + C.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol
+
+import torch
+
+
+@dataclass
+class Prompt:
+    """One task problem, ready for a model."""
+
+    id: str  # stable identifier (used for disjoint splits and paired comparisons)
+    text: str  # the chat-templated prompt string fed to the model
+    answer: Any  # the reference answer the verifier needs
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Rollouts:
+    """Completions sampled for a list of prompts, the same from every engine."""
+
+    prompts: list[Prompt]  # B prompts
+    prompt_ids: list[list[int]]  # B token-id lists (unpadded)
+    group: torch.Tensor  # [N] long, index into prompts
+    completion_ids: torch.Tensor  # [N, C] long, right-padded with pad_id
+    completion_mask: torch.Tensor  # [N, C] float, 1 for real completion tokens
+    logprobs: torch.Tensor  # [N, C] float, sampler's raw-model logprobs (0 at padding)
+    texts: list[str]  # N decoded completions (special tokens stripped)
+    finish_reasons: list[str]  # N of "stop" (EOS / end-of-turn) or "length"
+    pad_id: int = 0
+
+    @property
+    def n(self) -> int:
+        return self.completion_ids.shape[0]
+
+    @property
+    def group_size(self) -> int:
+        return self.n // max(1, len(self.prompts))
+
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(-1)  # [N]
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """Left-padded prompt + right-padded completion, ready for a forward pass."""
+        P = max(len(p) for p in self.prompt_ids)
+        N, C = self.completion_ids.shape
+        prompt = torch.full((N, P), self.pad_id, dtype=torch.long)  # [N, P]
+        pmask = torch.zeros((N, P), dtype=torch.long)  # [N, P]
+        for i, g in enumerate(self.group.tolist()):
+            ids = self.prompt_ids[g]
+            prompt[i, P - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            pmask[i, P - len(ids):] = 1
+        input_ids = torch.cat([prompt, self.completion_ids], dim=1)  # [N, L]
+        attention_mask = torch.cat([pmask, self.completion_mask.long()], dim=1)  # [N, L]
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+@dataclass
+class TrainBatch:
+    """What an algorithm's ``prepare`` returns and its ``loss`` consumes.
+
+    ``tensors`` all have the leading dimension N (so the trainer can split them
+    into micro-batches); ``input_ids`` / ``attention_mask`` [N, L] and
+    ``completion_mask`` [N, C] are always present. ``totals`` holds normalisers
+    over the whole optimizer batch (``seqs``, ``tokens``), so a loss computed
+    per micro-batch and summed equals the loss of the whole batch.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    totals: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_rollouts(cls, rollouts: Rollouts, **tensors: torch.Tensor) -> "TrainBatch":
+        """The model inputs of ``rollouts`` plus any per-row tensors (advantages, …)."""
+        mask = rollouts.completion_mask.float()  # [N, C]
+        base = {**rollouts.model_inputs(), "completion_mask": mask, "sampler_logprobs": rollouts.logprobs}
+        totals = {"seqs": float(rollouts.n), "tokens": float(mask.sum().clamp(min=1).item())}
+        return cls({**base, **tensors}, totals)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    @property
+    def size(self) -> int:
+        return self.tensors["input_ids"].shape[0]
+
+    def split(self, micro_batch_size: int) -> Iterator["TrainBatch"]:
+        for start in range(0, self.size, micro_batch_size):
+            sl = slice(start, start + micro_batch_size)
+            yield TrainBatch({k: v[sl] for k, v in self.tensors.items()}, self.totals, {})
+
+    def to(self, device: torch.device | str) -> "TrainBatch":
+        return dataclasses.replace(self, tensors={k: v.to(device) for k, v in self.tensors.items()})
+
+
+@dataclass
+class Needs:
+    """What an algorithm asks the trainer for; the trainer loads only these."""
+
+    reference: bool = False  # frozen reference logprobs ("ref_logprobs" in the batch)
+    old_logprobs: bool = False  # a no-grad pass of the policy before updating ("old_logprobs")
+    group_size: int = 1  # completions per prompt the rollout engine must produce
+    epochs: int = 1  # passes (μ) over each rollout batch; each pass is one optimizer step
+
+
+@dataclass
+class StepContext:
+    """Read-only facts an algorithm may use in ``prepare`` and ``loss``."""
+
+    step: int
+    epoch: int = 0
+    state: dict = field(default_factory=dict)  # algorithm-owned, checkpointed
+
+
+class Algorithm(Protocol):
+    Config: type
+
+    @classmethod
+    def needs(cls, config: Any) -> Needs: ...
+
+    def prepare(self, rollouts: Rollouts, rewards: torch.Tensor, ctx: StepContext) -> TrainBatch: ...
+
+    def loss(self, logprobs: torch.Tensor, batch: TrainBatch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def after_step(self, metrics: dict[str, float]) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class RolloutEngine(Protocol):
+    Config: type
+
+    def generate(self, prompts: list[Prompt], n: int, sampling: "Sampling") -> Rollouts: ...
+
+    def sync(self, model: torch.nn.Module) -> None: ...
+
+
+class Task(Protocol):
+    Config: type
+
+    def prompts(self, split: str, n: int, seed: int) -> list[Prompt]: ...
+
+    def score(self, prompts: list[Prompt], texts: list[str]) -> dict[str, list[float]]: ...
+
+
+@dataclass
+class Sampling:
+    """Sampler settings shared by every engine (so algorithms cannot tell engines apart)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 64
+    greedy: bool = False

@@ -1,0 +1,164 @@
+"""Task ``arithmetic``: synthetic integer arithmetic with a verifiable answer.
+
+Problems like ``What is 7 + 5?`` with configurable difficulty (operand digits,
+number of operands, operations). The problem space is split into disjoint
+train / test parts by a hash of the problem text, so no held-out problem is
+ever trained on, whatever the seed.
+
+Rewards (each logged separately, their sum is the reward):
+  accuracy  1.0 when the extracted answer equals the result. ``answer_mode``:
+            ``tags`` reads only ``<answer>…</answer>``; ``tags_or_last_number``
+            reads the tags when present, else the last number in the text (a
+            weak model that never uses tags still gives a signal).
+  format    ``format_reward`` (≤ 0.1) for the strict shape
+            ``<think>…</think> <answer>N</answer>`` with exactly one answer;
+            ``partial_format_reward`` when there is exactly one answer block but
+            the whole shape is not strict. Capped well below accuracy so a model
+            cannot earn more by formatting than by being right (R1's format hack).
+
+Not covered: division, parentheses, word problems (see the gsm8k task).
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass, field
+
+import rlbench
+from rlbench.types import Prompt
+
+R1_SYSTEM = ("You are a helpful assistant. First think about the problem inside <think> </think> tags, "
+             "then give the final answer inside <answer> </answer> tags.")
+
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+_STRICT = re.compile(r"^\s*<think>(?:(?!<answer>|</?think>).)*</think>\s*<answer>\s*-?\d+\s*</answer>\s*$", re.S)
+_NUMBER = re.compile(r"-?\d[\d,]*")
+
+
+@rlbench.hookimpl
+def rlbench_tasks():
+    return {"arithmetic": "rlbench.tasks.arithmetic:Arithmetic"}
+
+
+@dataclass
+class ArithmeticConfig:
+    digits: int = 1  # max digits of each operand (1: 0-9, 2: 0-99)
+    max_operand: int = 0  # > 0: operands range over 0..max_operand instead (finer difficulty than digits)
+    operands: int = 2
+    operations: list = field(default_factory=lambda: ["+"])  # any of + - *
+    test_fraction: float = 0.3  # share of the problem space held out for evaluation
+    answer_mode: str = "tags_or_last_number"  # tags | tags_or_last_number
+    system_prompt: str = R1_SYSTEM  # empty string: no system message
+    chat_template: bool = True  # False: a plain-text prompt for base models
+    format_reward: float = 0.1
+    partial_format_reward: float = 0.05
+
+    def validate(self):
+        if not 1 <= self.digits <= 9:
+            raise ValueError("digits must be between 1 and 9")
+        if self.max_operand < 0:
+            raise ValueError("max_operand must be >= 0 (0 = use digits)")
+        if self.operands < 2:
+            raise ValueError("operands must be >= 2")
+        bad = [o for o in self.operations if o not in ("+", "-", "*")]
+        if bad or not self.operations:
+            raise ValueError(f"operations must be a non-empty list of '+', '-', '*'; got {self.operations}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError("test_fraction must be in (0, 1)")
+        if self.answer_mode not in ("tags", "tags_or_last_number"):
+            raise ValueError("answer_mode must be 'tags' or 'tags_or_last_number'")
+        if not 0.0 <= self.partial_format_reward <= self.format_reward <= 0.1:
+            raise ValueError("need 0 <= partial_format_reward <= format_reward <= 0.1 (format must not outweigh accuracy)")
+
+
+def extract_answer(text: str, mode: str) -> int | None:
+    tags = _ANSWER.findall(text)
+    if tags:
+        nums = _NUMBER.findall(tags[-1])
+        return int(nums[-1].replace(",", "")) if len(nums) == 1 else None
+    if mode == "tags":
+        return None
+    nums = _NUMBER.findall(text)
+    return int(nums[-1].replace(",", "")) if nums else None
+
+
+class Arithmetic:
+    Config = ArithmeticConfig
+
+    def __init__(self, config: ArithmeticConfig, tokenizer):
+        self.config = config
+        self.tok = tokenizer
+        self.base = config.max_operand + 1 if config.max_operand > 0 else 10 ** config.digits
+        self.space = self.base ** config.operands * len(config.operations)
+
+    # -- problems --------------------------------------------------------
+    def _problem(self, index: int) -> tuple[str, int]:
+        c = self.config
+        base = self.base
+        op = c.operations[index % len(c.operations)]
+        index //= len(c.operations)
+        nums = []
+        for _ in range(c.operands):
+            nums.append(index % base)
+            index //= base
+        expr = f" {op} ".join(map(str, nums))
+        return expr, int(eval(expr))  # noqa: S307 - expr is built here from digits and + - *
+
+    def _split_of(self, expr: str) -> str:
+        h = int.from_bytes(hashlib.sha256(expr.encode()).digest()[:8], "big") / 2**64
+        return "test" if h < self.config.test_fraction else "train"
+
+    def _make(self, expr: str, result: int) -> Prompt:
+        c = self.config
+        question = f"What is {expr}?"
+        if c.chat_template:
+            msgs = ([{"role": "system", "content": c.system_prompt}] if c.system_prompt else [])
+            msgs.append({"role": "user", "content": question})
+            text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        else:
+            text = (c.system_prompt + "\n\n" if c.system_prompt else "") + f"Question: {question}\nAnswer: <think>"
+        return Prompt(id=expr, text=text, answer=result, meta={"question": question})
+
+    def prompts(self, split: str, n: int, seed: int) -> list[Prompt]:
+        """``train``: n problems drawn with replacement from the train part (seeded);
+        ``test``: the first n problems of a fixed shuffle of the test part."""
+        if split not in ("train", "test"):
+            raise ValueError(f"unknown split {split!r}; arithmetic has 'train' and 'test'")
+        if split == "test":
+            rng = random.Random(12345)  # the eval set never depends on the run seed
+            if self.space <= 200_000:
+                items = [self._problem(i) for i in range(self.space)]
+                items = [it for it in items if self._split_of(it[0]) == "test"]
+                rng.shuffle(items)
+                return [self._make(*it) for it in items[:n]]
+            seen, out = set(), []
+            while len(out) < n:
+                expr, res = self._problem(rng.randrange(self.space))
+                if expr not in seen and self._split_of(expr) == "test":
+                    seen.add(expr)
+                    out.append(self._make(expr, res))
+            return out
+        rng = random.Random(seed)
+        out = []
+        while len(out) < n:
+            expr, res = self._problem(rng.randrange(self.space))
+            if self._split_of(expr) == "train":
+                out.append(self._make(expr, res))
+        return out
+
+    # -- rewards ---------------------------------------------------------
+    def score(self, prompts: list[Prompt], texts: list[str]) -> dict[str, list[float]]:
+        c = self.config
+        acc, fmt = [], []
+        for p, t in zip(prompts, texts):
+            ans = extract_answer(t, c.answer_mode)
+            acc.append(1.0 if ans is not None and ans == p.answer else 0.0)
+            n_answers = len(_ANSWER.findall(t))
+            if _STRICT.match(t):
+                fmt.append(c.format_reward)
+            elif n_answers == 1:
+                fmt.append(c.partial_format_reward)
+            else:
+                fmt.append(0.0)
+        return {"accuracy": acc, "format": fmt}
