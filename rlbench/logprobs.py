@@ -47,15 +47,33 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return lp, ent
 
 
+def _length_chunks(attention_mask: torch.Tensor, C: int, batch_size: int):
+    """Row chunks of similar length (longest first), each with the columns it needs:
+    yields (rows, left, c) so that [:, left:P + c] holds every real token of those rows."""
+    L = attention_mask.shape[1]
+    P = L - C
+    lengths = attention_mask.sum(-1)  # [N]
+    order = torch.argsort(lengths, descending=True, stable=True)
+    for s in range(0, len(order), batch_size):
+        rows = order[s:s + batch_size]
+        am = attention_mask[rows]
+        real = am[:, :P].any(0).nonzero()
+        left = int(real[0]) if len(real) else P
+        c = max(1, int(am[:, P:].sum(-1).max().item()))
+        yield rows, left, c
+
+
 @torch.no_grad()
 def batched_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, C: int,
                      batch_size: int) -> torch.Tensor:
-    """No-grad logprobs in chunks of ``batch_size`` rows (reference / old-policy passes)."""
-    outs = []
-    for s in range(0, input_ids.shape[0], batch_size):
-        lp, _ = token_logprobs(model, input_ids[s:s + batch_size], attention_mask[s:s + batch_size], C)
-        outs.append(lp)
-    return torch.cat(outs, 0)  # [N, C]
+    """No-grad logprobs [N, C] in length-sorted chunks of ``batch_size`` rows, padding trimmed
+    (reference / old-policy passes)."""
+    P = input_ids.shape[1] - C
+    out = torch.zeros(input_ids.shape[0], C, device=input_ids.device)
+    for rows, left, c in _length_chunks(attention_mask, C, batch_size):
+        lp, _ = token_logprobs(model, input_ids[rows, left:P + c], attention_mask[rows, left:P + c], c)
+        out[rows, :c] = lp
+    return out * attention_mask[:, P:]  # [N, C]
 
 
 @torch.no_grad()
@@ -63,10 +81,11 @@ def exact_kl(policy, reference, input_ids: torch.Tensor, attention_mask: torch.T
              completion_mask: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Exact per-token KL(π || π_ref) = Σ_v π log(π/π_ref), summed over the vocabulary, [N, C]."""
     C = completion_mask.shape[1]
-    outs = []
-    for s in range(0, input_ids.shape[0], batch_size):
-        ids, am = input_ids[s:s + batch_size], attention_mask[s:s + batch_size]
-        lp = F.log_softmax(completion_logits(policy, ids, am, C).float(), -1)  # [b, C, V]
-        lq = F.log_softmax(completion_logits(reference, ids, am, C).float(), -1)  # [b, C, V]
-        outs.append((lp.exp() * (lp - lq)).sum(-1))  # [b, C]
-    return torch.cat(outs, 0) * completion_mask  # [N, C]
+    P = input_ids.shape[1] - C
+    out = torch.zeros(input_ids.shape[0], C, device=input_ids.device)
+    for rows, left, c in _length_chunks(attention_mask, C, batch_size):
+        ids, am = input_ids[rows, left:P + c], attention_mask[rows, left:P + c]
+        lp = F.log_softmax(completion_logits(policy, ids, am, c).float(), -1)  # [b, c, V]
+        lq = F.log_softmax(completion_logits(reference, ids, am, c).float(), -1)  # [b, c, V]
+        out[rows, :c] = (lp.exp() * (lp - lq)).sum(-1)  # [b, c]
+    return out * completion_mask  # [N, C]

@@ -52,10 +52,11 @@ def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: 
     trainer's own ``kl`` (mean k3 to the reference over completion tokens, when
     reference logprobs are present) and ``entropy``."""
     backward = backward or (lambda loss: loss.backward())
-    C = batch["completion_mask"].shape[1]
     totals: dict[str, float] = {"loss": 0.0}
     kl_sum = ent_sum = 0.0
-    for micro in batch.split(micro_batch_size):
+    for micro in batch.sorted_by_length().split(micro_batch_size):
+        micro = micro.trimmed()
+        C = micro["completion_mask"].shape[1]
         logp, ent = lpmod.token_logprobs(model, micro["input_ids"], micro["attention_mask"], C, with_entropy=True)
         loss, metrics = algorithm.loss(logp, micro, ctx)
         if not torch.isfinite(loss):
@@ -296,7 +297,7 @@ class Trainer:
         ev = self.cfg.eval
         t = time.perf_counter()
         prompts = self.task.prompts("test", ev.n, seed=0)
-        rollouts = self.engine.generate(prompts, 1, Sampling(max_tokens=ev.max_tokens, greedy=True))
+        rollouts = self.engine.generate(prompts, 1, Sampling(max_tokens=ev.max_tokens, greedy=True, logprobs=False))
         scores = self.task.score(prompts, rollouts.texts)
         correct = scores["accuracy"]
         n = len(correct)

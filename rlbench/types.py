@@ -106,6 +106,30 @@ class TrainBatch:
             sl = slice(start, start + micro_batch_size)
             yield TrainBatch({k: v[sl] for k, v in self.tensors.items()}, self.totals, {})
 
+    def sorted_by_length(self) -> "TrainBatch":
+        """Rows reordered longest first, so micro-batches hold similar lengths (less padding)."""
+        order = torch.argsort(self.tensors["attention_mask"].sum(-1), descending=True, stable=True)
+        return dataclasses.replace(self, tensors={k: v[order] for k, v in self.tensors.items()})
+
+    def trimmed(self) -> "TrainBatch":
+        """Drop columns that are padding in every row: leading prompt padding and trailing
+        completion padding. Loss values are unchanged (padding is masked anyway)."""
+        am, cm = self.tensors["attention_mask"], self.tensors["completion_mask"]
+        L, C = am.shape[1], cm.shape[1]
+        P = L - C
+        real_cols = am[:, :P].any(0).nonzero()
+        left = int(real_cols[0]) if len(real_cols) else P
+        c_new = max(1, int(cm.sum(-1).max().item()))
+        out = {}
+        for k, v in self.tensors.items():
+            if k in ("input_ids", "attention_mask"):
+                out[k] = v[:, left:P + c_new]
+            elif v.dim() >= 2 and v.shape[1] == C:
+                out[k] = v[:, :c_new]
+            else:
+                out[k] = v
+        return dataclasses.replace(self, tensors=out)
+
     def to(self, device: torch.device | str) -> "TrainBatch":
         return dataclasses.replace(self, tensors={k: v.to(device) for k, v in self.tensors.items()})
 
@@ -170,3 +194,4 @@ class Sampling:
     top_p: float = 1.0
     max_tokens: int = 64
     greedy: bool = False
+    logprobs: bool = True  # report sampled-token logprobs (evaluation turns it off)

@@ -50,6 +50,8 @@ class ArithmeticConfig:
     test_fraction: float = 0.3  # share of the problem space held out for evaluation
     answer_mode: str = "tags_or_last_number"  # tags | tags_or_last_number
     system_prompt: str = R1_SYSTEM  # empty string: no system message
+    # appended to the question; measured on SmolLM2-135M: tag use 0% -> ~10% with it in the user turn
+    instruction: str = "Put the final number inside <answer></answer> tags."
     chat_template: bool = True  # False: a plain-text prompt for base models
     format_reward: float = 0.1
     partial_format_reward: float = 0.05
@@ -111,7 +113,7 @@ class Arithmetic:
 
     def _make(self, expr: str, result: int) -> Prompt:
         c = self.config
-        question = f"What is {expr}?"
+        question = f"What is {expr}?" + (f" {c.instruction}" if c.instruction else "")
         if c.chat_template:
             msgs = ([{"role": "system", "content": c.system_prompt}] if c.system_prompt else [])
             msgs.append({"role": "user", "content": question})

@@ -88,10 +88,14 @@ class HFEngine:
         out = self.model.generate(
             input_ids=input_ids.to(self.device), attention_mask=attn.to(self.device),
             num_return_sequences=n, max_new_tokens=sampling.max_tokens, eos_token_id=self.stops,
-            pad_token_id=tok.pad_token_id, return_dict_in_generate=True, output_logits=True, **kwargs)
+            pad_token_id=tok.pad_token_id, return_dict_in_generate=True, output_logits=sampling.logprobs, **kwargs)
         comp = out.sequences[:, P:].cpu()  # [b*n, C]
-        logits = torch.stack(out.logits, 1).float().cpu()  # [b*n, C, V] raw, before temperature/top-p
-        lp = torch.log_softmax(logits, -1).gather(-1, comp.unsqueeze(-1)).squeeze(-1)  # [b*n, C]
+        if sampling.logprobs:
+            lp = torch.zeros(comp.shape)  # [b*n, C]
+            for t, step_logits in enumerate(out.logits):  # raw logits [b*n, V], before temperature/top-p
+                lp[:, t] = torch.log_softmax(step_logits.float(), -1).gather(-1, comp[:, t:t + 1].to(step_logits.device)).squeeze(-1).cpu()
+        else:
+            lp = torch.zeros(comp.shape)
         is_stop = torch.zeros_like(comp, dtype=torch.bool)
         for s in self.stops:
             is_stop |= comp == s
