@@ -31,7 +31,9 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     name: str = "smollm2-135m-instruct"  # alias, local path or Hugging Face id
-    dtype: str = "auto"  # auto = float32 on CPU (bf16 is ~400x slower there), bfloat16 on GPU
+    # auto: float32 on CPU (bf16 matmuls are ~400x slower there); on GPU float32 master weights
+    # with bf16 autocast (Accelerate mixed precision). An explicit dtype loads the weights in it.
+    dtype: str = "auto"
     revision: str = "main"  # for hub ids only
     # tiny-random only: size of the random Llama (built deterministically from run.seed)
     tiny_layers: int = 2
@@ -77,7 +79,8 @@ class EvalConfig:
 
 @dataclass
 class LoggingConfig:
-    loggers: list = field(default_factory=lambda: ["jsonl", "tensorboard"])  # add "wandb" for W&B
+    # metrics.jsonl is always written (it is the run's record); these are extra sinks. Add "wandb" for W&B.
+    loggers: list = field(default_factory=lambda: ["tensorboard"])
     wandb_project: str = "rlbench"
     wandb_mode: str = "offline"  # offline | online | disabled
     progress: bool = True  # a progress bar with the live reward

@@ -119,8 +119,12 @@ def register(plugin: Any, name: str | None = None) -> str:
     if pm.has_plugin(full):
         raise PluginError(f"a plugin named {name!r} is already registered")
     pm.register(plugin, name=full)
+    try:
+        pm.check_pending()  # a hookimpl without a spec (a typo'd hook name) is an error
+    except Exception:
+        pm.unregister(name=full)
+        raise
     _runtime.append((full, plugin))
-    pm.check_pending()
     return full
 
 

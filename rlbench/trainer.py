@@ -28,7 +28,6 @@ import random
 import resource
 import shutil
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -113,14 +112,15 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         use_cuda = torch.cuda.is_available()
         dtype = models.resolve_dtype(cfg.model.dtype, torch.device("cuda" if use_cuda else "cpu"))
-        self.accelerator = Accelerator(cpu=not use_cuda,
-                                       mixed_precision="bf16" if dtype == torch.bfloat16 and use_cuda else "no")
+        mixed = use_cuda and dtype == torch.bfloat16
+        self.accelerator = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if mixed else "no")
+        weights_dtype = torch.float32 if cfg.model.dtype == "auto" else dtype  # auto on GPU: fp32 master + bf16 autocast
         self.device = self.accelerator.device
         _seed_all(cfg.run.seed)
 
         self.times: dict[str, float] = {}
         t0 = time.perf_counter()
-        policy, self.tok = models.load(cfg.model.name, seed=cfg.run.seed, dtype=torch.float32 if not use_cuda else dtype,
+        policy, self.tok = models.load(cfg.model.name, seed=cfg.run.seed, dtype=weights_dtype,
                                        tiny_layers=cfg.model.tiny_layers, tiny_hidden=cfg.model.tiny_hidden,
                              tiny_init_std=cfg.model.tiny_init_std)
         self.n_params = sum(p.numel() for p in policy.parameters())

@@ -9,7 +9,8 @@ Rewards (each logged separately, their sum is the reward):
   accuracy  1.0 when the extracted answer equals the result. ``answer_mode``:
             ``tags`` reads only ``<answer>…</answer>``; ``tags_or_last_number``
             reads the tags when present, else the last number in the text (a
-            weak model that never uses tags still gives a signal).
+            weak model that never uses tags still gives a signal). Several
+            answer blocks score 0 (no hedging).
   format    ``format_reward`` (≤ 0.1) for the strict shape
             ``<think>…</think> <answer>N</answer>`` with exactly one answer;
             ``partial_format_reward`` when there is exactly one answer block but
@@ -76,6 +77,8 @@ class ArithmeticConfig:
 
 def extract_answer(text: str, mode: str) -> int | None:
     tags = _ANSWER.findall(text)
+    if len(tags) > 1:
+        return None  # hedging with several answers earns nothing
     if tags:
         nums = _NUMBER.findall(tags[-1])
         return int(nums[-1].replace(",", "")) if len(nums) == 1 else None

@@ -85,9 +85,10 @@ class HFEngine:
             attn[i, P - len(p):] = 1
         kwargs = dict(do_sample=False) if sampling.greedy else dict(
             do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        input_ids, attn = input_ids.repeat_interleave(n, 0), attn.repeat_interleave(n, 0)  # [b*n, P] group-major
         out = self.model.generate(
             input_ids=input_ids.to(self.device), attention_mask=attn.to(self.device),
-            num_return_sequences=n, max_new_tokens=sampling.max_tokens, eos_token_id=self.stops,
+            max_new_tokens=sampling.max_tokens, eos_token_id=self.stops,
             pad_token_id=tok.pad_token_id, return_dict_in_generate=True, output_logits=sampling.logprobs, **kwargs)
         comp = out.sequences[:, P:].cpu()  # [b*n, C]
         if sampling.logprobs:

@@ -1,0 +1,70 @@
+"""Strict config validation: typos name the key, its section and the closest valid key."""
+import pytest
+
+from rlbench import config
+from rlbench.config import ConfigError
+
+from conftest import TINY, tiny_config
+
+
+def test_typo_in_core_section_names_key_section_and_suggestion():
+    with pytest.raises(ConfigError) as e:
+        tiny_config("train.learning_rte=0.1")
+    assert "'learning_rte'" in str(e.value) and "'train'" in str(e.value)
+    with pytest.raises(ConfigError, match=r"unknown key 'lrr' in section 'train'; did you mean 'lr'\?"):
+        tiny_config("train.lrr=0.1")
+
+
+def test_typo_in_plugin_section_uses_the_plugins_own_options():
+    with pytest.raises(ConfigError, match=r"unknown key 'betta' in section 'algorithm'; did you mean 'beta'\?"):
+        tiny_config("algorithm.betta=0.1")
+    with pytest.raises(ConfigError, match=r"unknown key 'digit' in section 'task'; did you mean 'digits'\?"):
+        tiny_config("task.digit=3")
+
+
+def test_unknown_section_and_unknown_plugin():
+    with pytest.raises(ConfigError, match=r"unknown section 'trian'; did you mean 'train'\?"):
+        config.resolve({**TINY, "trian": {}})
+    with pytest.raises(ConfigError) as e:
+        tiny_config("algorithm.name=grpoo")
+    assert "did you mean 'grpo'" in str(e.value) and "Available algorithms: grpo" in str(e.value)
+
+
+def test_types_and_ranges_are_checked():
+    with pytest.raises(ConfigError, match=r"train.steps must be int, got str 'many'"):
+        tiny_config("train.steps=many")
+    with pytest.raises(ConfigError, match=r"loss_agg must be 'seq_mean' or 'token_mean'"):
+        tiny_config("algorithm.loss_agg=mean")
+    with pytest.raises(ConfigError, match="operations"):
+        tiny_config("task.operations=['/']")
+    # YAML 1.1 reads 3e-3 as a string; a float field accepts it, an int is widened
+    cfg = tiny_config("train.lr=3e-3", "algorithm.beta=1")
+    assert cfg.train.lr == 0.003 and cfg.algorithm.beta == 1.0 and isinstance(cfg.algorithm.beta, float)
+
+
+def test_set_overrides_and_round_trip(tmp_path):
+    cfg = tiny_config("rollout.group_size=6", "task.operations=['+', '*']")
+    assert cfg.rollout.group_size == 6 and cfg.task.operations == ["+", "*"]
+    path = tmp_path / "c.yaml"
+    config.dump(cfg, path)
+    again = config.load(path)
+    assert again.to_dict() == cfg.to_dict()
+    with pytest.raises(ConfigError, match="section.key=value"):
+        tiny_config("train.lr")
+
+
+def test_missing_or_malformed_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(bad)
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    for name in ["smoke.yaml", "quickstart.yaml"]:
+        config.load(root / name)

@@ -1,0 +1,98 @@
+"""The plugin system: entry points, listing, lazy imports, API versions, hook docs and tests."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import rlbench
+from rlbench import hookspecs, manager
+
+HOOKS = [name for name in dir(hookspecs) if name.startswith("rlbench_")]
+
+
+def _cli(*args, env=None):
+    import os
+
+    return subprocess.run([sys.executable, "-m", "rlbench.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=120)
+
+
+def test_plugins_json_lists_builtins_with_their_sources():
+    r = _cli("plugins", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    got = {(x["kind"], x["name"]) for x in rows}
+    for want in [("algorithm", "grpo"), ("engine", "hf"), ("task", "arithmetic"), ("logger", "tensorboard"),
+                 ("logger", "wandb")]:
+        assert want in got
+    grpo = next(x for x in rows if x["name"] == "grpo")
+    assert grpo["module"] == "rlbench.plugins.algorithms.grpo" and grpo["source"] == "grpo"
+    text = _cli("plugins").stdout
+    assert "algorithms:" in text and "grpo" in text and "(from grpo)" in text
+
+
+def test_builtins_come_from_the_entry_point_group():
+    from importlib.metadata import entry_points
+
+    names = {ep.name for ep in entry_points(group="rlbench")}
+    assert {"grpo", "hf", "arithmetic", "tensorboard", "wandb"} <= names
+    # the core names no built-in plugin: they are all found through entry points
+    core = Path(rlbench.__file__).parent
+    for f in core.glob("*.py"):
+        assert "plugins.algorithms.grpo" not in f.read_text(), f
+
+
+def test_importing_the_core_never_imports_heavy_backends():
+    code = ("import sys, rlbench, rlbench.manager, rlbench.config, rlbench.trainer; "
+            "rlbench.manager.entries(); "
+            "print([m for m in ('vllm', 'deepspeed', 'bitsandbytes', 'wandb') if m in sys.modules])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_allow_list_env_var_limits_loaded_plugins():
+    r = _cli("plugins", "--json", env={"RLBENCH_LOAD_PLUGINS": "grpo,hf"})
+    names = {x["name"] for x in json.loads(r.stdout)}
+    assert names == {"grpo", "hf"}
+
+
+class _OldPlugin:
+    RLBENCH_API_VERSION = hookspecs.API_VERSION + 1
+
+    @rlbench.hookimpl
+    def rlbench_algorithms(self):
+        return {}
+
+
+def test_api_version_mismatch_is_a_clear_error():
+    with pytest.raises(manager.PluginError, match=r"hook API version 2, but this rlbench provides version 1"):
+        manager.register(_OldPlugin(), name="old")
+
+
+class _Typo:
+    @rlbench.hookimpl
+    def rlbench_algorithmz(self):
+        return {}
+
+
+def test_hookimpl_without_spec_is_rejected():
+    from pluggy import PluginValidationError
+
+    with pytest.raises(PluginValidationError, match="rlbench_algorithmz"):
+        manager.register(_Typo(), name="typo")
+    assert not manager.get_plugin_manager().has_plugin("runtime:typo")
+
+
+def test_unknown_plugin_lists_available_and_suggests():
+    with pytest.raises(manager.PluginError, match=r"unknown engine 'hff'; did you mean 'hf'\? Available engines: hf"):
+        manager.get("engine", "hff")
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_hook_is_documented_and_tested(hook):
+    doc = getattr(hookspecs, hook).__doc__ or ""
+    assert len(doc.strip()) > 40, f"{hook} needs a docstring"
+    tests = "".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
+    assert f"def test_hook_{hook}" in tests, f"{hook} needs a test named test_hook_{hook}"
