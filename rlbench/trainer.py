@@ -241,6 +241,7 @@ class Trainer:
                     batch["completion_mask"].shape[1], cfg.train.micro_batch_size).cpu()
         batch = batch.to(self.device)
 
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step's (first) update uses
         with self._timed("train"):
             self.model.train()
             train_metrics = {}
@@ -276,7 +277,7 @@ class Trainer:
             "completion_len/mean": lengths.mean().item(),
             "completion_len/max": lengths.max().item(),
             "truncated_frac": sum(f == "length" for f in rollouts.finish_reasons) / rollouts.n,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": lr,
             **{f"time/{k}": v for k, v in self._last.items()},
             "tokens/generated": gen_tokens,
             "tokens/generated_total": self.counters["tokens/generated"],
