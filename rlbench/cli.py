@@ -41,9 +41,15 @@ def _cmd_run(args) -> int:
         cfg = cfgmod.load(args.config, args.set or [])
         run_dir = Path(args.out) / cfg.run.name
         trainer = trmod.start(cfg, run_dir)
+    engine = cfg.names["engine"]
+    if cfg.names.get("engine_requested") == "auto":
+        engine += " (engine.name auto: " + ("vllm imports)" if engine == "vllm" else "vllm is not installed)")
     print(f"rlbench: run directory {run_dir} (model {cfg.model.name}, task {cfg.names['task']}, "
-          f"algorithm {cfg.names['algorithm']}, engine {cfg.names['engine']})", file=sys.stderr)
-    summary = trainer.run()
+          f"algorithm {cfg.names['algorithm']}, engine {engine})", file=sys.stderr)
+    try:
+        summary = trainer.run()
+    finally:
+        trainer.close()
     evals = summary.get("eval", [])
     if evals:
         first, last = evals[0], evals[-1]

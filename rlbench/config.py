@@ -48,6 +48,14 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 64  # completion budget; truncated completions finish with "length"
+    # Stale-weight guard: the trainer's logprobs of the fresh completions against the sampler's
+    # (max |Δ|, nats). Above this the run stops. 0 = auto: 1e-3 on CPU float32 (a synced engine
+    # matches to ~1e-5), 2.0 on GPU (bf16 kernels differ between engine and trainer).
+    max_logprob_drift: float = 0.0
+    # Truncated importance sampling for the remaining sampler/trainer mismatch:
+    # per-token weight min(π_θ/π_sampler, is_cap) on the policy-gradient term. Off by default.
+    is_correction: bool = False
+    is_cap: float = 2.0
 
 
 @dataclass
@@ -95,7 +103,14 @@ CORE_SECTIONS = {
     "logging": LoggingConfig,
 }
 PLUGIN_SECTIONS = {"task": "task", "engine": "engine", "algorithm": "algorithm"}  # section -> plugin kind
-DEFAULT_PLUGINS = {"task": "arithmetic", "engine": "hf", "algorithm": "grpo"}
+DEFAULT_PLUGINS = {"task": "arithmetic", "engine": "auto", "algorithm": "grpo"}
+
+
+def auto_engine() -> str:
+    """``engine.name: auto``: vllm when it is installed, else hf."""
+    import importlib.util
+
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
 
 
 @dataclass
@@ -230,6 +245,9 @@ def resolve(raw: dict, overrides: list[str] = ()) -> Config:
         name = values.get("name", DEFAULT_PLUGINS[sec])
         if not isinstance(name, str):
             raise ConfigError(f"config: {sec}.name must be a string, got {name!r}")
+        if sec == "engine" and name == "auto":
+            name = auto_engine()
+            names["engine_requested"] = "auto"
         try:
             plugin = manager.get(kind, name)
         except manager.PluginError as e:

@@ -52,9 +52,12 @@ def rlbench_rollout_engines() -> Mapping[str, Any]:
     """Register rollout engines (samplers).
 
     Return ``{name: "module:Class"}``. The class has a ``Config`` dataclass and is
-    constructed as ``Class(config, model, tokenizer, device)``; it implements
-    ``generate(prompts, n, sampling) -> Rollouts`` and ``sync(model)``.
-    See ``rlbench.types.RolloutEngine``.
+    constructed as ``Class(config, model, tokenizer, device, seed=seed)``; it
+    implements ``generate(prompts, n, sampling) -> Rollouts`` (completions
+    group-major, raw-model logprobs of the sampled tokens) and ``sync(model)``
+    (serve the policy's current weights). Optional: ``offload()`` / ``reload()``
+    around the training phase, ``close()``. The name ``auto`` is reserved: it
+    picks ``vllm`` when vLLM imports, else ``hf``. See ``rlbench.types.RolloutEngine``.
     """
 
 

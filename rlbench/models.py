@@ -108,8 +108,9 @@ def tiny_random(tok, seed: int, layers: int = 2, hidden: int = 64, init_std: flo
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        # head_dim 64, as SmolLM2's: vLLM's CPU attention kernels reject small head sizes (16)
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=1,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id,

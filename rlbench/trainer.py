@@ -44,24 +44,37 @@ class TrainingError(RuntimeError):
 
 
 def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: int, ctx: StepContext,
-                         backward=None) -> dict[str, float]:
+                         backward=None, is_cap: float | None = None) -> dict[str, float]:
     """Forward + backward over micro-batches; gradients accumulate in ``.grad``.
 
     Returns the batch's loss and the algorithm's metrics (summed shares), the
     trainer's own ``kl`` (mean k3 to the reference over completion tokens, when
-    reference logprobs are present) and ``entropy``."""
+    reference logprobs are present), ``entropy``, and the sync drift: the
+    largest and mean |trainer − sampler| logprob of the sampled tokens
+    (``sync/logprob_drift``, ``sync/logprob_drift_mean``). With ``is_cap`` set,
+    the algorithm gets per-token truncated importance weights
+    min(π_θ/π_sampler, is_cap) as ``is_weights``."""
     backward = backward or (lambda loss: loss.backward())
     totals: dict[str, float] = {"loss": 0.0}
-    kl_sum = ent_sum = 0.0
+    kl_sum = ent_sum = drift_sum = is_sum = 0.0
+    drift_max = 0.0
     for micro in batch.sorted_by_length().split(micro_batch_size):
         micro = micro.trimmed()
         C = micro["completion_mask"].shape[1]
         logp, ent = lpmod.token_logprobs(model, micro["input_ids"], micro["attention_mask"], C, with_entropy=True)
+        mask = micro["completion_mask"]
+        if "sampler_logprobs" in micro:
+            gap = (logp.detach() - micro["sampler_logprobs"]) * mask  # [n, C]
+            drift_max = max(drift_max, gap.abs().max().item())
+            drift_sum += gap.abs().sum().item()
+            if is_cap is not None:
+                w = torch.exp(gap).clamp(max=is_cap) * mask  # [n, C]
+                micro.tensors["is_weights"] = w
+                is_sum += w.sum().item()
         loss, metrics = algorithm.loss(logp, micro, ctx)
         if not torch.isfinite(loss):
             raise TrainingError(f"non-finite loss {loss.item()} at step {ctx.step}")
         backward(loss)
-        mask = micro["completion_mask"]
         totals["loss"] += loss.item()
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v
@@ -70,6 +83,11 @@ def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: 
             d = micro["ref_logprobs"] - logp.detach()
             kl_sum += ((torch.exp(d) - d - 1) * mask).sum().item()
     totals["entropy"] = ent_sum / batch.totals["tokens"]
+    if "sampler_logprobs" in batch:
+        totals["sync/logprob_drift"] = drift_max
+        totals["sync/logprob_drift_mean"] = drift_sum / batch.totals["tokens"]
+        if is_cap is not None:
+            totals["is/weight_mean"] = is_sum / batch.totals["tokens"]
     if "ref_logprobs" in batch:
         totals["kl"] = kl_sum / batch.totals["tokens"]
     return totals
@@ -145,7 +163,9 @@ class Trainer:
         total = cfg.train.steps * self.needs.epochs
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train.warmup_steps, total, cfg.train.min_lr_ratio))
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(policy, opt, sched)
-        self.engine = manager.get("engine", cfg.names["engine"])(cfg.engine, self.policy, self.tok, self.device)
+        self.engine = manager.get("engine", cfg.names["engine"])(cfg.engine, self.policy, self.tok, self.device,
+                                                                 seed=cfg.run.seed)
+        self.max_drift = cfg.rollout.max_logprob_drift or (2.0 if use_cuda else 1e-3)
 
         self.step_done = 0
         self.counters = {"tokens/generated": 0.0, "tokens/trained": 0.0, "tokens/reference": 0.0}
@@ -196,6 +216,12 @@ class Trainer:
             lg.close()
         return summary
 
+    def close(self) -> None:
+        """Release the engine (vLLM's memory and temporary model directory)."""
+        close = getattr(self.engine, "close", None)
+        if close:
+            close()
+
     def _timed(self, name: str):
         trainer = self
 
@@ -245,11 +271,23 @@ class Trainer:
         with self._timed("train"):
             self.model.train()
             train_metrics = {}
+            offload = getattr(self.engine, "offload", None)
+            if offload:
+                offload()
             for epoch in range(self.needs.epochs):
                 ctx.epoch = epoch
                 self.optimizer.zero_grad(set_to_none=True)
                 m = accumulate_gradients(self.model, self.algorithm, batch, cfg.train.micro_batch_size, ctx,
-                                         backward=self.accelerator.backward)
+                                         backward=self.accelerator.backward,
+                                         is_cap=cfg.rollout.is_cap if cfg.rollout.is_correction else None)
+                if epoch == 0 and m.get("sync/logprob_drift", 0.0) > self.max_drift:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise TrainingError(
+                        f"rollout weights are stale: at step {step} the sampler's logprobs differ from the policy's "
+                        f"by up to {m['sync/logprob_drift']:.3g} nats (mean {m['sync/logprob_drift_mean']:.3g}), above "
+                        f"rollout.max_logprob_drift={self.max_drift:g}. The engine is not serving the trained weights "
+                        f"(is engine.sync off, or did a weight sync fail?). No update was applied; the last checkpoint "
+                        f"is intact.")
                 grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
                 grad_norm = float(grad_norm)
                 if not math.isfinite(grad_norm):
@@ -262,7 +300,7 @@ class Trainer:
                     train_metrics = m  # KL / entropy of the sampling policy, as logged by every algorithm
             self.counters["tokens/trained"] += batch["attention_mask"].sum().item() * self.needs.epochs
         with self._timed("sync"):
-            self.engine.sync(self.policy)
+            self.engine.sync(self.policy)  # every optimizer step: the next rollouts use the new weights
 
         lengths = rollouts.lengths()
         gen_tokens = float(lengths.sum().item())
@@ -435,4 +473,9 @@ def start(cfg: cfgmod.Config, run_dir: Path, resume: bool = False) -> Trainer:
         rundir.write_json(run_dir / "manifest.json", rundir.manifest(
             config=cfg.to_dict(), model_hash=trainer.model_hash, data_hash=data_hash, device=str(trainer.device),
             engine=cfg.names["engine"], seed=cfg.run.seed))
+        if cfg.names.get("engine_requested") == "auto":
+            m = json.loads((run_dir / "manifest.json").read_text())
+            m["engine_requested"] = "auto"
+            m["engine_reason"] = "vllm imports" if cfg.names["engine"] == "vllm" else "vllm is not installed"
+            rundir.write_json(run_dir / "manifest.json", m)
     return trainer

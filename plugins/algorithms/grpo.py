@@ -150,6 +150,8 @@ class GRPO:
         mask = batch["completion_mask"]  # [n, C]
         old = batch["old_logprobs"] if "old_logprobs" in batch else logprobs.detach()  # [n, C]
         pg, clipped = clipped_surrogate(logprobs, old, batch["advantages"], c.epsilon_low, c.epsilon_high)
+        if "is_weights" in batch:  # trainer's truncated IS correction for sampler/trainer mismatch
+            pg = pg * batch["is_weights"]
         per_token = pg
         beta = self.kl_ctl.beta
         metrics = {}

@@ -37,7 +37,8 @@ class HFConfig:
 class HFEngine:
     Config = HFConfig
 
-    def __init__(self, config: HFConfig, model, tokenizer, device):
+    def __init__(self, config: HFConfig, model, tokenizer, device, seed: int = 0):
+        # sampling draws from torch's global RNG, which the trainer seeds and checkpoints
         self.config = config
         self.model = model
         self.tok = tokenizer

