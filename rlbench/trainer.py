@@ -253,18 +253,27 @@ class Trainer:
         for res in manager.hook().rlbench_on_rollouts(step=step, rollouts=rollouts, rewards=components):
             extra.update(res or {})
 
-        batch = self.algorithm.prepare(rollouts, rewards, ctx)
+        # Reference / old-policy logprobs come first, so prepare() may use them (KL-in-reward algorithms).
+        inputs = rollouts.model_inputs()
+        C = rollouts.completion_ids.shape[1]
         with self._timed("reference"):
             if self.needs.reference or self.cfg.eval.kl:
-                batch.tensors["ref_logprobs"] = lpmod.batched_logprobs(
-                    self.reference, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-                    batch["completion_mask"].shape[1], cfg.train.micro_batch_size).cpu()
-                self.counters["tokens/reference"] += batch["attention_mask"].sum().item()
+                ctx.ref_logprobs = lpmod.batched_logprobs(
+                    self.reference, inputs["input_ids"].to(self.device), inputs["attention_mask"].to(self.device),
+                    C, cfg.train.micro_batch_size).cpu()  # [N, C]
+                self.counters["tokens/reference"] += inputs["attention_mask"].sum().item()
             if self.needs.old_logprobs:
                 self.model.eval()
-                batch.tensors["old_logprobs"] = lpmod.batched_logprobs(
-                    self.model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-                    batch["completion_mask"].shape[1], cfg.train.micro_batch_size).cpu()
+                ctx.old_logprobs = lpmod.batched_logprobs(
+                    self.model, inputs["input_ids"].to(self.device), inputs["attention_mask"].to(self.device),
+                    C, cfg.train.micro_batch_size).cpu()  # [N, C]
+        ctx.max_tokens = cfg.rollout.max_tokens
+        batch = self.algorithm.prepare(rollouts, rewards, ctx)
+        batch.totals.setdefault("max_tokens", float(cfg.rollout.max_tokens))
+        if ctx.ref_logprobs is not None:
+            batch.tensors.setdefault("ref_logprobs", ctx.ref_logprobs)
+        if ctx.old_logprobs is not None:
+            batch.tensors.setdefault("old_logprobs", ctx.old_logprobs)
         batch = batch.to(self.device)
 
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's (first) update uses

@@ -146,11 +146,18 @@ class Needs:
 
 @dataclass
 class StepContext:
-    """Read-only facts an algorithm may use in ``prepare`` and ``loss``."""
+    """Read-only facts an algorithm may use in ``prepare`` and ``loss``.
+
+    ``ref_logprobs`` / ``old_logprobs`` [N, C] are filled before ``prepare`` when
+    the algorithm's ``Needs`` ask for them (the trainer also copies them into the
+    batch as ``ref_logprobs`` / ``old_logprobs``); ``max_tokens`` is the
+    completion budget (a constant length normaliser, as Dr. GRPO uses)."""
 
     step: int
     epoch: int = 0
-    state: dict = field(default_factory=dict)  # algorithm-owned, checkpointed
+    ref_logprobs: torch.Tensor | None = None
+    old_logprobs: torch.Tensor | None = None
+    max_tokens: int = 0
 
 
 class Algorithm(Protocol):

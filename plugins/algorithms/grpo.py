@@ -43,25 +43,34 @@ def rlbench_algorithms():
     return {"grpo": "rlbench.plugins.algorithms.grpo:GRPO"}
 
 
+LOSS_AGGS = ("seq_mean", "token_mean", "constant_length")
+
+
 @dataclass
-class GRPOConfig:
+class PolicyGradientConfig:
+    """Options shared by the clipped-surrogate family (grpo, dr_grpo, rloo, gspo, …)."""
+
     beta: float = 0.04  # KL coefficient (initial value when adaptive)
     kl_target: float = 0.0  # > 0: adaptive β toward this per-token KL (Ziegler et al. controller)
     kl_horizon: float = 10.0  # adaptive controller horizon, in steps
     epsilon_low: float = 0.2  # clip range below 1
     epsilon_high: float = 0.2  # clip range above 1 (DAPO raises it to 0.28)
-    scale_std: bool = True  # divide by the group std (False = Dr. GRPO style)
-    std_eps: float = 1e-4  # added to the std; TRL 1e-4, verl 1e-6
-    loss_agg: str = "seq_mean"  # seq_mean (DeepSeekMath) | token_mean (DAPO)
+    loss_agg: str = "seq_mean"  # seq_mean (DeepSeekMath) | token_mean (DAPO) | constant_length (Dr. GRPO)
     epochs: int = 1  # μ: optimizer steps per rollout batch
 
     def validate(self):
-        if self.loss_agg not in ("seq_mean", "token_mean"):
-            raise ValueError(f"loss_agg must be 'seq_mean' or 'token_mean', got {self.loss_agg!r}")
+        if self.loss_agg not in LOSS_AGGS:
+            raise ValueError(f"loss_agg must be one of {', '.join(LOSS_AGGS)}; got {self.loss_agg!r}")
         if self.beta < 0 or self.kl_target < 0 or self.epsilon_low < 0 or self.epsilon_high < 0:
             raise ValueError("beta, kl_target and epsilons must be >= 0")
         if self.epochs < 1:
             raise ValueError("epochs must be >= 1")
+
+
+@dataclass
+class GRPOConfig(PolicyGradientConfig):
+    scale_std: bool = True  # divide by the group std (False = Dr. GRPO style)
+    std_eps: float = 1e-4  # added to the std; TRL 1e-4, verl 1e-6
 
 
 # -- pure functions ---------------------------------------------------------
@@ -105,6 +114,8 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, totals: di
     gives the loss of the whole optimizer batch exactly."""
     if mode == "token_mean":
         return (per_token * mask).sum() / totals["tokens"]
+    if mode == "constant_length":  # Dr. GRPO: every completion divided by the same budget
+        return (per_token * mask).sum() / (totals["seqs"] * totals["max_tokens"])
     per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [N]
     return per_seq.sum() / totals["seqs"]
 
@@ -136,20 +147,28 @@ class GRPO:
         return Needs(reference=config.beta > 0 or config.kl_target > 0, old_logprobs=config.epochs > 1,
                      group_size=2, epochs=config.epochs)
 
+    def advantages(self, rewards: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N] advantages and [B] zero-variance flags; the family's variants override this."""
+        return group_advantages(rewards, group_size, self.config.scale_std, self.config.std_eps)
+
     def prepare(self, rollouts: Rollouts, rewards: torch.Tensor, ctx: StepContext) -> TrainBatch:
-        c = self.config
-        adv, zero = group_advantages(rewards, rollouts.group_size, c.scale_std, c.std_eps)  # [N], [B]
+        adv, zero = self.advantages(rewards, rollouts.group_size)  # [N], [B]
         batch = TrainBatch.from_rollouts(rollouts, advantages=adv)
         batch.metrics.update({"grpo/zero_std_frac": zero.float().mean().item(),
                               "grpo/zero_std_groups": float(zero.sum().item()),
                               "grpo/adv_abs_mean": adv.abs().mean().item()})
         return batch
 
+    def surrogate(self, logprobs: torch.Tensor, old: torch.Tensor, batch: TrainBatch):
+        """Per-token policy-gradient loss [n, C] and clipped mask [n, C]; GSPO overrides this."""
+        c = self.config
+        return clipped_surrogate(logprobs, old, batch["advantages"], c.epsilon_low, c.epsilon_high)
+
     def loss(self, logprobs: torch.Tensor, batch: TrainBatch, ctx: StepContext):
         c = self.config
         mask = batch["completion_mask"]  # [n, C]
         old = batch["old_logprobs"] if "old_logprobs" in batch else logprobs.detach()  # [n, C]
-        pg, clipped = clipped_surrogate(logprobs, old, batch["advantages"], c.epsilon_low, c.epsilon_high)
+        pg, clipped = self.surrogate(logprobs, old, batch)
         if "is_weights" in batch:  # trainer's truncated IS correction for sampler/trainer mismatch
             pg = pg * batch["is_weights"]
         per_token = pg
