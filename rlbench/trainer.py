@@ -44,7 +44,7 @@ class TrainingError(RuntimeError):
 
 
 def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: int, ctx: StepContext,
-                         backward=None, is_cap: float | None = None) -> dict[str, float]:
+                         backward=None, is_cap: float | None = None, pairs: bool = False) -> dict[str, float]:
     """Forward + backward over micro-batches; gradients accumulate in ``.grad``.
 
     Returns the batch's loss and the algorithm's metrics (summed shares), the
@@ -58,7 +58,11 @@ def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: 
     totals: dict[str, float] = {"loss": 0.0}
     kl_sum = ent_sum = drift_sum = is_sum = 0.0
     drift_max = 0.0
-    for micro in batch.sorted_by_length().split(micro_batch_size):
+    if pairs:  # keep (chosen, rejected) rows together: original order, an even micro-batch size
+        micro_batches = batch.split(max(2, micro_batch_size - micro_batch_size % 2))
+    else:  # similar lengths together: less padding per micro-batch
+        micro_batches = batch.sorted_by_length().split(micro_batch_size)
+    for micro in micro_batches:
         micro = micro.trimmed()
         C = micro["completion_mask"].shape[1]
         logp, ent = lpmod.token_logprobs(model, micro["input_ids"], micro["attention_mask"], C, with_entropy=True)
@@ -288,7 +292,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 m = accumulate_gradients(self.model, self.algorithm, batch, cfg.train.micro_batch_size, ctx,
                                          backward=self.accelerator.backward,
-                                         is_cap=cfg.rollout.is_cap if cfg.rollout.is_correction else None)
+                                         is_cap=cfg.rollout.is_cap if cfg.rollout.is_correction else None,
+                                         pairs=self.needs.pairs)
                 if epoch == 0 and m.get("sync/logprob_drift", 0.0) > self.max_drift:
                     self.optimizer.zero_grad(set_to_none=True)
                     raise TrainingError(

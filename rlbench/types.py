@@ -142,6 +142,7 @@ class Needs:
     old_logprobs: bool = False  # a no-grad pass of the policy before updating ("old_logprobs")
     group_size: int = 1  # completions per prompt the rollout engine must produce
     epochs: int = 1  # passes (μ) over each rollout batch; each pass is one optimizer step
+    pairs: bool = False  # rows come in (chosen, rejected) pairs: keep order, never split a pair
 
 
 @dataclass
