@@ -44,7 +44,8 @@ class TrainingError(RuntimeError):
 
 
 def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: int, ctx: StepContext,
-                         backward=None, is_cap: float | None = None, pairs: bool = False) -> dict[str, float]:
+                         backward=None, is_cap: float | None = None, pairs: bool = False,
+                         critic=None) -> dict[str, float]:
     """Forward + backward over micro-batches; gradients accumulate in ``.grad``.
 
     Returns the batch's loss and the algorithm's metrics (summed shares), the
@@ -75,6 +76,8 @@ def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: 
                 w = torch.exp(gap).clamp(max=is_cap) * mask  # [n, C]
                 micro.tensors["is_weights"] = w
                 is_sum += w.sum().item()
+        if critic is not None:  # the value model's predictions, with gradient, for the algorithm's value loss
+            micro.tensors["values"] = critic(micro["input_ids"], micro["attention_mask"], C)  # [n, C]
         loss, metrics = algorithm.loss(logp, micro, ctx)
         if not torch.isfinite(loss):
             raise TrainingError(f"non-finite loss {loss.item()} at step {ctx.step}")
@@ -162,11 +165,21 @@ class Trainer:
             raise cfgmod.ConfigError(f"config: rollout.group_size={cfg.rollout.group_size} but algorithm "
                                      f"{cfg.names['algorithm']!r} needs at least {self.needs.group_size}")
 
-        opt = torch.optim.AdamW(policy.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+        groups = [{"params": list(policy.parameters()), "lr": cfg.train.lr}]
+        critic = None
+        if self.needs.critic:  # initialised from the policy; trained by the same optimizer, its own lr
+            from rlbench.critic import ValueModel
+
+            critic = ValueModel(policy)
+            groups.append({"params": list(critic.parameters()), "lr": self.needs.critic_lr or cfg.train.lr})
+        opt = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                 betas=(cfg.train.adam_beta1, cfg.train.adam_beta2))
         total = cfg.train.steps * self.needs.epochs
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train.warmup_steps, total, cfg.train.min_lr_ratio))
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(policy, opt, sched)
+        self.critic = self.accelerator.prepare(critic) if critic is not None else None
+        if critic is not None:
+            self.n_params += sum(p.numel() for p in critic.parameters())
         self.engine = manager.get("engine", cfg.names["engine"])(cfg.engine, self.policy, self.tok, self.device,
                                                                  seed=cfg.run.seed)
         self.max_drift = cfg.rollout.max_logprob_drift or (2.0 if use_cuda else 1e-3)
@@ -271,6 +284,13 @@ class Trainer:
                 ctx.old_logprobs = lpmod.batched_logprobs(
                     self.model, inputs["input_ids"].to(self.device), inputs["attention_mask"].to(self.device),
                     C, cfg.train.micro_batch_size).cpu()  # [N, C]
+            if self.critic is not None:
+                self.critic.eval()
+                with torch.no_grad():
+                    ctx.values = torch.cat([
+                        self.critic(inputs["input_ids"][i:i + cfg.train.micro_batch_size].to(self.device),
+                                    inputs["attention_mask"][i:i + cfg.train.micro_batch_size].to(self.device), C)
+                        for i in range(0, rollouts.n, cfg.train.micro_batch_size)]).cpu()  # [N, C]
         ctx.max_tokens = cfg.rollout.max_tokens
         batch = self.algorithm.prepare(rollouts, rewards, ctx)
         batch.totals.setdefault("max_tokens", float(cfg.rollout.max_tokens))
@@ -283,6 +303,8 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's (first) update uses
         with self._timed("train"):
             self.model.train()
+            if self.critic is not None:
+                self.critic.train()
             train_metrics = {}
             offload = getattr(self.engine, "offload", None)
             if offload:
@@ -293,7 +315,7 @@ class Trainer:
                 m = accumulate_gradients(self.model, self.algorithm, batch, cfg.train.micro_batch_size, ctx,
                                          backward=self.accelerator.backward,
                                          is_cap=cfg.rollout.is_cap if cfg.rollout.is_correction else None,
-                                         pairs=self.needs.pairs)
+                                         pairs=self.needs.pairs, critic=self.critic)
                 if epoch == 0 and m.get("sync/logprob_drift", 0.0) > self.max_drift:
                     self.optimizer.zero_grad(set_to_none=True)
                     raise TrainingError(
@@ -302,7 +324,8 @@ class Trainer:
                         f"rollout.max_logprob_drift={self.max_drift:g}. The engine is not serving the trained weights "
                         f"(is engine.sync off, or did a weight sync fail?). No update was applied; the last checkpoint "
                         f"is intact.")
-                grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
+                params = list(self.model.parameters()) + (list(self.critic.parameters()) if self.critic else [])
+                grad_norm = self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
                 grad_norm = float(grad_norm)
                 if not math.isfinite(grad_norm):
                     raise TrainingError(f"non-finite gradient norm at step {step}")
@@ -395,6 +418,10 @@ class Trainer:
                 seen.add(key)
                 unique[k] = v
         save_file(unique, str(tmp / "model.safetensors"))
+        if self.critic is not None:
+            critic_state = self.accelerator.unwrap_model(self.critic).state_dict()
+            save_file({k: v.detach().contiguous().cpu().clone() for k, v in critic_state.items()},
+                      str(tmp / "critic.safetensors"))
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "rng": _rng_state(), "algorithm": self.algorithm.state_dict(), "counters": self.counters,
                     "times": self.times, "step": step}, tmp / "trainer.pt")
@@ -417,6 +444,8 @@ class Trainer:
         missing, unexpected = self.policy.load_state_dict(load_file(str(ck / "model.safetensors")), strict=False)
         if unexpected or [k for k in missing if "lm_head" not in k]:
             raise TrainingError(f"checkpoint {ck} does not match the model: missing={missing} unexpected={unexpected}")
+        if self.critic is not None:
+            self.accelerator.unwrap_model(self.critic).load_state_dict(load_file(str(ck / "critic.safetensors")))
         state = torch.load(ck / "trainer.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -143,6 +143,8 @@ class Needs:
     group_size: int = 1  # completions per prompt the rollout engine must produce
     epochs: int = 1  # passes (μ) over each rollout batch; each pass is one optimizer step
     pairs: bool = False  # rows come in (chosen, rejected) pairs: keep order, never split a pair
+    critic: bool = False  # a value model (rlbench.critic.ValueModel) trained beside the policy
+    critic_lr: float = 0.0  # its learning rate (0 = train.lr)
 
 
 @dataclass
@@ -158,6 +160,7 @@ class StepContext:
     epoch: int = 0
     ref_logprobs: torch.Tensor | None = None
     old_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None  # [N, C] critic values before the update (critic algorithms)
     max_tokens: int = 0
 
 

@@ -1,0 +1,131 @@
+"""Algorithm ``ppo``: PPO with a learned critic and GAE (Schulman et al. 2017; the RLHF recipe of Ouyang et al. 2022).
+
+Per-token rewards: r_t = −β·k1_t (k1 = logπ_old − logπ_ref, the KL penalty
+inside the reward) plus the task reward on the last completion token. With the
+critic's values V_t (from a no-grad pass before the update; V after the last
+token is 0):
+
+    δ_t = r_t + γ V_{t+1} − V_t,    A_t = δ_t + γλ A_{t+1},    R_t = A_t + V_t
+
+Advantages are whitened over the batch's completion tokens. Loss (token mean):
+the clipped surrogate on A_t plus ``vf_coef`` × ½·max((V − R)², (V_clip − R)²),
+with V_clip = V_old + clip(V − V_old, ±``value_clip``). β is fixed or adaptive
+toward ``kl_target``. ``epochs`` > 1 reuses the batch for several optimizer steps
+with stored old logprobs. The critic (``rlbench.critic.ValueModel``) is a copy of
+the policy's body with a scalar head, trained by the same optimizer at ``critic_lr``.
+
+Not covered: mini-batch shuffling within an epoch (each epoch is one full-batch
+step), a critic from a different model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import rlbench
+from rlbench.plugins.algorithms.grpo import AdaptiveKL, aggregate, clipped_surrogate
+from rlbench.plugins.algorithms.reinforce_pp import whiten
+from rlbench.types import Needs, TrainBatch
+
+
+@rlbench.hookimpl
+def rlbench_algorithms():
+    return {"ppo": "rlbench.plugins.algorithms.ppo:PPO"}
+
+
+@dataclass
+class PPOConfig:
+    beta: float = 0.05  # KL-in-reward coefficient (initial value when adaptive)
+    kl_target: float = 0.0  # > 0: adaptive β
+    kl_horizon: float = 10.0
+    gamma: float = 1.0  # discount over tokens (1: the reward is for the whole completion)
+    lam: float = 0.95  # GAE λ
+    epsilon: float = 0.2  # policy clip
+    value_clip: float = 0.2  # value clip around the old values
+    vf_coef: float = 0.5
+    critic_lr: float = 0.0  # 0 = train.lr
+    epochs: int = 2  # optimizer steps per rollout batch
+    whiten_advantages: bool = True
+
+    def validate(self):
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ValueError("gamma and lam must be in [0, 1]")
+        if self.epochs < 1 or self.beta < 0:
+            raise ValueError("epochs must be >= 1 and beta >= 0")
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Advantages and returns [N, C] by generalised advantage estimation over right-padded tokens."""
+    N, C = rewards.shape
+    adv = torch.zeros_like(rewards)
+    next_adv = torch.zeros(N)
+    next_v = torch.zeros(N)
+    for t in reversed(range(C)):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        a = delta + gamma * lam * next_adv
+        adv[:, t] = a * m
+        next_adv = torch.where(m > 0, a, next_adv)  # padding passes the future through untouched
+        next_v = torch.where(m > 0, values[:, t], next_v)
+    return adv, (adv + values) * mask
+
+
+def clipped_value_loss(v: torch.Tensor, v_old: torch.Tensor, returns: torch.Tensor, clip: float):
+    """½·max((V − R)², (V_old + clip(V − V_old) − R)²) per token, and whether the clipped term won."""
+    v_clip = v_old + torch.clamp(v - v_old, -clip, clip)
+    a, b = (v - returns) ** 2, (v_clip - returns) ** 2
+    return 0.5 * torch.maximum(a, b), (b > a).float()
+
+
+class PPO:
+    Config = PPOConfig
+
+    def __init__(self, config: PPOConfig):
+        self.config = config
+        self.kl_ctl = AdaptiveKL(config.beta, config.kl_target, config.kl_horizon)
+
+    @classmethod
+    def needs(cls, config: PPOConfig) -> Needs:
+        return Needs(reference=config.beta > 0 or config.kl_target > 0, old_logprobs=config.epochs > 1,
+                     group_size=1, epochs=config.epochs, critic=True, critic_lr=config.critic_lr)
+
+    def prepare(self, rollouts, rewards, ctx) -> TrainBatch:
+        c = self.config
+        mask = rollouts.completion_mask.float()  # [N, C]
+        old = ctx.old_logprobs if ctx.old_logprobs is not None else rollouts.logprobs  # [N, C]
+        kl = (old - ctx.ref_logprobs) * mask if ctx.ref_logprobs is not None else torch.zeros_like(mask)  # k1
+        token_r = -self.kl_ctl.beta * kl
+        last = (mask.sum(-1).long() - 1).clamp(min=0)
+        token_r = token_r.scatter_add(1, last.unsqueeze(-1), rewards.float().unsqueeze(-1)) * mask  # [N, C]
+        values = ctx.values * mask  # [N, C]
+        adv, returns = gae(token_r, values, mask, c.gamma, c.lam)
+        if c.whiten_advantages:
+            adv = whiten(adv, mask)
+        batch = TrainBatch.from_rollouts(rollouts, advantages=adv, returns=returns, old_values=values)
+        batch.metrics.update({"ppo/value_mean": (values.sum() / mask.sum()).item(),
+                              "ppo/return_mean": (returns.sum() / mask.sum()).item()})
+        return batch
+
+    def loss(self, logprobs, batch, ctx):
+        c = self.config
+        mask = batch["completion_mask"]
+        old = batch["old_logprobs"] if "old_logprobs" in batch else logprobs.detach()
+        pg, clipped = clipped_surrogate(logprobs, old, batch["advantages"], c.epsilon, c.epsilon)
+        if "is_weights" in batch:
+            pg = pg * batch["is_weights"]
+        vloss, vclipped = clipped_value_loss(batch["values"], batch["old_values"], batch["returns"], c.value_clip)
+        loss = aggregate(pg + c.vf_coef * vloss, mask, "token_mean", batch.totals)
+        n = batch.totals["tokens"]
+        return loss, {"clip_frac": ((clipped * mask).sum() / n).item(),
+                      "ppo/value_loss": ((vloss * mask).sum() / n).item(),
+                      "ppo/value_clip_frac": ((vclipped * mask).sum() / n).item()}
+
+    def after_step(self, metrics):
+        return {"ppo/beta": self.kl_ctl.update(metrics.get("kl", float("nan")))}
+
+    def state_dict(self):
+        return {"beta": self.kl_ctl.beta}
+
+    def load_state_dict(self, state):
+        self.kl_ctl.beta = state["beta"]

@@ -1,0 +1,58 @@
+"""PPO: GAE and the clipped value loss by hand, the critic trains and is checkpointed, PPO learns."""
+import pytest
+import torch
+
+from rlbench import rundir
+from rlbench.plugins.algorithms.ppo import PPO, PPOConfig, clipped_value_loss, gae
+from rlbench.trainer import start
+
+from conftest import tiny_config
+
+
+def test_gae_on_a_four_token_example():
+    rewards = torch.tensor([[0.0, 0, 0, 1], [0, 1, 0, 0]])
+    values = torch.tensor([[0.5, 0.2, 0.9, 0.4], [0.3, 0.1, 0, 0]])
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0]])
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # row 0, backwards: δ3 = 1 − 0.4 = 0.6 → A3 0.6; δ2 = 0.4 − 0.9 = −0.5 → A2 = −0.5 + 0.5·0.6 = −0.2;
+    # δ1 = 0.9 − 0.2 = 0.7 → A1 = 0.7 − 0.1 = 0.6; δ0 = 0.2 − 0.5 = −0.3 → A0 = −0.3 + 0.3 = 0.0
+    assert adv[0].tolist() == pytest.approx([0.0, 0.6, -0.2, 0.6])
+    assert ret[0].tolist() == pytest.approx([0.5, 0.8, 0.7, 1.0])
+    # row 1 (2 real tokens): δ1 = 1 − 0.1 = 0.9; δ0 = 0.1 − 0.3 = −0.2 → A0 = −0.2 + 0.45 = 0.25; padding 0
+    assert adv[1].tolist() == pytest.approx([0.25, 0.9, 0.0, 0.0])
+    adv, _ = gae(rewards[:1], values[:1], mask[:1], gamma=0.5, lam=1.0)
+    # γ = 0.5: δ3 = 0.6, δ2 = 0.5·0.4 − 0.9 = −0.7, δ1 = 0.45 − 0.2 = 0.25, δ0 = 0.1 − 0.5 = −0.4
+    assert adv[0].tolist() == pytest.approx([-0.4 + 0.5 * (0.25 + 0.5 * (-0.7 + 0.5 * 0.6)),
+                                             0.25 + 0.5 * (-0.7 + 0.5 * 0.6), -0.7 + 0.5 * 0.6, 0.6])
+
+
+@pytest.mark.parametrize("v,expected,active", [
+    (0.6, 0.5 * 0.4 ** 2, 0.0),  # within ±0.2 of V_old = 0.5: the clipped value equals V
+    (0.9, 0.5 * 0.3 ** 2, 1.0),  # V moved 0.4: clipped to 0.7, whose error 0.3 is the larger one
+    (0.2, 0.5 * 0.8 ** 2, 0.0),  # clipped to 0.3 (error 0.7) but the unclipped error 0.8 is larger
+])
+def test_value_clip_active_and_inactive(v, expected, active):
+    loss, clipped = clipped_value_loss(torch.tensor([v]), torch.tensor([0.5]), torch.tensor([1.0]), 0.2)
+    assert loss.item() == pytest.approx(expected) and clipped.item() == active
+
+
+def test_ppo_needs_a_critic():
+    n = PPO.needs(PPOConfig(epochs=3))
+    assert n.critic and n.old_logprobs and n.epochs == 3 and n.reference
+
+
+def test_ppo_learns_and_trains_its_critic(tmp_path, first_char_task):
+    cfg = tiny_config("train.steps=30", "train.lr=3e-3", "model.tiny_init_std=0.3", "rollout.max_tokens=2",
+                      "rollout.prompts_per_step=4", "rollout.group_size=8", "train.min_lr_ratio=1.0", "eval.kl=false",
+                      "train.checkpoint_every=10", algorithm={"name": "ppo", "beta": 0.0, "epochs": 1},
+                      task={"name": "first_char"})
+    tr = start(cfg, tmp_path / "ppo")
+    head0 = tr.accelerator.unwrap_model(tr.critic).head.weight.detach().clone()
+    tr.run()
+    lines = rundir.read_jsonl(tmp_path / "ppo" / "metrics.jsonl")
+    rewards = [r["reward/mean"] for r in lines]
+    assert sum(rewards[:3]) / 3 < 0.7
+    assert max(sum(rewards[i:i + 3]) / 3 for i in range(len(rewards) - 2)) >= 0.9, rewards
+    assert not torch.equal(tr.accelerator.unwrap_model(tr.critic).head.weight, head0)
+    assert lines[-1]["ppo/value_mean"] > lines[0]["ppo/value_mean"]  # the critic follows the rising reward
+    assert (tmp_path / "ppo" / "checkpoints" / "step_000030" / "critic.safetensors").is_file()
