@@ -41,9 +41,20 @@ def rlbench_algorithms() -> Mapping[str, Any]:
     Return ``{name: "module:Class"}``. The class has a ``Config`` dataclass (the
     options of the config's ``algorithm`` section besides ``name``), a
     ``needs(config)`` classmethod that returns ``rlbench.types.Needs`` (reference
-    model, group size, old-logprob pass), and is constructed as ``Class(config)``
-    with methods ``prepare(rollouts, rewards, ctx) -> TrainBatch`` and
-    ``loss(logprobs, batch, ctx) -> (loss, metrics)``. See ``rlbench.types.Algorithm``.
+    model, old-logprob pass, minimum group size, epochs μ, preference pairs, a
+    critic), so the trainer loads and computes only what is needed. It is
+    constructed as ``Class(config)`` and implements:
+
+    * ``prepare(rollouts, rewards, ctx) -> TrainBatch``: ``rewards`` [N] are the
+      summed task rewards; ``ctx.ref_logprobs`` / ``ctx.old_logprobs`` /
+      ``ctx.values`` [N, C] are filled when needed. The batch's per-row tensors
+      (advantages, returns, …) follow ``TrainBatch.from_rollouts``.
+    * ``loss(logprobs, batch, ctx) -> (loss, metrics)`` per micro-batch:
+      ``logprobs`` [n, C] carry the gradient; the loss is this micro-batch's
+      share normalised by ``batch.totals`` so that summing shares gives the
+      whole-batch loss; metrics are summed the same way.
+    * ``after_step(metrics)``, ``state_dict()``, ``load_state_dict()``
+      (defaults in ``rlbench.types.AlgorithmBase``).
     """
 
 

@@ -164,6 +164,20 @@ class StepContext:
     max_tokens: int = 0
 
 
+class AlgorithmBase:
+    """Defaults for the optional parts of an algorithm: no per-step update after the
+    optimizer step, no state to checkpoint. Subclass it and write prepare/loss/needs."""
+
+    def after_step(self, metrics: dict[str, float]) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 class Algorithm(Protocol):
     Config: type
 

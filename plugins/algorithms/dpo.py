@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import rlbench
-from rlbench.types import Needs, TrainBatch
+from rlbench.types import AlgorithmBase, Needs, TrainBatch
 
 
 @rlbench.hookimpl
@@ -63,7 +63,7 @@ def dpo_loss(logp: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, beta: fl
     return -F.logsigmoid(h), h
 
 
-class DPO:
+class DPO(AlgorithmBase):
     Config = DPOConfig
 
     def __init__(self, config: DPOConfig):
@@ -90,12 +90,3 @@ class DPO:
         n = batch.totals["pairs"]
         return per_pair.sum() / n, {"dpo/reward_margin": h.sum().item() / n,
                                     "dpo/pair_accuracy": (h > 0).float().sum().item() / n}
-
-    def after_step(self, metrics):
-        return {}
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass

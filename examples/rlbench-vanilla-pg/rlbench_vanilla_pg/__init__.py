@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 import rlbench
-from rlbench.types import Needs, TrainBatch
+from rlbench.types import AlgorithmBase, Needs, TrainBatch
 
 RLBENCH_API_VERSION = 1  # the hook API this plugin was written for
 
@@ -23,7 +23,7 @@ class VanillaPGConfig:
     baseline: bool = True  # subtract the batch-mean reward
 
 
-class VanillaPG:
+class VanillaPG(AlgorithmBase):
     Config = VanillaPGConfig
 
     def __init__(self, config):
@@ -42,12 +42,3 @@ class VanillaPG:
         seq_logp = (logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [n]
         loss = -(batch["advantages"] * seq_logp).sum() / batch.totals["seqs"]
         return loss, {}
-
-    def after_step(self, metrics):
-        return {}
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
