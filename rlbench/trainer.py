@@ -28,6 +28,7 @@ import random
 import resource
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -239,18 +240,16 @@ class Trainer:
         if close:
             close()
 
+    @contextmanager
     def _timed(self, name: str):
-        trainer = self
-
-        class _T:
-            def __enter__(self):
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                dt = time.perf_counter() - self.t
-                trainer.times[name] = trainer.times.get(name, 0.0) + dt
-                trainer._last[name] = dt
-        return _T()
+        """Add the block's wall time to phase ``name`` (run total and this step's ``time/<name>``)."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t
+            self.times[name] = self.times.get(name, 0.0) + dt
+            self._last[name] = dt
 
     def step(self, step: int) -> dict[str, float]:
         cfg, G = self.cfg, self.cfg.rollout.group_size
@@ -515,10 +514,5 @@ def start(cfg: cfgmod.Config, run_dir: Path, resume: bool = False) -> Trainer:
         data_hash = hashlib.sha256(json.dumps(cfg.to_dict()["task"], sort_keys=True).encode()).hexdigest()[:16]
         rundir.write_json(run_dir / "manifest.json", rundir.manifest(
             config=cfg.to_dict(), model_hash=trainer.model_hash, data_hash=data_hash, device=str(trainer.device),
-            engine=cfg.names["engine"], seed=cfg.run.seed))
-        if cfg.names.get("engine_requested") == "auto":
-            m = json.loads((run_dir / "manifest.json").read_text())
-            m["engine_requested"] = "auto"
-            m["engine_reason"] = "vllm imports" if cfg.names["engine"] == "vllm" else "vllm is not installed"
-            rundir.write_json(run_dir / "manifest.json", m)
+            engine=cfg.names["engine"], seed=cfg.run.seed, engine_requested=cfg.names.get("engine_requested")))
     return trainer

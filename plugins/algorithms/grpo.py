@@ -137,6 +137,7 @@ class AdaptiveKL:
 
 class GRPO:
     Config = GRPOConfig
+    kl_in_loss = True  # variants that put the KL into the reward (reinforce_pp) turn the loss term off
 
     def __init__(self, config: GRPOConfig):
         self.config = config
@@ -174,7 +175,7 @@ class GRPO:
         per_token = pg
         beta = self.kl_ctl.beta
         metrics = {}
-        if "ref_logprobs" in batch and beta > 0:
+        if self.kl_in_loss and "ref_logprobs" in batch and beta > 0:
             kl = k3_kl(logprobs, batch["ref_logprobs"])  # [n, C]
             per_token = pg + beta * kl
             metrics["grpo/kl_term"] = aggregate(kl.detach(), mask, c.loss_agg, batch.totals).item()

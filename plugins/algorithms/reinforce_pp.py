@@ -46,6 +46,7 @@ class ReinforcePPConfig(PolicyGradientConfig):
 
 class ReinforcePP(GRPO):
     Config = ReinforcePPConfig
+    kl_in_loss = False  # the KL penalty is already in the token rewards
 
     @classmethod
     def needs(cls, config) -> Needs:
@@ -59,15 +60,3 @@ class ReinforcePP(GRPO):
         batch = TrainBatch.from_rollouts(rollouts, advantages=adv)
         batch.metrics["reinforce_pp/kl_reward"] = (-self.kl_ctl.beta * kl * mask).sum().item() / rollouts.n
         return batch
-
-    def loss(self, logprobs, batch, ctx):
-        c = self.config
-        mask = batch["completion_mask"]
-        old = batch["old_logprobs"] if "old_logprobs" in batch else logprobs.detach()
-        pg, clipped = self.surrogate(logprobs, old, batch)  # token-level advantages [n, C]
-        if "is_weights" in batch:
-            pg = pg * batch["is_weights"]
-        from rlbench.plugins.algorithms.grpo import aggregate
-
-        loss = aggregate(pg, mask, c.loss_agg, batch.totals)
-        return loss, {"clip_frac": ((clipped * mask).sum() / batch.totals["tokens"]).item()}
