@@ -97,10 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     from rlbench.manager import PluginError
     from rlbench.models import ModelError
     from rlbench.trainer import TrainingError
+    from rlbench.types import DataError
 
     try:
         return args.func(args)
-    except (ConfigError, PluginError, ModelError, TrainingError, FileNotFoundError) as e:
+    except (ConfigError, PluginError, ModelError, TrainingError, DataError, FileNotFoundError) as e:
         print(f"rlbench: error: {e}", file=sys.stderr)
         return 2
 

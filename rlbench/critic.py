@@ -1,9 +1,10 @@
 """A value model for critic-based algorithms (PPO): the policy's backbone plus a scalar head.
 
-Initialised from the policy (a copy of its transformer body; the LM head is
-not used), so it starts with the policy's features. V for completion token t
-is read at the position that predicts token t, aligned with the logprobs.
-Not covered: a critic from a different (smaller) model.
+Initialised from a causal LM's transformer body (the LM head is not used):
+by default a copy of the policy, so it starts with the policy's features, or
+another model that shares the policy's tokenizer (a smaller critic). V for
+completion token t is read at the position that predicts token t, aligned
+with the logprobs.
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from rlbench.logprobs import position_ids
 
 
 class ValueModel(nn.Module):
-    def __init__(self, policy: nn.Module):
+    def __init__(self, model: nn.Module, copy_body: bool = True):
         super().__init__()
-        self.backbone = copy.deepcopy(policy.base_model)
-        hidden = policy.config.hidden_size
+        self.backbone = copy.deepcopy(model.base_model) if copy_body else model.base_model
+        hidden = model.config.hidden_size
         self.head = nn.Linear(hidden, 1)
         nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1))
         nn.init.zeros_(self.head.bias)

@@ -41,8 +41,9 @@ def rlbench_algorithms() -> Mapping[str, Any]:
     Return ``{name: "module:Class"}``. The class has a ``Config`` dataclass (the
     options of the config's ``algorithm`` section besides ``name``), a
     ``needs(config)`` classmethod that returns ``rlbench.types.Needs`` (reference
-    model, old-logprob pass, minimum group size, epochs μ, preference pairs, a
-    critic), so the trainer loads and computes only what is needed. It is
+    model, old-logprob pass, minimum group size, epochs μ and mini-batches per
+    epoch, preference pairs, a critic and its model, dynamic sampling rounds,
+    offline data), so the trainer loads and computes only what is needed. It is
     constructed as ``Class(config)`` and implements:
 
     * ``prepare(rollouts, rewards, ctx) -> TrainBatch``: ``rewards`` [N] are the
@@ -55,6 +56,9 @@ def rlbench_algorithms() -> Mapping[str, Any]:
       whole-batch loss; metrics are summed the same way.
     * ``after_step(metrics)``, ``state_dict()``, ``load_state_dict()``
       (defaults in ``rlbench.types.AlgorithmBase``).
+    * only with ``Needs(offline=True)``: ``offline_rollouts(step, n, tokenizer,
+      max_tokens) -> (Rollouts, rewards)``, the step's data in place of sampling
+      (``Rollouts.logprobs`` None: there is no sampler to check against).
     """
 
 

@@ -37,7 +37,7 @@ import torch
 from rlbench import config as cfgmod
 from rlbench import logprobs as lpmod
 from rlbench import manager, models, rundir
-from rlbench.types import Sampling, StepContext, TrainBatch
+from rlbench.types import Rollouts, Sampling, StepContext, TrainBatch
 
 
 class TrainingError(RuntimeError):
@@ -171,11 +171,18 @@ class Trainer:
         if self.needs.critic:  # initialised from the policy; trained by the same optimizer, its own lr
             from rlbench.critic import ValueModel
 
-            critic = ValueModel(policy)
+            if self.needs.critic_model:
+                body, ctok = models.load(self.needs.critic_model, seed=cfg.run.seed + 1, dtype=weights_dtype)
+                if ctok.get_vocab() != self.tok.get_vocab():
+                    raise cfgmod.ConfigError(f"config: algorithm critic_model {self.needs.critic_model!r} has a different "
+                                             f"tokenizer from the policy {cfg.model.name!r}; the critic reads the policy's tokens")
+                critic = ValueModel(body, copy_body=False)
+            else:
+                critic = ValueModel(policy)
             groups.append({"params": list(critic.parameters()), "lr": self.needs.critic_lr or cfg.train.lr})
         opt = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                 betas=(cfg.train.adam_beta1, cfg.train.adam_beta2))
-        total = cfg.train.steps * self.needs.epochs
+        total = cfg.train.steps * self.needs.epochs * self.needs.mini_batches  # optimizer steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train.warmup_steps, total, cfg.train.min_lr_ratio))
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(policy, opt, sched)
         self.critic = self.accelerator.prepare(critic) if critic is not None else None
@@ -214,7 +221,8 @@ class Trainer:
                 self.step_done = step
                 self._log(step, metrics)
                 if bar is not None:
-                    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['reward/accuracy']:.3f}",
+                    bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
+                                    acc=f"{metrics.get('reward/accuracy', float('nan')):.3f}",
                                     kl=f"{metrics.get('kl', 0.0):.4f}")
                     bar.update(1)
                 if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
@@ -249,24 +257,64 @@ class Trainer:
         finally:
             dt = time.perf_counter() - t
             self.times[name] = self.times.get(name, 0.0) + dt
-            self._last[name] = dt
+            self._last[name] = self._last.get(name, 0.0) + dt
+
+    def _sample(self, step: int):
+        """Rollouts and reward components for this step's prompts.
+
+        With the algorithm's ``Needs.dynamic_sampling`` = k > 0 (DAPO), prompt groups whose
+        rewards are all equal are dropped and up to k extra rounds of fresh prompts are
+        sampled until B informative groups are found. Returns the training rollouts and
+        rewards, everything sampled (for reward metrics and cost) and the sampling metrics."""
+        cfg, G, B = self.cfg, self.cfg.rollout.group_size, self.cfg.rollout.prompts_per_step
+        parts, kept_parts, metrics = [], [], {}
+        kept = 0
+        for rnd in range(1 + self.needs.dynamic_sampling):
+            seed = cfg.run.seed * 1_000_003 + step + rnd * 100_000_019  # round 0: the plain data position
+            prompts = self.task.prompts("train", B, seed=seed)
+            with self._timed("rollout"):
+                ro = self.engine.generate(prompts, G, self.sampling)
+            with self._timed("reward"):
+                expanded = [prompts[g] for g in ro.group.tolist()]
+                comp = {k: torch.tensor(v, dtype=torch.float32) for k, v in self.task.score(expanded, ro.texts).items()}
+            rewards = torch.stack(list(comp.values())).sum(0)  # [N]
+            if not torch.isfinite(rewards).all():
+                raise TrainingError(f"non-finite reward at step {step}")
+            parts.append((ro, comp, rewards))
+            if not self.needs.dynamic_sampling:
+                break
+            r = rewards.view(-1, G)  # [B, G]
+            informative = ((r.max(-1).values - r.min(-1).values) > 0).nonzero().view(-1).tolist()
+            take = informative[:B - kept]
+            if take:
+                kept_parts.append((ro.select_groups(take), rewards.view(-1, G)[take].reshape(-1)))
+                kept += len(take)
+            if kept >= B:
+                break
+        sampled = Rollouts.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        components = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
+        if not self.needs.dynamic_sampling:
+            return sampled, parts[0][2], sampled, components, metrics
+        metrics = {"sampling/rounds": float(len(parts)), "sampling/kept_groups": float(kept),
+                   "sampling/dropped_groups": float(len(parts) * B - sum(len(p[0].prompts) for p in kept_parts))}
+        if not kept_parts:  # every group uniform in every round: train on the last one (only a KL term moves)
+            return parts[-1][0], parts[-1][2], sampled, components, metrics
+        rollouts = Rollouts.cat([k[0] for k in kept_parts]) if len(kept_parts) > 1 else kept_parts[0][0]
+        return rollouts, torch.cat([k[1] for k in kept_parts]), sampled, components, metrics
 
     def step(self, step: int) -> dict[str, float]:
-        cfg, G = self.cfg, self.cfg.rollout.group_size
+        cfg = self.cfg
         self._last: dict[str, float] = {}
         ctx = StepContext(step=step)
-        prompts = self.task.prompts("train", cfg.rollout.prompts_per_step, seed=cfg.run.seed * 1_000_003 + step)
-
-        with self._timed("rollout"):
-            rollouts = self.engine.generate(prompts, G, self.sampling)
-        with self._timed("reward"):
-            expanded = [prompts[g] for g in rollouts.group.tolist()]
-            components = {k: torch.tensor(v, dtype=torch.float32) for k, v in self.task.score(expanded, rollouts.texts).items()}
-            rewards = torch.stack(list(components.values())).sum(0)  # [N]
-        if not torch.isfinite(rewards).all():
-            raise TrainingError(f"non-finite reward at step {step}")
+        if self.needs.offline:  # offline data (DPO from a pairs file): no sampling, no task reward
+            with self._timed("rollout"):
+                rollouts, rewards = self.algorithm.offline_rollouts(step, cfg.rollout.prompts_per_step, self.tok,
+                                                                    cfg.rollout.max_tokens)
+            sampled, components, sample_metrics = rollouts, {}, {}
+        else:
+            rollouts, rewards, sampled, components, sample_metrics = self._sample(step)
         extra = {}
-        for res in manager.hook().rlbench_on_rollouts(step=step, rollouts=rollouts, rewards=components):
+        for res in manager.hook().rlbench_on_rollouts(step=step, rollouts=sampled, rewards=components):
             extra.update(res or {})
 
         # Reference / old-policy logprobs come first, so prepare() may use them (KL-in-reward algorithms).
@@ -308,49 +356,56 @@ class Trainer:
             offload = getattr(self.engine, "offload", None)
             if offload:
                 offload()
+            first: list[dict] = []  # metrics of the first epoch's optimizer steps (the sampling policy's)
             for epoch in range(self.needs.epochs):
                 ctx.epoch = epoch
-                self.optimizer.zero_grad(set_to_none=True)
-                m = accumulate_gradients(self.model, self.algorithm, batch, cfg.train.micro_batch_size, ctx,
-                                         backward=self.accelerator.backward,
-                                         is_cap=cfg.rollout.is_cap if cfg.rollout.is_correction else None,
-                                         pairs=self.needs.pairs, critic=self.critic)
-                if epoch == 0 and m.get("sync/logprob_drift", 0.0) > self.max_drift:
+                for i, mb in enumerate(self._mini_batches(batch, step, epoch)):
                     self.optimizer.zero_grad(set_to_none=True)
-                    raise TrainingError(
-                        f"rollout weights are stale: at step {step} the sampler's logprobs differ from the policy's "
-                        f"by up to {m['sync/logprob_drift']:.3g} nats (mean {m['sync/logprob_drift_mean']:.3g}), above "
-                        f"rollout.max_logprob_drift={self.max_drift:g}. The engine is not serving the trained weights "
-                        f"(is engine.sync off, or did a weight sync fail?). No update was applied; the last checkpoint "
-                        f"is intact.")
-                params = list(self.model.parameters()) + (list(self.critic.parameters()) if self.critic else [])
-                grad_norm = self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                grad_norm = float(grad_norm)
-                if not math.isfinite(grad_norm):
-                    raise TrainingError(f"non-finite gradient norm at step {step}")
-                self.optimizer.step()
-                self.scheduler.step()
-                m["grad_norm"] = grad_norm
-                m["grad_clipped"] = float(grad_norm > cfg.train.max_grad_norm)
-                if epoch == 0:
-                    train_metrics = m  # KL / entropy of the sampling policy, as logged by every algorithm
+                    m = accumulate_gradients(self.model, self.algorithm, mb, cfg.train.micro_batch_size, ctx,
+                                             backward=self.accelerator.backward,
+                                             is_cap=cfg.rollout.is_cap if cfg.rollout.is_correction else None,
+                                             pairs=self.needs.pairs, critic=self.critic)
+                    if epoch == 0 and i == 0 and m.get("sync/logprob_drift", 0.0) > self.max_drift:
+                        self.optimizer.zero_grad(set_to_none=True)
+                        raise TrainingError(
+                            f"rollout weights are stale: at step {step} the sampler's logprobs differ from the policy's "
+                            f"by up to {m['sync/logprob_drift']:.3g} nats (mean {m['sync/logprob_drift_mean']:.3g}), "
+                            f"above rollout.max_logprob_drift={self.max_drift:g}. The engine is not serving the trained "
+                            f"weights (is engine.sync off, or did a weight sync fail?). No update was applied; the last "
+                            f"checkpoint is intact.")
+                    params = list(self.model.parameters()) + (list(self.critic.parameters()) if self.critic else [])
+                    grad_norm = float(self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
+                    if not math.isfinite(grad_norm):
+                        raise TrainingError(f"non-finite gradient norm at step {step}")
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    m["grad_norm"] = grad_norm
+                    m["grad_clipped"] = float(grad_norm > cfg.train.max_grad_norm)
+                    if epoch == 0:
+                        first.append(m)
+            # KL / entropy / loss of the sampling policy as every algorithm logs them: the mean over the
+            # first epoch's mini-batches; the sync drift from the first one only (later ones follow an update).
+            train_metrics = {k: sum(m.get(k, 0.0) for m in first) / len(first) for k in first[0]}
+            train_metrics.update({k: v for k, v in first[0].items() if k.startswith("sync/")})
             self.counters["tokens/trained"] += batch["attention_mask"].sum().item() * self.needs.epochs
         with self._timed("sync"):
             self.engine.sync(self.policy)  # every optimizer step: the next rollouts use the new weights
 
-        lengths = rollouts.lengths()
-        gen_tokens = float(lengths.sum().item())
+        lengths = sampled.lengths()
+        gen_tokens = float(lengths.sum().item()) if not self.needs.offline else 0.0
         self.counters["tokens/generated"] += gen_tokens
+        total_reward = torch.stack(list(components.values())).sum(0) if components else None  # [N sampled]
         metrics = {
             "step": step,
-            "reward/mean": rewards.mean().item(),
-            "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+            **({"reward/mean": total_reward.mean().item(),
+                "reward/std": total_reward.std().item() if total_reward.numel() > 1 else 0.0} if components else {}),
             **{f"reward/{k}": v.mean().item() for k, v in components.items()},
             **train_metrics,
             **batch.metrics,
+            **sample_metrics,
             "completion_len/mean": lengths.mean().item(),
             "completion_len/max": lengths.max().item(),
-            "truncated_frac": sum(f == "length" for f in rollouts.finish_reasons) / rollouts.n,
+            "truncated_frac": sum(f == "length" for f in sampled.finish_reasons) / sampled.n,
             "lr": lr,
             **{f"time/{k}": v for k, v in self._last.items()},
             "tokens/generated": gen_tokens,
@@ -359,6 +414,24 @@ class Trainer:
         }
         metrics.update(self.algorithm.after_step(metrics))
         return metrics
+
+    def _mini_batches(self, batch: TrainBatch, step: int, epoch: int):
+        """The whole batch, or (``Needs.mini_batches`` = M > 1) a fresh shuffle of it split into M
+        parts, each with its own loss normalisers; preference pairs stay whole. The shuffle is
+        seeded by (run seed, step, epoch), so a resumed run repeats it."""
+        M = self.needs.mini_batches
+        if M <= 1 or batch.size < 2:
+            yield batch
+            return
+        g = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + step * 1_009 + epoch)
+        if self.needs.pairs:
+            pairs = torch.randperm(batch.size // 2, generator=g)  # [P]
+            order = torch.stack([2 * pairs, 2 * pairs + 1], -1).reshape(-1)  # [2P] chosen, rejected, …
+            chunks = [c.reshape(-1) for c in order.view(-1, 2).tensor_split(M) if len(c)]
+        else:
+            chunks = [c for c in torch.randperm(batch.size, generator=g).tensor_split(M) if len(c)]
+        for rows in chunks:
+            yield batch.select(rows.to(batch["input_ids"].device))
 
     def _log(self, step: int, metrics: dict) -> None:
         rundir.append_jsonl(self.run_dir / "metrics.jsonl", metrics)

@@ -18,6 +18,10 @@ from typing import Any, Iterator, Protocol
 import torch
 
 
+class DataError(ValueError):
+    """Malformed input data (a dataset row, a pairs file): names the file and line."""
+
+
 @dataclass
 class Prompt:
     """One task problem, ready for a model."""
@@ -37,7 +41,7 @@ class Rollouts:
     group: torch.Tensor  # [N] long, index into prompts
     completion_ids: torch.Tensor  # [N, C] long, right-padded with pad_id
     completion_mask: torch.Tensor  # [N, C] float, 1 for real completion tokens
-    logprobs: torch.Tensor  # [N, C] float, sampler's raw-model logprobs (0 at padding)
+    logprobs: torch.Tensor | None  # [N, C] float, sampler's raw-model logprobs (0 at padding); None for offline data
     texts: list[str]  # N decoded completions (special tokens stripped)
     finish_reasons: list[str]  # N of "stop" (EOS / end-of-turn) or "length"
     pad_id: int = 0
@@ -52,6 +56,39 @@ class Rollouts:
 
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(-1)  # [N]
+
+    def select_groups(self, keep: list[int]) -> "Rollouts":
+        """The rollouts of prompts ``keep`` (indices into ``prompts``), in that order, re-indexed."""
+        rows = torch.cat([(self.group == g).nonzero().view(-1) for g in keep]) if keep else torch.zeros(0, dtype=torch.long)
+        new_index = {g: i for i, g in enumerate(keep)}
+        return Rollouts(
+            prompts=[self.prompts[g] for g in keep], prompt_ids=[self.prompt_ids[g] for g in keep],
+            group=torch.tensor([new_index[g] for g in self.group[rows].tolist()], dtype=torch.long),
+            completion_ids=self.completion_ids[rows], completion_mask=self.completion_mask[rows],
+            logprobs=None if self.logprobs is None else self.logprobs[rows],
+            texts=[self.texts[i] for i in rows.tolist()], finish_reasons=[self.finish_reasons[i] for i in rows.tolist()],
+            pad_id=self.pad_id)
+
+    @staticmethod
+    def cat(parts: list["Rollouts"]) -> "Rollouts":
+        """Concatenate rollouts of different prompts (completions re-padded to the longest)."""
+        C = max(r.completion_ids.shape[1] for r in parts)
+
+        def pad(t: torch.Tensor, value) -> torch.Tensor:  # [n, c] -> [n, C]
+            return torch.nn.functional.pad(t, (0, C - t.shape[1]), value=value)
+
+        offsets = [0]
+        for r in parts[:-1]:
+            offsets.append(offsets[-1] + len(r.prompts))
+        has_lp = all(r.logprobs is not None for r in parts)
+        return Rollouts(
+            prompts=[p for r in parts for p in r.prompts], prompt_ids=[p for r in parts for p in r.prompt_ids],
+            group=torch.cat([r.group + o for r, o in zip(parts, offsets)]),
+            completion_ids=torch.cat([pad(r.completion_ids, parts[0].pad_id) for r in parts]),
+            completion_mask=torch.cat([pad(r.completion_mask, 0) for r in parts]),
+            logprobs=torch.cat([pad(r.logprobs, 0.0) for r in parts]) if has_lp else None,
+            texts=[t for r in parts for t in r.texts], finish_reasons=[f for r in parts for f in r.finish_reasons],
+            pad_id=parts[0].pad_id)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """Left-padded prompt + right-padded completion, ready for a forward pass."""
@@ -87,7 +124,9 @@ class TrainBatch:
     def from_rollouts(cls, rollouts: Rollouts, **tensors: torch.Tensor) -> "TrainBatch":
         """The model inputs of ``rollouts`` plus any per-row tensors (advantages, …)."""
         mask = rollouts.completion_mask.float()  # [N, C]
-        base = {**rollouts.model_inputs(), "completion_mask": mask, "sampler_logprobs": rollouts.logprobs}
+        base = {**rollouts.model_inputs(), "completion_mask": mask}
+        if rollouts.logprobs is not None:  # offline data has no sampler
+            base["sampler_logprobs"] = rollouts.logprobs
         totals = {"seqs": float(rollouts.n), "tokens": float(mask.sum().clamp(min=1).item())}
         return cls({**base, **tensors}, totals)
 
@@ -105,6 +144,17 @@ class TrainBatch:
         for start in range(0, self.size, micro_batch_size):
             sl = slice(start, start + micro_batch_size)
             yield TrainBatch({k: v[sl] for k, v in self.tensors.items()}, self.totals, {})
+
+    def select(self, rows: torch.Tensor) -> "TrainBatch":
+        """Rows ``rows`` as a batch of their own (a PPO mini-batch): ``seqs``/``tokens``/``pairs``
+        totals recomputed for these rows, other totals kept."""
+        tensors = {k: v[rows] for k, v in self.tensors.items()}
+        totals = dict(self.totals)
+        totals["seqs"] = float(len(rows))
+        totals["tokens"] = float(tensors["completion_mask"].sum().clamp(min=1).item())
+        if "pairs" in totals:
+            totals["pairs"] = float(max(1, len(rows) // 2))
+        return TrainBatch(tensors, totals, dict(self.metrics))
 
     def sorted_by_length(self) -> "TrainBatch":
         """Rows reordered longest first, so micro-batches hold similar lengths (less padding)."""
@@ -145,6 +195,12 @@ class Needs:
     pairs: bool = False  # rows come in (chosen, rejected) pairs: keep order, never split a pair
     critic: bool = False  # a value model (rlbench.critic.ValueModel) trained beside the policy
     critic_lr: float = 0.0  # its learning rate (0 = train.lr)
+    critic_model: str = ""  # the critic's body: "" = a copy of the policy's, else this model (same tokenizer)
+    mini_batches: int = 1  # optimizer steps per epoch: the batch is shuffled and split (pairs kept whole)
+    dynamic_sampling: int = 0  # > 0: drop prompt groups whose rewards are all equal and sample up to this
+    #                            many extra rounds of prompts to refill the batch (DAPO)
+    offline: bool = False  # the algorithm supplies its own rollouts (offline data) via
+    #                        ``offline_rollouts(step, n, tokenizer, max_tokens) -> (Rollouts, rewards)``
 
 
 @dataclass

@@ -75,14 +75,6 @@ class FirstCharPlugin:
 
 @pytest.fixture
 def first_char_task():
-    name = manager.register(FirstCharPlugin(), name="first_char_test")
-    yield
-    manager.unregister(name)
-
-
-
-@pytest.fixture
-def first_char_task():
     from rlbench import manager
 
     name = manager.register(FirstCharPlugin(), name="first_char_test")

@@ -5,6 +5,7 @@ import torch
 from rlbench import rundir
 from rlbench.plugins.algorithms.ppo import PPO, PPOConfig, clipped_value_loss, gae
 from rlbench.trainer import start
+from rlbench.types import TrainBatch
 
 from conftest import tiny_config
 
@@ -56,3 +57,50 @@ def test_ppo_learns_and_trains_its_critic(tmp_path, first_char_task):
     assert not torch.equal(tr.accelerator.unwrap_model(tr.critic).head.weight, head0)
     assert lines[-1]["ppo/value_mean"] > lines[0]["ppo/value_mean"]  # the critic follows the rising reward
     assert (tmp_path / "ppo" / "checkpoints" / "step_000030" / "critic.safetensors").is_file()
+
+
+def test_mini_batches_partition_each_epoch_and_count_optimizer_steps(tmp_path):
+    cfg = tiny_config("train.steps=1", "rollout.prompts_per_step=3", "rollout.group_size=2", "eval.kl=false",
+                      algorithm={"name": "ppo", "epochs": 2, "mini_batches": 3})
+    tr = start(cfg, tmp_path / "mb")
+    assert tr.needs.old_logprobs  # later mini-batches need the sampling policy's logprobs
+    batch = TrainBatch({"input_ids": torch.arange(6).view(6, 1), "attention_mask": torch.ones(6, 1, dtype=torch.long),
+                        "completion_mask": torch.tensor([[1.0], [1], [0], [1], [1], [1]])}, {"seqs": 6.0, "tokens": 5.0})
+    orders = []
+    for epoch in (0, 1):
+        parts = list(tr._mini_batches(batch, step=1, epoch=epoch))
+        assert len(parts) == 3 and sorted(int(i) for p in parts for i in p["input_ids"].view(-1)) == list(range(6))
+        for p in parts:  # each mini-batch is normalised by its own rows
+            assert p.totals["seqs"] == 2.0 and p.totals["tokens"] == p["completion_mask"].sum().clamp(min=1).item()
+        orders.append([int(i) for p in parts for i in p["input_ids"].view(-1)])
+    assert orders[0] != orders[1]  # reshuffled every epoch
+    assert orders[0] == [int(i) for p in tr._mini_batches(batch, 1, 0) for i in p["input_ids"].view(-1)]  # seeded
+    tr.run()
+    steps = {int(s["step"]) for s in tr.optimizer.state_dict()["state"].values()}
+    assert steps == {6}  # 2 epochs × 3 mini-batches, one AdamW step each
+    assert tr.scheduler.state_dict()["last_epoch"] == 6
+
+
+def test_mini_batches_keep_preference_pairs_whole(tmp_path):
+    cfg = tiny_config("train.steps=1", "eval.kl=false", algorithm={"name": "dpo"})
+    tr = start(cfg, tmp_path / "pairs")
+    tr.needs.mini_batches = 2
+    batch = TrainBatch({"input_ids": torch.arange(8).view(8, 1), "attention_mask": torch.ones(8, 1, dtype=torch.long),
+                        "completion_mask": torch.ones(8, 1)}, {"seqs": 8.0, "tokens": 8.0, "pairs": 4.0})
+    parts = list(tr._mini_batches(batch, step=3, epoch=0))
+    assert [p.totals["pairs"] for p in parts] == [2.0, 2.0]
+    for p in parts:
+        ids = p["input_ids"].view(-1).tolist()
+        assert all(ids[i] % 2 == 0 and ids[i + 1] == ids[i] + 1 for i in range(0, len(ids), 2))  # (chosen, rejected)
+
+
+def test_critic_from_a_smaller_model(tmp_path, first_char_task):
+    cfg = tiny_config("train.steps=2", "model.tiny_hidden=128", "eval.kl=false", "rollout.max_tokens=2",
+                      algorithm={"name": "ppo", "critic_model": "tiny-random", "epochs": 1}, task={"name": "first_char"})
+    tr = start(cfg, tmp_path / "small")
+    critic = tr.accelerator.unwrap_model(tr.critic)
+    assert tr.policy.config.hidden_size == 128 and critic.head.in_features == 64
+    body0 = next(critic.backbone.parameters()).detach().clone()
+    tr.run()
+    assert not torch.equal(next(critic.backbone.parameters()), body0)  # trained
+    assert rundir.read_jsonl(tmp_path / "small" / "metrics.jsonl")[-1]["ppo/value_loss"] >= 0

@@ -20,12 +20,13 @@ Choices that frameworks make differently, all config values here:
 A group whose rewards are all equal (std = 0) has zero advantage: it adds only
 the KL term, and is counted in ``grpo/zero_std_frac``.
 
-With μ = 1 (``epochs``) the old policy is the current one: ρ = 1 in value but
-its gradient is the policy gradient, so no old-logprob pass is needed. With
-μ > 1 the trainer stores old logprobs from a no-grad pass before the first update.
+With μ = 1 (``epochs``) and one mini-batch the old policy is the current one:
+ρ = 1 in value but its gradient is the policy gradient, so no old-logprob pass
+is needed. With μ > 1 or ``mini_batches`` > 1 (several optimizer steps per
+rollout batch) the trainer stores old logprobs from a no-grad pass first.
 
-Left out: dynamic sampling of zero-variance groups and overlong shaping (DAPO),
-sequence-level ratios (GSPO) — each its own plugin.
+Left out: dynamic sampling of zero-variance groups and overlong shaping (``dapo``),
+sequence-level ratios (``gspo``) — each its own plugin.
 """
 from __future__ import annotations
 
@@ -56,15 +57,16 @@ class PolicyGradientConfig:
     epsilon_low: float = 0.2  # clip range below 1
     epsilon_high: float = 0.2  # clip range above 1 (DAPO raises it to 0.28)
     loss_agg: str = "seq_mean"  # seq_mean (DeepSeekMath) | token_mean (DAPO) | constant_length (Dr. GRPO)
-    epochs: int = 1  # μ: optimizer steps per rollout batch
+    epochs: int = 1  # μ: passes over each rollout batch
+    mini_batches: int = 1  # optimizer steps per pass: the batch is shuffled and split (verl's ppo_mini_batch_size)
 
     def validate(self):
         if self.loss_agg not in LOSS_AGGS:
             raise ValueError(f"loss_agg must be one of {', '.join(LOSS_AGGS)}; got {self.loss_agg!r}")
         if self.beta < 0 or self.kl_target < 0 or self.epsilon_low < 0 or self.epsilon_high < 0:
             raise ValueError("beta, kl_target and epsilons must be >= 0")
-        if self.epochs < 1:
-            raise ValueError("epochs must be >= 1")
+        if self.epochs < 1 or self.mini_batches < 1:
+            raise ValueError("epochs and mini_batches must be >= 1")
 
 
 @dataclass
@@ -145,8 +147,8 @@ class GRPO:
 
     @classmethod
     def needs(cls, config: GRPOConfig) -> Needs:
-        return Needs(reference=config.beta > 0 or config.kl_target > 0, old_logprobs=config.epochs > 1,
-                     group_size=2, epochs=config.epochs)
+        return Needs(reference=config.beta > 0 or config.kl_target > 0, group_size=2, epochs=config.epochs,
+                     old_logprobs=config.epochs > 1 or config.mini_batches > 1, mini_batches=config.mini_batches)
 
     def advantages(self, rewards: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[N] advantages and [B] zero-variance flags; the family's variants override this."""

@@ -10,12 +10,15 @@ token is 0):
 Advantages are whitened over the batch's completion tokens. Loss (token mean):
 the clipped surrogate on A_t plus ``vf_coef`` × ½·max((V − R)², (V_clip − R)²),
 with V_clip = V_old + clip(V − V_old, ±``value_clip``). β is fixed or adaptive
-toward ``kl_target``. ``epochs`` > 1 reuses the batch for several optimizer steps
-with stored old logprobs. The critic (``rlbench.critic.ValueModel``) is a copy of
-the policy's body with a scalar head, trained by the same optimizer at ``critic_lr``.
+toward ``kl_target``. Each of ``epochs`` passes shuffles the batch and splits it
+into ``mini_batches`` parts, one optimizer step each (old logprobs and old values
+are stored before the first; the trainer does the shuffling). The critic
+(``rlbench.critic.ValueModel``) is a copy of the policy's body with a scalar
+head, or the body of ``critic_model`` (a smaller model with the same
+tokenizer), trained by the same optimizer at ``critic_lr``.
 
-Not covered: mini-batch shuffling within an epoch (each epoch is one full-batch
-step), a critic from a different model.
+Not covered: early stopping of the epochs on a KL threshold; a critic whose
+tokenizer differs from the policy's.
 """
 from __future__ import annotations
 
@@ -45,14 +48,16 @@ class PPOConfig:
     value_clip: float = 0.2  # value clip around the old values
     vf_coef: float = 0.5
     critic_lr: float = 0.0  # 0 = train.lr
-    epochs: int = 2  # optimizer steps per rollout batch
+    critic_model: str = ""  # "" = initialised from the policy; else a model (same tokenizer), e.g. a smaller one
+    epochs: int = 2  # passes over each rollout batch
+    mini_batches: int = 2  # optimizer steps per pass: a fresh shuffle split into this many parts
     whiten_advantages: bool = True
 
     def validate(self):
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ValueError("gamma and lam must be in [0, 1]")
-        if self.epochs < 1 or self.beta < 0:
-            raise ValueError("epochs must be >= 1 and beta >= 0")
+        if self.epochs < 1 or self.mini_batches < 1 or self.beta < 0:
+            raise ValueError("epochs and mini_batches must be >= 1 and beta >= 0")
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
@@ -87,8 +92,9 @@ class PPO:
 
     @classmethod
     def needs(cls, config: PPOConfig) -> Needs:
-        return Needs(reference=config.beta > 0 or config.kl_target > 0, old_logprobs=config.epochs > 1,
-                     group_size=1, epochs=config.epochs, critic=True, critic_lr=config.critic_lr)
+        return Needs(reference=config.beta > 0 or config.kl_target > 0, group_size=1, epochs=config.epochs,
+                     old_logprobs=config.epochs > 1 or config.mini_batches > 1, mini_batches=config.mini_batches,
+                     critic=True, critic_lr=config.critic_lr, critic_model=config.critic_model)
 
     def prepare(self, rollouts, rewards, ctx) -> TrainBatch:
         c = self.config

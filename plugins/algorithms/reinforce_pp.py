@@ -50,7 +50,8 @@ class ReinforcePP(GRPO):
 
     @classmethod
     def needs(cls, config) -> Needs:
-        return Needs(reference=config.beta > 0, old_logprobs=config.epochs > 1, group_size=1, epochs=config.epochs)
+        return Needs(reference=config.beta > 0, group_size=1, epochs=config.epochs,
+                     old_logprobs=config.epochs > 1 or config.mini_batches > 1, mini_batches=config.mini_batches)
 
     def prepare(self, rollouts, rewards, ctx) -> TrainBatch:
         mask = rollouts.completion_mask.float()  # [N, C]
