@@ -1,0 +1,109 @@
+"""The code sandbox against programs that misbehave: each ends as a failure within the time limit
+plus a margin, leaves no process and no file behind, and the good programs beside it still pass."""
+import os
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from rlbench.tasks import sandbox
+
+pytestmark = pytest.mark.skipif(sandbox.probe()["level"] != "bwrap", reason="bubblewrap isolation not available")
+
+PROMPT = 'def add(a: int, b: int) -> int:\n    """Return a + b."""\n'
+TESTS = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
+GOOD = PROMPT + "    return a + b\n"
+LIMITS = sandbox.Limits(timeout_s=3.0)
+MARGIN = 2.0  # seconds beyond the limit: process start, kill and clean-up
+SENTINEL = "/tmp/rlbench-sandbox-escape"  # a path outside every scratch directory
+
+BAD = {
+    "infinite_loop": "while True:\n    pass\n",
+    "sleep": "import time\ntime.sleep(60)\n",
+    "sleep_in_call": PROMPT + "    import time\n    time.sleep(60)\n",
+    "fork_bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
+    "memory_hog": "x = []\nwhile True:\n    x.append(bytearray(50 * 2**20))\n",
+    "big_file": "with open('big.bin', 'wb') as f:\n    for _ in range(5 * 1024):\n        f.write(b'0' * 2**20)\n",
+    "write_outside": f"open({SENTINEL!r}, 'w').write('escaped')\n",
+    "os_system": f"import os\nos.system('echo escaped > {SENTINEL}; touch /root/escaped')\n",
+    "subprocess": f"import subprocess\nsubprocess.run(['sh', '-c', 'echo escaped > {SENTINEL}'])\n",
+    "socket": "import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)\n",
+    "sys_exit_0": "import sys\nsys.exit(0)\n",
+    "os_exit_0": "import os\nos._exit(0)\n",
+    "exit_in_call": PROMPT + "    import os\n    os._exit(0)\n",
+    "kill_parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.kill(1, signal.SIGKILL)\n" + GOOD.replace("a + b", "0"),
+    "eq_always_true": PROMPT + "    class Yes(int):\n        def __eq__(self, other):\n            return True\n"
+                               "    return Yes(0)\n",
+    "stack_walk": PROMPT + "    import sys\n    f = sys._getframe()\n    while f:\n        f.f_globals['passed'] = True\n"
+                           "        f = f.f_back\n    return 0\n",
+    "print_flood": "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n",
+    "close_fds": "import os\nfor fd in range(3, 64):\n    try:\n        os.close(fd)\n    except OSError:\n        pass\n" + GOOD,
+    "forged_answers": "import os, json, struct\nfor fd in range(3, 10):\n    try:\n"
+                      "        d = json.dumps(['ok', ['i', '5']]).encode()\n        os.write(fd, struct.pack('>Q', len(d)) + d)\n"
+                      "    except OSError:\n        pass\n" + GOOD.replace("a + b", "a * b"),
+}
+
+
+def _stray(uid_range=(sandbox.UID_BASE, sandbox.UID_BASE + 1000)):
+    out = subprocess.run(["ps", "-eo", "uid=,pid=,comm="], capture_output=True, text=True).stdout.split("\n")
+    return [line for line in out if line.strip() and uid_range[0] <= int(line.split()[0]) < uid_range[1]]
+
+
+def _check(program):
+    return sandbox.check_function(program, "add", TESTS, trusted_prelude=PROMPT, limits=LIMITS)
+
+
+def test_good_program_passes_and_wrong_one_fails():
+    assert _check(GOOD).passed
+    v = _check(GOOD.replace("a + b", "a - b"))
+    assert not v.passed and v.reason == "assertion"
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_misbehaving_program_fails_contained(name):
+    if os.path.exists(SENTINEL):
+        os.remove(SENTINEL)
+    v = _check(BAD[name])
+    assert not v.passed, v
+    assert v.wall_s < LIMITS.timeout_s + MARGIN, v
+    time.sleep(0.2)
+    assert _stray() == []
+    assert not os.path.exists(SENTINEL) and not os.path.exists("/root/escaped")
+
+
+def test_a_batch_with_every_misbehaviour_scores_the_good_ones(tmp_path):
+    programs = [GOOD, *BAD.values(), GOOD, GOOD.replace("return a + b", "return b + a")]
+    before = set(os.listdir("/tmp"))
+    t = time.perf_counter()
+    with ThreadPoolExecutor(4) as ex:
+        verdicts = list(ex.map(_check, programs))
+    wall = time.perf_counter() - t
+    assert [v.passed for v in verdicts] == [True] + [False] * len(BAD) + [True, True], [v.reason for v in verdicts]
+    # 21 programs on 4 workers, most of them killed at 3 s: bounded by the limit, not by the programs
+    assert wall < (len(programs) / 4 + 1) * (LIMITS.timeout_s + MARGIN)
+    time.sleep(0.2)
+    assert _stray() == []
+    assert {p for p in set(os.listdir("/tmp")) - before if p.startswith("rlbench-sbx")} == set()  # scratch removed
+
+
+def test_run_program_limits():
+    r = sandbox.run_program("import os\nprint(os.getuid(), os.getpid())\nopen('f', 'w').write('ok')\n"
+                            "print(open('f').read())\n", LIMITS)
+    uid, pid, text = r.stdout.split()
+    assert int(uid) >= sandbox.UID_BASE and pid == "2" and text == "ok"  # unprivileged, own pid namespace
+    r = sandbox.run_program("import os\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n"
+                            "            import time; time.sleep(5); os._exit(0)\n        n += 1\n"
+                            "except OSError:\n    print(n)\n", LIMITS)
+    assert 0 < int(r.stdout) < LIMITS.max_procs  # RLIMIT_NPROC holds for the unprivileged uid
+    r = sandbox.run_program("open('big', 'wb').write(b'0' * 40 * 2**20)\n", LIMITS)
+    assert r.returncode != 0  # file-size limit (SIGXFSZ)
+
+
+def test_codec_round_trip_and_refusals():
+    value = {"a": [1, 2.5, float("inf")], (1, "x"): {frozenset({3}), None}, "b": b"\x00", "t": (True, -10**30)}
+    assert sandbox.decode(sandbox.encode(value)) == value
+    with pytest.raises(sandbox.CodecError):
+        sandbox.encode(type("Sub", (int,), {})(3))  # a subclass could override __eq__
+    with pytest.raises(sandbox.CodecError):
+        sandbox.decode(["o", "os.system"])
