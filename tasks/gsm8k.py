@@ -1,0 +1,109 @@
+"""Task ``gsm8k``: grade-school math word problems (Cobbe et al. 2021), train 7,473 / test 1,319.
+
+Data: tasks/data/gsm8k (MIT, openai/grade-school-math; see tasks/data/README.md),
+or ``train_file`` / ``test_file`` (JSONL with ``question`` and ``answer``), or a
+Hugging Face dataset (``hf_dataset: openai/gsm8k``, ``hf_config: main``).
+
+Accuracy: the number of the final answer equals the reference. The final
+answer is the single ``<answer>`` block when there is one, else (``answer_mode:
+tags_or_last_number``) the text after the last ``####`` or "the answer is", else
+the whole completion; the number read is the last one in it. Read as numbers:
+``1,234`` (thousands separators), ``$18.00``, ``18.`` (trailing period), ``25%``,
+``−3`` (Unicode minus), ``3 apples`` (units). Compared exactly as rationals, so
+``18.00`` = ``18`` but ``18.5`` ≠ ``18``. Several answer blocks score 0.
+References come in the dataset's worked-solution form ending ``#### N``.
+
+Not covered: answers written in words ("five"), fractions like ``3/4`` (GSM8K
+answers are integers; ``3/4`` reads as 4).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+
+import rlbench
+from rlbench.tasks.common import DATA, DatasetTask, PromptConfig, answer_block, chat_prompt, load_split
+from rlbench.types import Prompt
+
+
+@rlbench.hookimpl
+def rlbench_tasks():
+    return {"gsm8k": "rlbench.tasks.gsm8k:GSM8K"}
+
+
+_NUM = re.compile(r"(?<![\w.])-?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+_FINAL = re.compile(r"(?:####|the (?:final )?answer is)", re.I)
+
+
+@dataclass
+class GSM8KConfig(PromptConfig):
+    instruction: str = "Put the final number inside <answer></answer> tags."  # appended to the question
+    answer_mode: str = "tags_or_last_number"  # tags | tags_or_last_number
+
+    def validate(self):
+        super().validate()
+        if self.answer_mode not in ("tags", "tags_or_last_number"):
+            raise ValueError("answer_mode must be 'tags' or 'tags_or_last_number'")
+
+
+def parse_number(text: str) -> Fraction | None:
+    """The last number in ``text`` as an exact rational, or None."""
+    text = text.replace("\u2212", "-").replace("\u2013", "-")
+    found = _NUM.findall(text)
+    if not found:
+        return None
+    s = found[-1].replace("$", "").replace(",", "").replace(" ", "")
+    try:
+        return Fraction(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def reference_number(answer: str) -> Fraction | None:
+    """The reference from the dataset's ``… #### 72`` form (or a bare number)."""
+    tail = answer.rsplit("####", 1)[-1]
+    return parse_number(tail)
+
+
+def final_answer(text: str, mode: str) -> str | None:
+    content, n = answer_block(text)
+    if n:
+        return content  # None when hedging with several blocks
+    if mode == "tags":
+        return None
+    parts = _FINAL.split(text)
+    return parts[-1] if len(parts) > 1 else text
+
+
+def is_correct(text: str, reference: Fraction | None, mode: str = "tags_or_last_number") -> bool:
+    ans = final_answer(text, mode)
+    if ans is None or reference is None:
+        return False
+    value = parse_number(ans)
+    return value is not None and value == reference
+
+
+class GSM8K(DatasetTask):
+    Config = GSM8KConfig
+    FILES = {"train": DATA / "gsm8k" / "train.jsonl", "test": DATA / "gsm8k" / "test.jsonl"}
+
+    def _records(self, split):
+        rows = load_split(self.config, split, self.FILES, ("question", "answer"))
+        return [(f"{split}/{i}", r["question"], r["answer"]) for i, r in enumerate(rows)]
+
+    def _prompt(self, rec) -> Prompt:
+        i, question, answer = rec
+        user = question + (f" {self.config.instruction}" if self.config.instruction else "")
+        text, prefilled = chat_prompt(self.tok, self.config, user)
+        return Prompt(id=f"gsm8k/{i}", text=text, answer=str(reference_number(answer)),
+                      meta={"question": question, "prefilled_think": prefilled})
+
+    def correct(self, prompts, texts):
+        mode = self.config.answer_mode
+        return [is_correct(t, Fraction(p.answer) if p.answer != "None" else None, mode) for p, t in zip(prompts, texts)]
+
+    @staticmethod
+    def reference(row: dict):
+        """The reference a scored JSONL line carries (``rlbench reward``): ``answer`` as a number or ``#### N``."""
+        return str(reference_number(str(row["answer"])))
