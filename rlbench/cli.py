@@ -1,4 +1,4 @@
-"""Command line: ``rlbench run | plugins | export``."""
+"""Command line: ``rlbench run | eval | reward | plugins | export``."""
 from __future__ import annotations
 
 import argparse
@@ -59,6 +59,74 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _eval_config(task: str, model: str, sets: list[str], engine: str | None = None):
+    """A validated task (and engine) config through the same strict config code as runs."""
+    from rlbench import config as cfgmod
+
+    raw = {"model": {"name": model}, "task": {"name": task}}
+    if engine:
+        raw["engine"] = {"name": engine}
+    return cfgmod.resolve(raw, [s if s.split(".", 1)[0] in cfgmod.CORE_SECTIONS or s.startswith(("task.", "engine."))
+                                else "task." + s for s in sets])
+
+
+def _cmd_eval(args) -> int:
+    import torch
+
+    from rlbench import manager, models
+    from rlbench.evaluation import evaluate
+
+    cfg = _eval_config(args.task, args.model, args.set or [], args.engine)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = models.resolve_dtype(cfg.model.dtype, device)
+    model, tok = models.load(cfg.model.name, dtype=dtype, seed=cfg.run.seed)
+    model.to(device).eval()
+    task = manager.get("task", cfg.names["task"])(cfg.task, tok)
+    engine = manager.get("engine", cfg.names["engine"])(cfg.engine, model, tok, device, seed=cfg.run.seed)
+    try:
+        rec, _ = evaluate(engine, task, split=args.split, limit=args.limit, samples=args.samples,
+                          max_tokens=args.max_tokens, temperature=args.temperature)
+    finally:
+        close = getattr(engine, "close", None)
+        if close:
+            close()
+    info = getattr(task, "manifest_info", None)
+    out = {"model": cfg.model.name, "task": cfg.names["task"], "engine": cfg.names["engine"], "max_tokens": args.max_tokens,
+           "temperature": None if args.samples == 1 else args.temperature, "task_config": cfg.to_dict()["task"],
+           **({"task_info": info()} if info else {}), **rec}
+    path = Path(args.output or f"eval-{cfg.names['task']}-{args.split}.json")
+    path.write_text(json.dumps(out, indent=2))
+    lo, hi = rec["ci95"]
+    ks = ", ".join(f"pass@{k} {v:.3f}" for k, v in rec["pass@k"].items() if k != "1")
+    print(f"{cfg.names['task']} {args.split} n={rec['n']} samples={rec['samples']}: accuracy {rec['accuracy']:.3f} "
+          f"(95% CI {lo:.3f}-{hi:.3f}){'; ' + ks if ks else ''}; format rate {rec['format_rate']:.3f}; "
+          f"{rec['time']:.0f} s; written to {path}")
+    return 0
+
+
+def _cmd_reward(args) -> int:
+    from rlbench import manager, models
+    from rlbench.evaluation import score_rows
+    from rlbench.tasks.common import read_jsonl
+
+    cfg = _eval_config(args.task, args.model, args.set or [])
+    task = manager.get("task", cfg.names["task"])(cfg.task, models.load_tokenizer(cfg.model.name))
+    if not Path(args.input).is_file():
+        raise FileNotFoundError(f"--input {args.input}: no such file")
+    rows = read_jsonl(args.input, ("completion",))
+    scored = score_rows(task, rows, where=args.input)
+    lines = "".join(json.dumps(r) + "\n" for r in scored)
+    if args.output:
+        Path(args.output).write_text(lines)
+    else:
+        sys.stdout.write(lines)
+    n = len(scored)
+    acc = sum(r["components"].get("accuracy", 0.0) for r in scored) / n
+    print(f"{n} completions: mean reward {sum(r['reward'] for r in scored) / n:.3f}, accuracy {acc:.3f}",
+          file=sys.stderr)
+    return 0
+
+
 def _cmd_export(args) -> int:
     from rlbench.export import export
 
@@ -77,6 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="runs", help="parent directory of the run directory (default: runs)")
     r.add_argument("--resume", metavar="RUN_DIR", help="resume a run from its newest complete checkpoint")
     r.set_defaults(func=_cmd_run)
+
+    ev = sub.add_parser("eval", help="accuracy / pass@k of a model on a task's held-out split")
+    ev.add_argument("--model", default="smollm2-135m-instruct", help="alias, local path or hub id")
+    ev.add_argument("--task", required=True)
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--limit", type=int, default=200, help="number of problems (default 200)")
+    ev.add_argument("--samples", type=int, default=1, help="samples per problem: 1 = greedy; k > 1 gives pass@k")
+    ev.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when --samples > 1")
+    ev.add_argument("--max-tokens", type=int, default=512)
+    ev.add_argument("--engine", default="auto", help="rollout engine (auto: vllm when installed, else hf)")
+    ev.add_argument("--set", action="append", metavar="[task.]KEY=VALUE", help="a task (or engine) option")
+    ev.add_argument("--output", help="JSON file (default eval-TASK-SPLIT.json)")
+    ev.set_defaults(func=_cmd_eval)
+
+    rw = sub.add_parser("reward", help="score completions from a JSONL file with a task's reward function")
+    rw.add_argument("task")
+    rw.add_argument("--input", required=True, help="JSONL: completion plus the reference (answer / task_id)")
+    rw.add_argument("--output", help="JSONL with reward and components added (default: stdout)")
+    rw.add_argument("--model", default="smollm2-135m-instruct", help="whose tokenizer builds prompts and counts tokens")
+    rw.add_argument("--set", action="append", metavar="[task.]KEY=VALUE", help="a task option")
+    rw.set_defaults(func=_cmd_reward)
 
     pl = sub.add_parser("plugins", help="list plugins by kind")
     pl.add_argument("--json", action="store_true", help="print a JSON list of {kind, name, module, …}")
@@ -97,11 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     from rlbench.manager import PluginError
     from rlbench.models import ModelError
     from rlbench.trainer import TrainingError
+    from rlbench.tasks.sandbox import SandboxError
     from rlbench.types import DataError
 
     try:
         return args.func(args)
-    except (ConfigError, PluginError, ModelError, TrainingError, DataError, FileNotFoundError) as e:
+    except (ConfigError, PluginError, ModelError, TrainingError, DataError, FileNotFoundError, SandboxError) as e:
         print(f"rlbench: error: {e}", file=sys.stderr)
         return 2
 

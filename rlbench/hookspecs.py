@@ -83,8 +83,13 @@ def rlbench_tasks() -> Mapping[str, Any]:
     Return ``{name: "module:Class"}``. The class has a ``Config`` dataclass and is
     constructed as ``Class(config, tokenizer)``; it implements
     ``prompts(split, n, seed) -> list[Prompt]`` and ``score(prompts, texts) ->
-    dict[str, list[float]]`` (named reward components; their sum is the reward).
-    See ``rlbench.types.Task``.
+    dict[str, list[float]]`` (named reward components; their sum is the reward;
+    ``accuracy`` 0/1 is required, held-out evaluation counts it). ``split`` is
+    ``train`` or ``test``; ``test`` must not depend on ``seed``. Optional:
+    ``manifest_info() -> dict`` (recorded in manifest.json, e.g. the code
+    sandbox's isolation level) and a static ``reference(row) -> answer`` that
+    turns a JSONL row of ``rlbench reward`` into ``Prompt.answer``. See
+    ``rlbench.types.Task`` and ``rlbench.tasks.common.DatasetTask``.
     """
 
 

@@ -442,20 +442,14 @@ class Trainer:
     # -- evaluation ------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, step: int) -> dict:
+        """Greedy pass@1 on ``eval.n`` held-out problems (``rlbench.evaluation``, the same verifier
+        and code path as ``rlbench eval``) plus the exact KL to the reference on those completions."""
+        from rlbench.evaluation import evaluate
+
         ev = self.cfg.eval
         t = time.perf_counter()
-        prompts = self.task.prompts("test", ev.n, seed=0)
-        rollouts = self.engine.generate(prompts, 1, Sampling(max_tokens=ev.max_tokens, greedy=True, logprobs=False))
-        scores = self.task.score(prompts, rollouts.texts)
-        correct = scores["accuracy"]
-        n = len(correct)
-        acc = sum(correct) / max(1, n)
-        rec = {"step": step, "accuracy": acc, "n": n, "stderr": math.sqrt(acc * (1 - acc) / max(1, n))}
-        for k, v in scores.items():
-            if k != "accuracy":
-                rec[f"reward/{k}"] = sum(v) / max(1, n)
-        rec["format_rate"] = sum(1 for v in scores.get("format", []) if v > 0) / max(1, n)
-        rec["completion_len"] = rollouts.lengths().mean().item()
+        rec, rollouts = evaluate(self.engine, self.task, split="test", limit=ev.n, samples=1, max_tokens=ev.max_tokens)
+        rec = {"step": step, **rec}
         if ev.kl:
             inputs = rollouts.model_inputs()
             self.model.eval()
@@ -463,13 +457,12 @@ class Trainer:
                                 inputs["attention_mask"].to(self.device), rollouts.completion_mask.to(self.device),
                                 self.cfg.train.micro_batch_size)
             rec["kl"] = (kl.sum() / rollouts.completion_mask.sum().clamp(min=1)).item()
-        rec["correct"] = [int(c) for c in correct]
-        rec["ids"] = [p.id for p in prompts]
         rec["time"] = time.perf_counter() - t
         self.times["eval"] = self.times.get("eval", 0.0) + rec["time"]
         rundir.append_jsonl(self.run_dir / "eval.jsonl", rec)
         for lg in getattr(self, "loggers", []):
-            lg.log(step, {f"eval/{k}": v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"})
+            lg.log(step, {f"eval/{k}": v for k, v in rec.items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"})
         return rec
 
     # -- checkpoints -------------------------------------------------------------
@@ -585,7 +578,11 @@ def start(cfg: cfgmod.Config, run_dir: Path, resume: bool = False) -> Trainer:
         import json
 
         data_hash = hashlib.sha256(json.dumps(cfg.to_dict()["task"], sort_keys=True).encode()).hexdigest()[:16]
-        rundir.write_json(run_dir / "manifest.json", rundir.manifest(
+        man = rundir.manifest(
             config=cfg.to_dict(), model_hash=trainer.model_hash, data_hash=data_hash, device=str(trainer.device),
-            engine=cfg.names["engine"], seed=cfg.run.seed, engine_requested=cfg.names.get("engine_requested")))
+            engine=cfg.names["engine"], seed=cfg.run.seed, engine_requested=cfg.names.get("engine_requested"))
+        info = getattr(trainer.task, "manifest_info", None)
+        if info:
+            man["task_info"] = info()  # e.g. the code sandbox's isolation level
+        rundir.write_json(run_dir / "manifest.json", man)
     return trainer

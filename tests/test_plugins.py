@@ -24,9 +24,11 @@ def test_plugins_json_lists_builtins_with_their_sources():
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     got = {(x["kind"], x["name"]) for x in rows}
-    for want in [("algorithm", "grpo"), ("engine", "hf"), ("task", "arithmetic"), ("logger", "tensorboard"),
-                 ("logger", "wandb")]:
-        assert want in got
+    algorithms = ["grpo", "ppo", "dpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"]
+    for want in [*(("algorithm", a) for a in algorithms), ("engine", "hf"), ("engine", "vllm"),
+                 ("task", "arithmetic"), ("task", "gsm8k"), ("task", "math"), ("task", "humaneval"),
+                 ("logger", "tensorboard"), ("logger", "wandb")]:
+        assert want in got, want
     grpo = next(x for x in rows if x["name"] == "grpo")
     assert grpo["module"] == "rlbench.plugins.algorithms.grpo" and grpo["source"] == "grpo"
     text = _cli("plugins").stdout

@@ -9,7 +9,9 @@ import pytest
 
 from rlbench.tasks import sandbox
 
-pytestmark = pytest.mark.skipif(sandbox.probe()["level"] != "bwrap", reason="bubblewrap isolation not available")
+# CI sets RLBENCH_REQUIRE_SANDBOX=1: there a missing bubblewrap fails these tests instead of skipping them
+pytestmark = pytest.mark.skipif(sandbox.probe()["level"] != "bwrap" and not os.environ.get("RLBENCH_REQUIRE_SANDBOX"),
+                                reason="bubblewrap isolation not available")
 
 PROMPT = 'def add(a: int, b: int) -> int:\n    """Return a + b."""\n'
 TESTS = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
@@ -107,3 +109,17 @@ def test_codec_round_trip_and_refusals():
         sandbox.encode(type("Sub", (int,), {})(3))  # a subclass could override __eq__
     with pytest.raises(sandbox.CodecError):
         sandbox.decode(["o", "os.system"])
+
+
+def test_weak_isolation_is_refused_unless_accepted(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no bwrap (nor prlimit) to be found
+    sandbox.probe.cache_clear()
+    try:
+        assert sandbox.probe()["level"] == "weak"
+        with pytest.raises(sandbox.SandboxError, match="refusing to run generated code"):
+            sandbox.require(allow_weak=False)
+        assert sandbox.require(allow_weak=True)["level"] == "weak"
+    finally:
+        monkeypatch.undo()
+        sandbox.probe.cache_clear()
+    assert sandbox.probe()["level"] == "bwrap"
