@@ -85,7 +85,7 @@ def _cmd_eval(args) -> int:
     engine = manager.get("engine", cfg.names["engine"])(cfg.engine, model, tok, device, seed=cfg.run.seed)
     try:
         rec, _ = evaluate(engine, task, split=args.split, limit=args.limit, samples=args.samples,
-                          max_tokens=args.max_tokens, temperature=args.temperature)
+                          max_tokens=args.max_tokens, temperature=args.temperature, keep_completions=True)
     finally:
         close = getattr(engine, "close", None)
         if close:

@@ -36,12 +36,13 @@ def interval(values: list[float]) -> tuple[float, float, float]:
 
 
 def evaluate(engine, task, *, split: str = "test", limit: int = 200, samples: int = 1, max_tokens: int = 512,
-             temperature: float = 0.8, top_p: float = 1.0):
+             temperature: float = 0.8, top_p: float = 1.0, keep_completions: bool = False):
     """Generate on ``limit`` held-out problems and score them with the task's verifier.
 
     Returns (record, rollouts): the record holds accuracy (pass@1), its standard
     error and 95% interval, pass@k for k = 1, 2, 4, … ≤ samples, the mean of every
-    reward component, the format rate and per-problem correct counts."""
+    reward component, the format rate and per-problem correct counts (and, with
+    ``keep_completions``, every completion with its reward components, for auditing the verifier)."""
     t = time.perf_counter()
     prompts = task.prompts(split, limit, seed=0)
     greedy = samples == 1
@@ -66,6 +67,9 @@ def evaluate(engine, task, *, split: str = "test", limit: int = 200, samples: in
     rec["truncated_frac"] = sum(f == "length" for f in rollouts.finish_reasons) / max(1, rollouts.n)
     rec["correct"] = counts
     rec["ids"] = [p.id for p in prompts]
+    if keep_completions:
+        rec["completions"] = [{"id": p.id, "text": text, **{k: v[i] for k, v in scores.items()}}
+                              for i, (p, text) in enumerate(zip(expanded, rollouts.texts))]
     rec["time"] = time.perf_counter() - t
     return rec, rollouts
 

@@ -287,7 +287,7 @@ class Trainer:
             informative = ((r.max(-1).values - r.min(-1).values) > 0).nonzero().view(-1).tolist()
             take = informative[:B - kept]
             if take:
-                kept_parts.append((ro.select_groups(take), rewards.view(-1, G)[take].reshape(-1)))
+                kept_parts.append((ro.select_groups(take), r[take].reshape(-1)))
                 kept += len(take)
             if kept >= B:
                 break

@@ -42,5 +42,6 @@ def test_eval_command_on_a_tiny_model(tmp_path):
     assert len(rec["correct"]) == 6 and all(0 <= c <= 3 for c in rec["correct"])
     assert rec["accuracy"] == pytest.approx(sum(rec["correct"]) / 18)
     assert rec["ci95"][0] <= rec["accuracy"] <= rec["ci95"][1]
+    assert len(rec["completions"]) == 18 and sum(c["accuracy"] for c in rec["completions"]) == sum(rec["correct"])
     assert cli.main(["eval", "--model", "tiny-random", "--task", "arithmetic", "--limit", "2", "--engine", "hf",
                      "--set", "digitz=2", "--output", str(out)]) == 2  # a wrong task option is a config error

@@ -135,3 +135,20 @@ def test_a_training_run_on_humaneval_records_the_isolation(tmp_path):
     assert m["reward/accuracy"] == 0.0 and "reward/format" in m  # a random model writes no working code
     ev = rundir.read_jsonl(tmp_path / "he" / "eval.jsonl")[-1]
     assert ev["n"] == 2 and all(i.startswith("HumanEval/") for i in ev["ids"])
+
+
+def test_misbehaving_completions_score_zero_in_a_batch_and_the_rest_are_scored(tokenizer):
+    import time
+
+    from test_sandbox import BAD, _stray
+
+    task = HumanEval(HumanEvalConfig(timeout_s=3, sandbox_workers=4), tokenizer)
+    p = {x.id: x for x in task.prompts("test", 164, 0)}["HumanEval/53"]
+    texts = [fence(ADD)] + [fence(code) for code in BAD.values()] + [ADD.split("\n", 1)[1]]
+    t = time.perf_counter()
+    s = task.score([p] * len(texts), texts)
+    wall = time.perf_counter() - t
+    assert s["accuracy"] == [1.0] + [0.0] * len(BAD) + [1.0]
+    assert wall < (len(texts) / 4 + 1) * (3 + 2)  # bounded by the time limit, 4 programs at a time
+    time.sleep(0.2)
+    assert _stray() == []

@@ -109,3 +109,21 @@ def test_math_task_data_and_scoring(tokenizer):
     # solutions end in an empty \boxed{} and are skipped (counted), not trained on with an empty reference
     assert task.size("train") == 12000 - 2 and task.skipped == {"train": 2}
     assert all(ans for _, _, ans in task.records("train"))
+
+
+def _in_a_worker(queue):
+    from rlbench.tasks.hendrycks_math import check_many
+
+    queue.put(check_many([SLOW, ("\\frac{1}{2}", "0.5")], timeout_s=2.0))
+
+
+def test_time_limit_holds_inside_a_worker_process():
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_in_a_worker, args=(q,))
+    p.start()
+    res = q.get(timeout=120)
+    p.join(30)
+    assert res == ([False, True], 1) and p.exitcode == 0
