@@ -1,4 +1,4 @@
-"""Command line: ``rlbench run | eval | reward | plugins | export``."""
+"""Command line: ``rlbench run | suite | report | eval | reward | plugins | export``."""
 from __future__ import annotations
 
 import argparse
@@ -127,6 +127,37 @@ def _cmd_reward(args) -> int:
     return 0
 
 
+def _cmd_suite(args) -> int:
+    from rlbench import suite
+
+    if args.action == "run":
+        summary = suite.run_suite(args.target, args.out, jobs=args.jobs,
+                                  echo=lambda m: print(m, file=sys.stderr, flush=True))
+        return 0 if summary["failed"] == 0 else 1
+    rows = suite.status_table(args.target)
+    if not rows:
+        print(f"no suite status under {args.target}")
+        return 1
+    counts = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+        print(f"{r['run']:<40} {r['status']:<9} steps {r['steps_logged']:<5} attempts {r['attempts']} "
+              f"{' '.join(r['error'])[:80]}")
+    print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from rlbench.report import build
+
+    command = "rlbench report " + " ".join(args.dirs) + f" --out {args.out}" + (
+        f" --baseline {args.baseline}" if args.baseline else "")
+    res = build(args.dirs, args.out, baseline=args.baseline, title=args.title, command=command)
+    print(f"{len(res['summary'])} runs; report in {args.out}/report.md, report.html, summary.csv, aggregate.csv"
+          + (f"; {len(res['flags'])} infrastructure differences flagged" if res["flags"] else ""))
+    return 0
+
+
 def _cmd_export(args) -> int:
     from rlbench.export import export
 
@@ -145,6 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="runs", help="parent directory of the run directory (default: runs)")
     r.add_argument("--resume", metavar="RUN_DIR", help="resume a run from its newest complete checkpoint")
     r.set_defaults(func=_cmd_run)
+
+    su = sub.add_parser("suite", help="run a benchmark suite (algorithms x tasks x seeds) or show its status")
+    su.add_argument("action", choices=["run", "status"])
+    su.add_argument("target", help="run: the suite YAML; status: the suite's output directory")
+    su.add_argument("--out", default="runs/suites", help="parent of the suite directory (default runs/suites)")
+    su.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
+    su.set_defaults(func=_cmd_suite)
+
+    rp = sub.add_parser("report", help="compare runs: summary.csv, aggregate.csv, report.md, report.html, plots")
+    rp.add_argument("dirs", nargs="+", help="run directories and/or suite directories")
+    rp.add_argument("--out", required=True, help="report directory, e.g. reports/NAME")
+    rp.add_argument("--baseline", help="algorithm the others are tested against (default grpo)")
+    rp.add_argument("--title")
+    rp.set_defaults(func=_cmd_report)
 
     ev = sub.add_parser("eval", help="accuracy / pass@k of a model on a task's held-out split")
     ev.add_argument("--model", default="smollm2-135m-instruct", help="alias, local path or hub id")

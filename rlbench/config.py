@@ -60,7 +60,10 @@ class RolloutConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 20  # optimizer steps (x epochs when the algorithm asks for μ > 1)
+    steps: int = 20  # rollout batches (each is epochs x mini_batches optimizer steps when the algorithm asks)
+    # > 0: also stop once this many completion tokens were generated (all sampling rounds counted),
+    # so runs of different algorithms get the same generation budget
+    max_generated_tokens: int = 0
     lr: float = 5e-6
     weight_decay: float = 0.0  # RL fine-tuning from a good init: no decay (TRL/verl default)
     adam_beta1: float = 0.9
@@ -92,6 +95,12 @@ class LoggingConfig:
     wandb_project: str = "rlbench"
     wandb_mode: str = "offline"  # offline | online | disabled
     progress: bool = True  # a progress bar with the live reward
+    # aha-moment detector (plugins/hooks/aha.py): share of completions with a self-verification
+    # phrase, logged as aha/rate, examples in aha.jsonl; matched case-insensitively on word boundaries
+    aha_phrases: list = field(default_factory=lambda: [
+        "wait", "let me check", "let me verify", "let me re-check", "let me recheck", "let me reconsider",
+        "i made an error", "i made a mistake", "that's not right", "that is not right", "on second thought"])
+    aha_examples: int = 2  # example snippets saved per step
 
 
 CORE_SECTIONS = {

@@ -110,13 +110,17 @@ def rlbench_loggers() -> Mapping[str, Any]:
 
 
 @hookspec
-def rlbench_on_rollouts(step: int, rollouts: Any, rewards: Mapping[str, Any]) -> Mapping[str, float] | None:
+def rlbench_on_rollouts(step: int, rollouts: Any, rewards: Mapping[str, Any], run_dir: str,
+                        config: Any) -> Mapping[str, float] | None:
     """Called after rollouts of ``step`` are generated and scored, before training.
 
     ``rollouts`` is an ``rlbench.types.Rollouts``; ``rewards`` maps component
-    names (``accuracy``, ``format``, …) to float tensors ``[N]``. A plugin may
-    return a dict of extra metrics (for example an aha-moment rate); they are
-    merged into the step's metrics. Must not modify its arguments.
+    names (``accuracy``, ``format``, …) to float tensors ``[N]``; ``run_dir`` is
+    the run directory (a plugin may write its own files there) and ``config``
+    the run's ``rlbench.config.Config``. A plugin may return a dict of extra
+    metrics (for example the aha-moment rate); they are merged into the step's
+    metrics. Must not modify its arguments. An implementation may take any
+    subset of the arguments (pluggy passes only what it names).
     """
 
 

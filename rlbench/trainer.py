@@ -215,7 +215,7 @@ class Trainer:
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.train.steps, initial=self.step_done, desc=cfg.run.name, unit="step")
         try:
-            while self.step_done < cfg.train.steps:
+            while self.step_done < cfg.train.steps and not self.budget_spent():
                 step = self.step_done + 1
                 metrics = self.step(step)
                 self.step_done = step
@@ -225,16 +225,17 @@ class Trainer:
                                     acc=f"{metrics.get('reward/accuracy', float('nan')):.3f}",
                                     kl=f"{metrics.get('kl', 0.0):.4f}")
                     bar.update(1)
-                if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+                last = step == cfg.train.steps or self.budget_spent()
+                if cfg.eval.every and step % cfg.eval.every == 0 and not last:
                     self.evaluate(step)
-                if step == cfg.train.steps or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+                if last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
                     self.save_checkpoint(step)
         finally:
             if bar is not None:
                 bar.close()
         final = rundir.read_jsonl(self.run_dir / "eval.jsonl")
-        if cfg.eval.after and not any(e["step"] == cfg.train.steps for e in final):
-            self.evaluate(cfg.train.steps)
+        if cfg.eval.after and not any(e["step"] == self.step_done for e in final):
+            self.evaluate(self.step_done)
         summary = self.write_cost()
         summary["eval"] = rundir.read_jsonl(self.run_dir / "eval.jsonl")
         manager.hook().rlbench_on_run_end(run_dir=str(self.run_dir), summary=summary)
@@ -314,7 +315,8 @@ class Trainer:
         else:
             rollouts, rewards, sampled, components, sample_metrics = self._sample(step)
         extra = {}
-        for res in manager.hook().rlbench_on_rollouts(step=step, rollouts=sampled, rewards=components):
+        for res in manager.hook().rlbench_on_rollouts(step=step, rollouts=sampled, rewards=components,
+                                                      run_dir=str(self.run_dir), config=cfg):
             extra.update(res or {})
 
         # Reference / old-policy logprobs come first, so prepare() may use them (KL-in-reward algorithms).
@@ -439,6 +441,12 @@ class Trainer:
             lg.log(step, metrics)
         manager.hook().rlbench_on_step_end(step=step, metrics=metrics)
 
+    def budget_spent(self) -> bool:
+        """``train.max_generated_tokens`` reached: every generated token counts, dynamic-sampling
+        rounds included, so an algorithm cannot buy accuracy with unreported generation."""
+        budget = self.cfg.train.max_generated_tokens
+        return budget > 0 and self.counters["tokens/generated"] >= budget
+
     # -- evaluation ------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, step: int) -> dict:
@@ -559,6 +567,8 @@ class Trainer:
             "price_usd": price,
             "peak_host_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "peak_device_memory_gb": peak_dev,
+            "steps_done": self.step_done,
+            "stopped_by": "token_budget" if self.budget_spent() else "steps",
         }
         rundir.write_json(self.run_dir / "cost.json", cost)
         return cost

@@ -1,0 +1,218 @@
+"""Benchmark suites: algorithms × tasks × seeds (× models) over one base config and one budget.
+
+A suite file (``configs/suites/*.yaml``)::
+
+    name: smoke
+    base: ../smoke.yaml            # the shared config, relative to this file
+    budget: {steps: 4, max_generated_tokens: 0}   # the same for every run
+    matrix:
+      algorithm: [grpo, ppo, {name: dpo, beta: 0.2}]   # a name or a full algorithm section
+      task: [arithmetic]                               # a name or a full task section
+      seed: [0, 1]
+      model: [tiny-random]                             # optional
+    set: ["rollout.max_tokens=8"]  # overrides applied to every run
+    baseline: grpo                 # the report's reference algorithm
+
+``rlbench suite run SUITE --out DIR`` writes ``DIR/NAME/``: ``suite.yaml`` (a
+copy), ``configs/RUN.yaml`` (each run's resolved config), ``runs/RUN/`` (run
+directories) and ``status.json``. Runs go one after another (``--jobs N``:
+N at a time), each in its own process, so a crash or an out-of-memory kill
+takes only that run down: it is recorded as failed with the end of its error
+output and the suite goes on. Starting the suite again skips complete runs,
+resumes interrupted ones from their newest checkpoint and retries failed ones.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+from rlbench import config as cfgmod
+
+SUITE_KEYS = {"name", "base", "budget", "matrix", "set", "baseline", "description"}
+MATRIX_KEYS = {"algorithm", "task", "seed", "model"}
+BUDGET_KEYS = {"steps", "max_generated_tokens"}
+
+
+def _label(entry) -> str:
+    if isinstance(entry, str):
+        return entry
+    extra = "-".join(f"{k}{v}" for k, v in sorted(entry.items()) if k not in ("name", "label"))
+    return entry.get("label") or (entry["name"] + (f"-{extra}" if extra else ""))
+
+
+def load(path: str | Path) -> dict:
+    """Read and check a suite file; every problem is a ConfigError naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise cfgmod.ConfigError(f"suite file not found: {path}")
+    spec = yaml.safe_load(path.read_text()) or {}
+    unknown = set(spec) - SUITE_KEYS
+    if unknown:
+        raise cfgmod.ConfigError(f"suite {path}: unknown key(s) {sorted(unknown)}; valid: {sorted(SUITE_KEYS)}")
+    for key in ("name", "base", "matrix"):
+        if key not in spec:
+            raise cfgmod.ConfigError(f"suite {path}: missing {key!r}")
+    matrix = spec["matrix"]
+    if not isinstance(matrix, dict) or set(matrix) - MATRIX_KEYS or "algorithm" not in matrix:
+        raise cfgmod.ConfigError(f"suite {path}: matrix needs 'algorithm' and may have {sorted(MATRIX_KEYS)}")
+    budget = spec.get("budget") or {}
+    if set(budget) - BUDGET_KEYS:
+        raise cfgmod.ConfigError(f"suite {path}: budget may set {sorted(BUDGET_KEYS)}, not {sorted(set(budget) - BUDGET_KEYS)}")
+    spec["base"] = str((path.parent / spec["base"]).resolve())
+    spec["path"] = str(path.resolve())
+    return spec
+
+
+def expand(spec: dict) -> list[tuple[str, cfgmod.Config]]:
+    """Every run of the suite as (run name, resolved config), in a fixed order."""
+    base = cfgmod.load_raw(spec["base"])
+    m = spec["matrix"]
+    # seed outermost: a suite stopped early still holds every algorithm for the seeds it finished
+    axes = [m.get("seed") or [base.get("run", {}).get("seed", 0)], m.get("model") or [None], m.get("task") or [None],
+            m["algorithm"]]
+    runs, names = [], set()
+    for seed, model, task, algo in itertools.product(*axes):
+        raw = json.loads(json.dumps(base))  # deep copy
+        parts = [_label(algo)]
+        raw["algorithm"] = {"name": algo} if isinstance(algo, str) else {k: v for k, v in algo.items() if k != "label"}
+        if task is not None:
+            raw["task"] = {"name": task} if isinstance(task, str) else {k: v for k, v in task.items() if k != "label"}
+            parts.append(_label(task))
+        else:
+            parts.append(raw.get("task", {}).get("name", "arithmetic"))
+        if model is not None:
+            raw.setdefault("model", {})["name"] = model
+            parts.append(Path(str(model)).name)
+        parts.append(f"s{seed}")
+        name = "-".join(parts)
+        if name in names:
+            raise cfgmod.ConfigError(f"suite {spec['name']}: two runs would be named {name!r}; give entries a label")
+        names.add(name)
+        raw.setdefault("run", {}).update({"name": name, "seed": seed})
+        raw.setdefault("logging", {})["progress"] = False
+        train = raw.setdefault("train", {})
+        for k, v in (spec.get("budget") or {}).items():
+            train[k] = v
+        runs.append((name, cfgmod.resolve(raw, list(spec.get("set") or []))))
+    return runs
+
+
+# -- status ---------------------------------------------------------------------------------
+
+class Status:
+    """``status.json``: one entry per run, written atomically after every change."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lock = threading.Lock()
+        self.data = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+
+    def set(self, run: str, **fields) -> None:
+        with self.lock:
+            self.data["runs"].setdefault(run, {}).update(fields)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data, indent=2))
+            os.replace(tmp, self.path)
+
+    def get(self, run: str) -> dict:
+        return self.data["runs"].get(run, {})
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def is_complete(run_dir: Path) -> bool:
+    """A run is complete when it wrote cost.json (its last act) at its final step."""
+    return (run_dir / "cost.json").is_file() and (run_dir / "metrics.jsonl").is_file()
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    return any((p / "state.json").exists() for p in (run_dir / "checkpoints").glob("step_*"))
+
+
+def run_one(name: str, cfg: cfgmod.Config, root: Path, status: Status, env: dict | None = None) -> str:
+    run_dir = root / "runs" / name
+    config_path = root / "configs" / f"{name}.yaml"
+    if is_complete(run_dir):
+        status.set(name, status="complete")
+        return "complete"
+    cmd = [sys.executable, "-m", "rlbench.cli", "run"]
+    if run_dir.exists() and _has_checkpoint(run_dir):
+        cmd += ["--resume", str(run_dir)]
+        how = "resumed"
+    else:
+        if run_dir.exists():  # died before its first checkpoint: keep what it wrote, start afresh
+            shutil.move(str(run_dir), str(run_dir.with_name(f".{name}.partial-{_now().replace(':', '')}")))
+        cmd += [str(config_path), "--out", str(root / "runs")]
+        how = "started"
+    attempts = status.get(name).get("attempts", 0) + 1
+    status.set(name, status="running", started=_now(), how=how, attempts=attempts, error=None)
+    log = root / "logs" / f"{name}.log"
+    log.parent.mkdir(exist_ok=True)
+    with open(log, "a") as f:
+        f.write(f"\n=== {_now()} {how}: {' '.join(cmd)}\n")
+        f.flush()
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}).returncode
+    if rc == 0 and is_complete(run_dir):
+        status.set(name, status="complete", finished=_now())
+        return "complete"
+    tail = log.read_text(errors="replace").splitlines()[-15:]
+    status.set(name, status="failed", finished=_now(), returncode=rc, error="\n".join(tail))
+    return "failed"
+
+
+def run_suite(path: str | Path, out: str | Path = "runs/suites", jobs: int = 1, echo=print) -> dict:
+    spec = load(path)
+    runs = expand(spec)
+    root = Path(out) / spec["name"]
+    (root / "configs").mkdir(parents=True, exist_ok=True)
+    shutil.copy(spec["path"], root / "suite.yaml")
+    (root / "suite.json").write_text(json.dumps({k: v for k, v in spec.items()}, indent=2, default=str))
+    status = Status(root / "status.json")
+    for name, cfg in runs:
+        cfgmod.dump(cfg, root / "configs" / f"{name}.yaml")
+        if not status.get(name):
+            status.set(name, status="pending")
+    echo(f"suite {spec['name']}: {len(runs)} runs in {root}")
+
+    def go(item):
+        name, cfg = item
+        before = status.get(name).get("status")
+        result = run_one(name, cfg, root, status)
+        echo(f"  {name}: {result}" + (" (already complete)" if before == "complete" and result == "complete" else ""))
+        return result
+
+    if jobs > 1:
+        with ThreadPoolExecutor(jobs) as ex:
+            results = list(ex.map(go, runs))
+    else:
+        results = [go(r) for r in runs]
+    summary = {"suite": spec["name"], "dir": str(root), "runs": len(runs),
+               "complete": results.count("complete"), "failed": results.count("failed")}
+    echo(f"suite {spec['name']}: {summary['complete']} complete, {summary['failed']} failed")
+    return summary
+
+
+def status_table(root: str | Path) -> list[dict]:
+    root = Path(root)
+    st = Status(root / "status.json")
+    rows = []
+    for name, info in sorted(st.data["runs"].items()):
+        run_dir = root / "runs" / name
+        steps = 0
+        if (run_dir / "metrics.jsonl").exists():
+            steps = sum(1 for _ in open(run_dir / "metrics.jsonl"))
+        rows.append({"run": name, "status": info.get("status"), "steps_logged": steps,
+                     "attempts": info.get("attempts", 0), "error": (info.get("error") or "").splitlines()[-1:] or ""})
+    return rows

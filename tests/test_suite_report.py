@@ -1,0 +1,198 @@
+"""Suites and reports: the smoke suite end to end, the report's tables and HTML in a real browser,
+a suite killed mid-run and restarted, statistics by hand, the aha-moment detector."""
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlbench import report, rundir, suite
+from rlbench.report import bootstrap_ci, iqm, mcnemar, prob_improvement
+
+ROOT = Path(__file__).resolve().parent.parent
+COLUMNS = ["suite", "algorithm", "task", "model", "seed", "steps", "accuracy_before", "accuracy_after",
+           "accuracy_delta", "kl_final", "reward_final", "tokens_generated", "wall_seconds", "device_hours", "cost_usd",
+           "peak_memory_gb"]
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "rlbench.cli", *args], cwd=ROOT, capture_output=True, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("suites")
+    r = _cli("suite", "run", "configs/suites/smoke.yaml", "--out", str(out), timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out / "smoke"
+
+
+def test_smoke_suite_and_report(smoke, tmp_path):
+    runs = suite.expand(suite.load(ROOT / "configs/suites/smoke.yaml"))
+    assert len(runs) == 16 and {json.loads(json.dumps(c.to_dict()))["algorithm"]["name"] for _, c in runs} == {
+        "grpo", "ppo", "dpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"}
+    status = json.loads((smoke / "status.json").read_text())["runs"]
+    assert len(status) == 16 and all(v["status"] == "complete" for v in status.values())
+
+    out = tmp_path / "report"
+    r = _cli("report", str(smoke), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert set(COLUMNS) <= set(rows[0]) and len(rows) == 16
+    assert {r["run"] for r in rows} == set(status) and all(r["suite"] == "smoke" for r in rows)
+    assert all(int(r["steps"]) == 3 and float(r["tokens_generated"]) > 0 for r in rows)
+    agg = list(csv.DictReader(open(out / "aggregate.csv")))
+    assert len(agg) == 8
+    for a in agg:  # a mean and a 95% interval around it, over the 2 seeds
+        assert float(a["accuracy_after_ci_low"]) <= float(a["accuracy_after_mean"]) <= float(a["accuracy_after_ci_high"])
+    md = (out / "report.md").read_text()
+    assert "## Paired tests against `grpo`" in md and "differs only in the algorithm section" in md
+    assert "rlbench report" in md.split("```bash")[1]  # the command that regenerates it
+    for plot in ("reward_mean_vs_step.png", "kl_vs_step.png", "completion_len_mean_vs_step.png", "accuracy_vs_cost.png"):
+        assert (out / "plots" / plot).stat().st_size > 5000
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None and not os.environ.get("RLBENCH_REQUIRE_BROWSER"):
+        pytest.skip("no headless Chromium (apt-get install chromium)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'chrome'}"]
+    url = (out / "report.html").resolve().as_uri()
+    dom = subprocess.run([browser, *flags, "--virtual-time-budget=5000", "--dump-dom", url], capture_output=True,
+                         text=True, timeout=120).stdout
+    n_images = len(list((out / "plots").glob("*.png")))
+    assert f'data-images-loaded="{n_images}:true"' in dom  # every plot decoded in the browser
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, *flags, "--window-size=1400,2400", f"--screenshot={shot}", url], capture_output=True,
+                   timeout=120)
+    assert shot.stat().st_size > 20_000
+    print(f"screenshot: {shot}")
+
+
+def test_identical_infrastructure_flags_other_differences(smoke, tmp_path):
+    a = report.load_run(smoke / "runs" / "grpo-arithmetic-s0")
+    b = report.load_run(smoke / "runs" / "ppo-arithmetic-s0")
+    assert report.infra_differences(a, b) == []
+    b["config"]["rollout"]["temperature"] = 0.5
+    b["manifest"]["versions"]["torch"] = "0.0"
+    diffs = report.infra_differences(a, b)
+    assert any(d.startswith("config.rollout.temperature") for d in diffs)
+    assert any(d.startswith("manifest.versions.torch") for d in diffs)
+
+
+def test_killed_suite_resumes_without_redoing_finished_runs(tmp_path):
+    spec = tmp_path / "kill.yaml"
+    spec.write_text(f"""name: kill
+base: {ROOT / 'configs/smoke.yaml'}
+budget: {{steps: 6}}
+matrix: {{algorithm: [grpo, rloo], seed: [0]}}
+set: ["rollout.max_tokens=8", "eval.n=8", "eval.max_tokens=8", "train.checkpoint_every=1", "logging.loggers=[]"]
+""")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "rlbench.cli", "suite", "run", str(spec), "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    root = out / "kill"
+    deadline = time.time() + 600
+    # wait until the first run is complete and the second has written a checkpoint, then kill everything
+    while time.time() < deadline:
+        st = json.loads((root / "status.json").read_text())["runs"] if (root / "status.json").exists() else {}
+        second = root / "runs" / "rloo-arithmetic-s0" / "checkpoints"
+        if st.get("grpo-arithmetic-s0", {}).get("status") == "complete" and any(second.glob("step_*/state.json")):
+            break
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = root / "runs" / "grpo-arithmetic-s0" / "metrics.jsonl"
+    mtime, lines = first.stat().st_mtime_ns, first.read_text()
+    assert not suite.is_complete(root / "runs" / "rloo-arithmetic-s0")
+
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert first.stat().st_mtime_ns == mtime and first.read_text() == lines  # not redone
+    st = json.loads((root / "status.json").read_text())["runs"]
+    assert st["grpo-arithmetic-s0"]["attempts"] == 1
+    assert st["rloo-arithmetic-s0"]["status"] == "complete" and st["rloo-arithmetic-s0"]["how"] == "resumed"
+    steps = [m["step"] for m in rundir.read_jsonl(root / "runs" / "rloo-arithmetic-s0" / "metrics.jsonl")]
+    assert steps == list(range(1, 7))  # resumed from its checkpoint: every step once
+
+
+def test_a_failing_run_is_recorded_and_the_suite_goes_on(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(f"""name: bad
+base: {ROOT / 'configs/smoke.yaml'}
+budget: {{steps: 1}}
+matrix: {{algorithm: [grpo], task: [arithmetic, {{name: gsm8k, test_file: {tmp_path / 'broken.jsonl'}}}]}}
+set: ["rollout.max_tokens=4", "eval.n=4", "eval.max_tokens=4", "logging.loggers=[]"]
+""")
+    (tmp_path / "broken.jsonl").write_text('{"question": "1+1?"}\n')  # no answer: the gsm8k run must fail
+    r = _cli("suite", "run", str(spec), "--out", str(tmp_path / "out"), timeout=600)
+    assert r.returncode == 1
+    st = json.loads((tmp_path / "out" / "bad" / "status.json").read_text())["runs"]
+    assert st["grpo-arithmetic-s0"]["status"] == "complete"
+    bad = next(v for k, v in st.items() if "gsm8k" in k)
+    assert bad["status"] == "failed" and "missing answer" in bad["error"]
+    s = _cli("suite", "status", str(tmp_path / "out" / "bad"))
+    assert "1 complete, 1 failed" in s.stdout
+
+
+def test_statistics_by_hand():
+    assert iqm([1, 2, 3, 4, 100, 5, 6, 7]) == pytest.approx((3 + 4 + 5 + 6) / 4)  # cut 2 from each end
+    assert prob_improvement([0.5, 0.7], [0.6]) == 0.5 and prob_improvement([0.6], [0.6]) == 0.5
+    lo, hi = bootstrap_ci([0.2, 0.4, 0.6])
+    assert 0.2 <= lo < 0.4 < hi <= 0.6
+    # McNemar exact: b = 8, c = 2 → 2 · P(Bin(10, ½) ≤ 2) = 2 · 56 / 1024
+    assert mcnemar(8, 2) == pytest.approx(2 * 56 / 1024) and mcnemar(0, 0) == 1.0
+
+
+def test_token_budget_stops_a_run(tmp_path):
+    from conftest import tiny_config
+    from rlbench.trainer import start
+
+    cfg = tiny_config("train.steps=50", "train.max_generated_tokens=100", "rollout.max_tokens=8", "eval.kl=false",
+                      algorithm={"name": "dapo", "dynamic_sampling": 2})
+    start(cfg, tmp_path / "b").run()
+    cost = json.loads((tmp_path / "b" / "cost.json").read_text())
+    assert cost["stopped_by"] == "token_budget" and 100 <= cost["tokens_generated"] < 100 + 3 * 16 * 8
+    steps = rundir.read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    assert steps[-1]["tokens/generated_total"] == cost["tokens_generated"] and len(steps) < 50
+
+
+def test_aha_detector(tmp_path, first_char_task):
+    from conftest import tiny_config
+    from rlbench.plugins.hooks import aha
+    from rlbench.trainer import start
+
+    assert aha.find("Hmm, wait. Let me check that again.", ("wait",)).group(0) == "wait"
+    assert aha.find("the waiter came", ("wait",)) is None  # whole words only
+    cfg = tiny_config("train.steps=2", "eval.kl=false", "rollout.max_tokens=4",
+                      logging={"loggers": [], "progress": False, "aha_phrases": ["a", "the", "i", "to", "of"]})
+    start(cfg, tmp_path / "aha").run()
+    rates = [m["aha/rate"] for m in rundir.read_jsonl(tmp_path / "aha" / "metrics.jsonl")]
+    assert len(rates) == 2 and all(0 <= r <= 1 for r in rates)
+    cfg = tiny_config("train.steps=1", "eval.kl=false",
+                      logging={"loggers": [], "progress": False, "aha_phrases": []})
+    start(cfg, tmp_path / "off").run()
+    assert "aha/rate" not in rundir.read_jsonl(tmp_path / "off" / "metrics.jsonl")[0]
+
+
+def test_aha_rate_counts_phrases(tmp_path):
+    from rlbench import config
+    from rlbench.plugins.hooks import aha
+    from rlbench.types import Prompt, Rollouts
+
+    texts = ["2+2=5. Wait, let me check: 4.", "It is 4.", "I made an error; it is 4", "waiting room"]
+    ro = Rollouts(prompts=[Prompt("p", "", None)], prompt_ids=[[1]], group=torch.zeros(4, dtype=torch.long),
+                  completion_ids=torch.ones(4, 1, dtype=torch.long), completion_mask=torch.ones(4, 1),
+                  logprobs=torch.zeros(4, 1), texts=texts, finish_reasons=["stop"] * 4)
+    cfg = config.resolve({})
+    out = aha.rlbench_on_rollouts(step=3, rollouts=ro, rewards={"accuracy": torch.tensor([1.0, 1, 0, 0])},
+                                  run_dir=str(tmp_path), config=cfg)
+    assert out == {"aha/rate": 0.5, "aha/rate_correct": 0.5}
+    saved = rundir.read_jsonl(tmp_path / "aha.jsonl")
+    assert [s["phrase"] for s in saved] == ["Wait", "I made an error"] and saved[0]["step"] == 3
