@@ -27,6 +27,7 @@ import datetime as _dt
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,10 +45,14 @@ BUDGET_KEYS = {"steps", "max_generated_tokens"}
 
 
 def _label(entry) -> str:
+    """A file-name-safe label: the name, or ``label``, or the name plus its options (paths by file name)."""
     if isinstance(entry, str):
         return entry
-    extra = "-".join(f"{k}{v}" for k, v in sorted(entry.items()) if k not in ("name", "label"))
-    return entry.get("label") or (entry["name"] + (f"-{extra}" if extra else ""))
+    if "label" in entry:
+        return re.sub(r"[^A-Za-z0-9._=-]+", "_", str(entry["label"]))
+    extra = "-".join(f"{k}{Path(v).name if isinstance(v, str) and '/' in v else v}"
+                     for k, v in sorted(entry.items()) if k != "name")
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", entry["name"] + (f"-{extra}" if extra else ""))
 
 
 def load(path: str | Path) -> dict:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing
+import multiprocessing.util
 import threading
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -99,6 +100,9 @@ class _Pool:
                 cls.pool = pebble.ProcessPool(max_workers=workers, context=multiprocessing.get_context("spawn"))
                 cls.workers = workers
                 atexit.register(cls.close)
+                # a multiprocessing child skips atexit but runs these finalizers before joining its
+                # children: without it, a worker process that scored MATH answers would never exit
+                multiprocessing.util.Finalize(cls, cls.close, exitpriority=100)
             return cls.pool
 
     @classmethod
