@@ -328,9 +328,9 @@ def _html(md: str, out: Path) -> str:
         if not table:
             return
         rows = [[c.strip() for c in r.strip().strip("|").split("|")] for r in table if not set(r) <= set("|:- ")]
-        body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) + "</tr>" +
+        body.append("<div class='scroll'><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) + "</tr>" +
                     "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:]) +
-                    "</table>")
+                    "</table></div>")
         table.clear()
 
     for line in md.splitlines():
@@ -356,7 +356,7 @@ def _html(md: str, out: Path) -> str:
                 body.append(f"<p>{html.escape(line)}</p>")
     flush_table()
     style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:12px;"
-             "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:100%}")
+             "margin:1em 0}.scroll{overflow-x:auto}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:100%}")
     # marks the page once every plot has decoded (read by the headless-browser test)
     script = ("<script>window.addEventListener('load',function(){var i=[].slice.call(document.images);"
               "document.body.setAttribute('data-images-loaded',i.length+':'+i.every(function(x){"

@@ -150,6 +150,7 @@ class Trainer:
                                        tiny_layers=cfg.model.tiny_layers, tiny_hidden=cfg.model.tiny_hidden,
                              tiny_init_std=cfg.model.tiny_init_std)
         self.n_params = sum(p.numel() for p in policy.parameters())
+        self.n_critic = 0
         self.model_hash = rundir.tensor_hash(sorted(policy.state_dict().items())[:4])
         # The frozen reference: a separate copy, never handed to the optimizer.
         self.reference = copy.deepcopy(policy).eval().requires_grad_(False).to(self.device)
@@ -187,13 +188,14 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(policy, opt, sched)
         self.critic = self.accelerator.prepare(critic) if critic is not None else None
         if critic is not None:
-            self.n_params += sum(p.numel() for p in critic.parameters())
+            self.n_critic = sum(p.numel() for p in critic.parameters())
         self.engine = manager.get("engine", cfg.names["engine"])(cfg.engine, self.policy, self.tok, self.device,
                                                                  seed=cfg.run.seed)
         self.max_drift = cfg.rollout.max_logprob_drift or (2.0 if use_cuda else 1e-3)
 
         self.step_done = 0
-        self.counters = {"tokens/generated": 0.0, "tokens/trained": 0.0, "tokens/reference": 0.0}
+        self.counters = {"tokens/generated": 0.0, "tokens/trained": 0.0, "tokens/reference": 0.0,
+                         "tokens/old_logprobs": 0.0, "tokens/critic": 0.0}
         self.sampling = Sampling(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_tokens)
         if resume:
             self._load_latest()
@@ -329,11 +331,13 @@ class Trainer:
                     C, cfg.train.micro_batch_size).cpu()  # [N, C]
                 self.counters["tokens/reference"] += inputs["attention_mask"].sum().item()
             if self.needs.old_logprobs:
+                self.counters["tokens/old_logprobs"] += inputs["attention_mask"].sum().item()
                 self.model.eval()
                 ctx.old_logprobs = lpmod.batched_logprobs(
                     self.model, inputs["input_ids"].to(self.device), inputs["attention_mask"].to(self.device),
                     C, cfg.train.micro_batch_size).cpu()  # [N, C]
             if self.critic is not None:
+                self.counters["tokens/critic"] += inputs["attention_mask"].sum().item()
                 self.critic.eval()
                 with torch.no_grad():
                     ctx.values = torch.cat([
@@ -537,9 +541,12 @@ class Trainer:
         import yaml
 
         wall = sum(v for k, v in self.times.items())
-        N = self.n_params
-        flops = (2 * N * self.counters["tokens/generated"] + 6 * N * self.counters["tokens/trained"]
-                 + 2 * N * self.counters["tokens/reference"])
+        # 2N per token of a forward pass, 6N of forward + backward (Kaplan et al.); the critic's own
+        # parameters for its value pass and its training
+        N, Nc = self.n_params, self.n_critic
+        c = self.counters
+        flops = (2 * N * (c["tokens/generated"] + c["tokens/reference"] + c.get("tokens/old_logprobs", 0.0))
+                 + 6 * (N + Nc) * c["tokens/trained"] + 2 * Nc * c.get("tokens/critic", 0.0))
         on_gpu = self.device.type == "cuda"
         cores = torch.get_num_threads()
         hours = wall / 3600
@@ -559,8 +566,11 @@ class Trainer:
             "tokens_generated": self.counters["tokens/generated"],
             "tokens_trained": self.counters["tokens/trained"],
             "tokens_reference": self.counters["tokens/reference"],
+            "tokens_old_logprobs": self.counters.get("tokens/old_logprobs", 0.0),
+            "tokens_critic": self.counters.get("tokens/critic", 0.0),
             "flops_estimate": flops,
             "params": N,
+            "params_critic": Nc,
             "device": str(self.device),
             "device_hours": device_hours,
             "device_hours_unit": "gpu-hours" if on_gpu else "cpu-core-hours",

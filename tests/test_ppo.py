@@ -104,3 +104,17 @@ def test_critic_from_a_smaller_model(tmp_path, first_char_task):
     tr.run()
     assert not torch.equal(next(critic.backbone.parameters()), body0)  # trained
     assert rundir.read_jsonl(tmp_path / "small" / "metrics.jsonl")[-1]["ppo/value_loss"] >= 0
+
+
+def test_cost_counts_every_pass(tmp_path, first_char_task):
+    import json
+
+    cfg = tiny_config("train.steps=1", "eval.kl=false", "rollout.max_tokens=2", algorithm={"name": "ppo", "epochs": 2},
+                      task={"name": "first_char"})
+    tr = start(cfg, tmp_path / "cost")
+    tr.run()
+    c = json.loads((tmp_path / "cost" / "cost.json").read_text())
+    seq = c["tokens_reference"]  # prompt + completion tokens of the batch, one pass
+    assert seq > 0 and c["tokens_old_logprobs"] == seq and c["tokens_critic"] == seq and c["tokens_trained"] == 2 * seq
+    N, Nc = c["params"], c["params_critic"]
+    assert Nc > 0 and c["flops_estimate"] == 2 * N * (c["tokens_generated"] + 2 * seq) + 6 * (N + Nc) * 2 * seq + 2 * Nc * seq
