@@ -12,13 +12,16 @@ A suite file (``configs/suites/*.yaml``)::
       model: [tiny-random]                             # optional
     set: ["rollout.max_tokens=8"]  # overrides applied to every run
     baseline: grpo                 # the report's reference algorithm
+    keep_checkpoints: 1            # checkpoints a complete run keeps (newest first; 0 = none)
 
 ``rlbench suite run SUITE --out DIR`` writes ``DIR/NAME/``: ``suite.yaml`` (a
 copy), ``configs/RUN.yaml`` (each run's resolved config), ``runs/RUN/`` (run
 directories) and ``status.json``. Runs go one after another (``--jobs N``:
 N at a time), each in its own process, so a crash or an out-of-memory kill
 takes only that run down: it is recorded as failed with the end of its error
-output and the suite goes on. Starting the suite again skips complete runs,
+output and the suite goes on (seen here: a full disk failed one run's checkpoint
+write; the suite went on and the retry completed it). A complete run keeps only
+its newest ``keep_checkpoints`` checkpoints. Starting the suite again skips complete runs,
 resumes interrupted ones from their newest checkpoint and retries failed ones.
 """
 from __future__ import annotations
@@ -39,7 +42,7 @@ import yaml
 
 from rlbench import config as cfgmod
 
-SUITE_KEYS = {"name", "base", "budget", "matrix", "set", "baseline", "description"}
+SUITE_KEYS = {"name", "base", "budget", "matrix", "set", "baseline", "description", "keep_checkpoints"}
 MATRIX_KEYS = {"algorithm", "task", "seed", "model"}
 BUDGET_KEYS = {"steps", "max_generated_tokens"}
 
@@ -146,7 +149,17 @@ def _has_checkpoint(run_dir: Path) -> bool:
     return any((p / "state.json").exists() for p in (run_dir / "checkpoints").glob("step_*"))
 
 
-def run_one(name: str, cfg: cfgmod.Config, root: Path, status: Status, env: dict | None = None) -> str:
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """A complete run needs no resume points: keep the newest ``keep`` checkpoints (disk: a 135M
+    model's checkpoint with AdamW state is ~1.5 GB, twice that with PPO's critic)."""
+    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("*step_*") if p.is_dir())
+    complete = [p for p in ckpts if (p / "state.json").exists() and not p.name.startswith(".")]
+    for p in [p for p in ckpts if p not in complete] + complete[: max(0, len(complete) - keep)]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def run_one(name: str, cfg: cfgmod.Config, root: Path, status: Status, env: dict | None = None,
+            keep_checkpoints: int = 1) -> str:
     run_dir = root / "runs" / name
     config_path = root / "configs" / f"{name}.yaml"
     if is_complete(run_dir):
@@ -170,6 +183,7 @@ def run_one(name: str, cfg: cfgmod.Config, root: Path, status: Status, env: dict
         f.flush()
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}).returncode
     if rc == 0 and is_complete(run_dir):
+        prune_checkpoints(run_dir, keep_checkpoints)
         status.set(name, status="complete", finished=_now())
         return "complete"
     tail = log.read_text(errors="replace").splitlines()[-15:]
@@ -194,7 +208,7 @@ def run_suite(path: str | Path, out: str | Path = "runs/suites", jobs: int = 1, 
     def go(item):
         name, cfg = item
         before = status.get(name).get("status")
-        result = run_one(name, cfg, root, status)
+        result = run_one(name, cfg, root, status, keep_checkpoints=int(spec.get("keep_checkpoints", 1)))
         echo(f"  {name}: {result}" + (" (already complete)" if before == "complete" and result == "complete" else ""))
         return result
 

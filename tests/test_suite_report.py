@@ -117,6 +117,8 @@ set: ["rollout.max_tokens=8", "eval.n=8", "eval.max_tokens=8", "train.checkpoint
     assert first.stat().st_mtime_ns == mtime and first.read_text() == lines  # not redone
     st = json.loads((root / "status.json").read_text())["runs"]
     assert st["grpo-arithmetic-s0"]["attempts"] == 1
+    ckpts = sorted(p.name for p in (root / "runs" / "grpo-arithmetic-s0" / "checkpoints").iterdir())
+    assert ckpts == ["step_000006"]  # a complete run keeps its newest checkpoint only
     assert st["rloo-arithmetic-s0"]["status"] == "complete" and st["rloo-arithmetic-s0"]["how"] == "resumed"
     steps = [m["step"] for m in rundir.read_jsonl(root / "runs" / "rloo-arithmetic-s0" / "metrics.jsonl")]
     assert steps == list(range(1, 7))  # resumed from its checkpoint: every step once
