@@ -53,7 +53,7 @@ def find_runs(paths) -> list[tuple[str | None, Path]]:
         elif (p / "status.json").is_file():
             suite = json.loads((p / "suite.json").read_text())["name"] if (p / "suite.json").is_file() else p.name
             found += [(suite, d) for d in sorted((p / "runs").iterdir())
-                      if (d / "config.yaml").is_file() and not d.name.startswith(".")]  # .partial: set-aside attempts
+                      if (d / "manifest.json").is_file() and not d.name.startswith(".")]  # .partial: set aside
         elif p.is_dir():
             found += [(None, d.parent) for d in sorted(p.rglob("manifest.json"))]
         else:
