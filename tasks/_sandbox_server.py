@@ -2,7 +2,7 @@
 of its entry point with plain data. It holds no verdict: the tests run outside.
 
 argv: program path, entry point name, request fd, response fd. Messages are
-8-byte big-endian length + JSON, values in rlbench.tasks.sandbox's tagged form.
+8-byte big-endian length + JSON, values in the tagged form of _sandbox_codec.py.
 """
 import builtins
 import json
@@ -10,48 +10,8 @@ import os
 import struct
 import sys
 
-
-def encode(x, depth=0):
-    if depth > 100:
-        raise ValueError("nested too deeply")
-    t = type(x)
-    if x is None:
-        return ["n"]
-    if t is bool:
-        return ["b", x]
-    if t is int:
-        return ["i", str(x)]
-    if t is float:
-        return ["f", repr(x)]
-    if t is str:
-        return ["s", x]
-    if t is bytes:
-        return ["y", x.hex()]
-    if t in (list, tuple, set, frozenset):
-        return [{list: "l", tuple: "t", set: "S", frozenset: "F"}[t], [encode(v, depth + 1) for v in x]]
-    if t is dict:
-        return ["d", [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in x.items()]]
-    raise TypeError("the entry point returned a %s, not plain data" % t.__name__)
-
-
-def decode(x):
-    tag = x[0]
-    if tag == "n":
-        return None
-    v = x[1]
-    if tag in ("b", "s"):
-        return v
-    if tag == "i":
-        return int(v)
-    if tag == "f":
-        return float(v)
-    if tag == "y":
-        return bytes.fromhex(v)
-    if tag in ("l", "t", "S", "F"):
-        return {"l": list, "t": tuple, "S": set, "F": frozenset}[tag](decode(i) for i in v)
-    if tag == "d":
-        return {decode(k): decode(val) for k, val in v}
-    raise ValueError(tag)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _sandbox_codec import decode, encode  # noqa: E402 - the same codec as the trusted side
 
 
 def main():

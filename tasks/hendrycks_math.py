@@ -88,6 +88,7 @@ class _Pool:
     lock = threading.Lock()
     pool = None
     workers = 0
+    registered = False
 
     @classmethod
     def get(cls, workers: int):
@@ -99,10 +100,12 @@ class _Pool:
                     cls.pool.stop()
                 cls.pool = pebble.ProcessPool(max_workers=workers, context=multiprocessing.get_context("spawn"))
                 cls.workers = workers
-                atexit.register(cls.close)
-                # a multiprocessing child skips atexit but runs these finalizers before joining its
-                # children: without it, a worker process that scored MATH answers would never exit
-                multiprocessing.util.Finalize(cls, cls.close, exitpriority=100)
+                if not cls.registered:  # once per process, however often the pool is replaced
+                    cls.registered = True
+                    atexit.register(cls.close)
+                    # a multiprocessing child skips atexit but runs these finalizers before joining its
+                    # children: without it, a worker process that scored MATH answers would never exit
+                    multiprocessing.util.Finalize(cls, cls.close, exitpriority=100)
             return cls.pool
 
     @classmethod

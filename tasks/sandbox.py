@@ -48,7 +48,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from rlbench.tasks._sandbox_codec import CodecError, decode, encode  # noqa: F401 - re-exported
+
 SERVER = Path(__file__).with_name("_sandbox_server.py")
+CODEC = Path(__file__).with_name("_sandbox_codec.py")
 MAX_MESSAGE = 32 * 2**20  # bytes: a larger answer is a failure, not a memory problem for the trainer
 
 
@@ -246,61 +249,7 @@ def run_program(code: str, limits: Limits | None = None, stdin: str = "", level:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-# -- plain-data codec (the only thing that crosses from the sandbox) ------------------------------
-
-class CodecError(ValueError):
-    pass
-
-
-def encode(x, depth: int = 0):
-    """Plain data → JSON-able tagged form; exact builtin types only (no subclasses)."""
-    if depth > 100:
-        raise CodecError("nested too deeply")
-    t = type(x)
-    if x is None:
-        return ["n"]
-    if t is bool:
-        return ["b", x]
-    if t is int:
-        return ["i", str(x)]
-    if t is float:
-        return ["f", repr(x)]
-    if t is str:
-        return ["s", x]
-    if t is bytes:
-        return ["y", x.hex()]
-    if t in (list, tuple, set, frozenset):
-        return [{list: "l", tuple: "t", set: "S", frozenset: "F"}[t], [encode(v, depth + 1) for v in x]]
-    if t is dict:
-        return ["d", [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in x.items()]]
-    raise CodecError(f"not plain data: {t.__name__}")
-
-
-def decode(x):
-    """Tagged form → new builtin objects (never anything else)."""
-    if not isinstance(x, list) or not x or not isinstance(x[0], str):
-        raise CodecError("malformed value")
-    tag = x[0]
-    if tag == "n":
-        return None
-    v = x[1]
-    if tag == "b" and type(v) is bool:
-        return v
-    if tag == "i" and type(v) is str:
-        return int(v)
-    if tag == "f" and type(v) is str:
-        return float(v)
-    if tag == "s" and type(v) is str:
-        return v
-    if tag == "y" and type(v) is str:
-        return bytes.fromhex(v)
-    if tag in "ltSF" and type(v) is list:
-        items = [decode(i) for i in v]
-        return {"l": list, "t": tuple, "S": set, "F": frozenset}[tag](items)
-    if tag == "d" and type(v) is list:
-        return {decode(k): decode(val) for k, val in v}
-    raise CodecError(f"malformed value tagged {tag!r}")
-
+# -- plain data only crosses: see _sandbox_codec.py ------------------------------------------
 
 def _send(fd: int, obj, deadline: float) -> None:
     """Length-prefixed JSON; the fd is non-blocking, so a program that stops reading cannot stall us."""
@@ -386,7 +335,8 @@ def check_function(program: str, entry_point: str, tests: str, *, check_name: st
     level = level or probe()["level"]
     t0 = time.perf_counter()
     deadline = time.monotonic() + limits.timeout_s
-    scratch = _new_scratch({"program.py": program, "server.py": SERVER.read_text()})
+    scratch = _new_scratch({"program.py": program, "server.py": SERVER.read_text(),
+                            "_sandbox_codec.py": CODEC.read_text()})
     req_r, req_w = os.pipe()
     resp_r, resp_w = os.pipe()
     root = "/sandbox" if level == "bwrap" else str(scratch)
