@@ -50,6 +50,10 @@ def _cmd_run(args) -> int:
         summary = trainer.run()
     finally:
         trainer.close()
+    if summary.get("interrupted"):  # SIGINT / SIGTERM: checkpoint written, resumable
+        import signal
+
+        return 128 + int(getattr(signal, summary["interrupted"]))
     evals = summary.get("eval", [])
     if evals:
         first, last = evals[0], evals[-1]
@@ -239,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PluginError, ModelError, TrainingError, DataError, FileNotFoundError, SandboxError) as e:
         print(f"rlbench: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("rlbench: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

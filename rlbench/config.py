@@ -40,6 +40,15 @@ class ModelConfig:
     tiny_hidden: int = 64
     tiny_init_std: float = 0.02  # larger (e.g. 0.5) gives a peaked, lower-entropy random model
 
+    def validate(self):
+        from rlbench import models
+
+        _positive(self, "tiny_layers", "tiny_hidden", "tiny_init_std")
+        try:  # a local path that does not exist fails here, before anything is loaded
+            models.check_name(self.name)
+        except models.ModelError as e:
+            raise ValueError(f"name: {e}") from e
+
 
 @dataclass
 class RolloutConfig:
@@ -56,6 +65,25 @@ class RolloutConfig:
     # per-token weight min(π_θ/π_sampler, is_cap) on the policy-gradient term. Off by default.
     is_correction: bool = False
     is_cap: float = 2.0
+    # Prompts longer than max_prompt_tokens (0 = the model's context minus max_tokens, so a
+    # completion always fits) are skipped (default: truncating would cut the system prompt
+    # or the problem), or kept as their last max_prompt_tokens tokens with "truncate", or are
+    # an error with "error". Skipped / truncated prompts are counted (prompts/skipped, …).
+    max_prompt_tokens: int = 0
+    long_prompts: str = "skip"
+    # A failed generate call is retried on halves of the batch (out of memory) up to this many
+    # times; any other engine failure restarts the engine from the current policy once.
+    generate_retries: int = 2
+
+    def validate(self):
+        _positive(self, "prompts_per_step", "group_size", "max_tokens")
+        _at_least(self, 0.0, "temperature", "max_logprob_drift", "max_prompt_tokens", "generate_retries")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.is_cap < 1:
+            raise ValueError(f"is_cap must be >= 1, got {self.is_cap}")
+        if self.long_prompts not in ("skip", "truncate", "error"):
+            raise ValueError(f"long_prompts must be skip, truncate or error, got {self.long_prompts!r}")
 
 
 @dataclass
@@ -75,6 +103,18 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     checkpoint_every: int = 10  # steps between resumable checkpoints (0 = only at the end)
     keep_checkpoints: int = 2
+    # A step whose rewards, loss or gradients are NaN/inf applies no update (counted as
+    # nonfinite/skipped, the batch saved under faults/); this many in a row stop the run,
+    # the last checkpoint (written before the streak) intact.
+    max_nonfinite_steps: int = 3
+
+    def validate(self):
+        _positive(self, "lr", "micro_batch_size", "keep_checkpoints", "max_nonfinite_steps")
+        _at_least(self, 0.0, "steps", "max_generated_tokens", "weight_decay", "warmup_steps", "max_grad_norm",
+                  "checkpoint_every")
+        for k in ("adam_beta1", "adam_beta2", "min_lr_ratio"):
+            if not 0 <= getattr(self, k) <= 1:
+                raise ValueError(f"{k} must be in [0, 1], got {getattr(self, k)}")
 
 
 @dataclass
@@ -86,6 +126,10 @@ class EvalConfig:
     max_tokens: int = 64
     batch_size: int = 64
     kl: bool = True  # exact KL(policy || reference) over the vocabulary on greedy completions
+
+    def validate(self):
+        _positive(self, "n", "max_tokens", "batch_size")
+        _at_least(self, 0, "every")
 
 
 @dataclass
@@ -101,6 +145,18 @@ class LoggingConfig:
         "wait", "let me check", "let me verify", "let me re-check", "let me recheck", "let me reconsider",
         "i made an error", "i made a mistake", "that's not right", "that is not right", "on second thought"])
     aha_examples: int = 2  # example snippets saved per step
+
+
+def _positive(obj, *keys: str) -> None:
+    for k in keys:
+        if not getattr(obj, k) > 0:
+            raise ValueError(f"{k} must be > 0, got {getattr(obj, k)}")
+
+
+def _at_least(obj, low, *keys: str) -> None:
+    for k in keys:
+        if not getattr(obj, k) >= low:
+            raise ValueError(f"{k} must be >= {low:g}, got {getattr(obj, k)}")
 
 
 CORE_SECTIONS = {
@@ -201,7 +257,9 @@ def build_section(section: str, cls: type, values: dict | None, *, ignore: tuple
         try:
             validate()
         except ValueError as e:
-            raise ConfigError(f"config: section {section!r}: {e}") from e
+            first = str(e).split(" ", 1)[0].rstrip(":")
+            where = f"{section}." if first in fields else f"section {section!r}: "
+            raise ConfigError(f"config: {where}{e}") from e
     return obj
 
 

@@ -36,18 +36,24 @@ def interval(values: list[float]) -> tuple[float, float, float]:
 
 
 def evaluate(engine, task, *, split: str = "test", limit: int = 200, samples: int = 1, max_tokens: int = 512,
-             temperature: float = 0.8, top_p: float = 1.0, keep_completions: bool = False):
+             temperature: float = 0.8, top_p: float = 1.0, keep_completions: bool = False, fit_prompts=None,
+             generate=None):
     """Generate on ``limit`` held-out problems and score them with the task's verifier.
 
     Returns (record, rollouts): the record holds accuracy (pass@1), its standard
     error and 95% interval, pass@k for k = 1, 2, 4, … ≤ samples, the mean of every
     reward component, the format rate and per-problem correct counts (and, with
-    ``keep_completions``, every completion with its reward components, for auditing the verifier)."""
+    ``keep_completions``, every completion with its reward components, for auditing the verifier).
+    The trainer passes ``fit_prompts`` (its long-prompt policy; what it skipped or truncated is
+    recorded as prompts_skipped / prompts_truncated) and ``generate`` (its engine-fault recovery)."""
     t = time.perf_counter()
     prompts = task.prompts(split, limit, seed=0)
+    fitted: dict = {}
+    if fit_prompts is not None:
+        prompts = fit_prompts(prompts, fitted)
     greedy = samples == 1
     sampling = Sampling(temperature=temperature, top_p=top_p, max_tokens=max_tokens, greedy=greedy, logprobs=False)
-    rollouts = engine.generate(prompts, samples, sampling)
+    rollouts = (generate or engine.generate)(prompts, samples, sampling)
     expanded = [prompts[g] for g in rollouts.group.tolist()]
     scores = task.score(expanded, rollouts.texts)
     counts = [0] * len(prompts)
@@ -67,6 +73,7 @@ def evaluate(engine, task, *, split: str = "test", limit: int = 200, samples: in
     rec["truncated_frac"] = sum(f == "length" for f in rollouts.finish_reasons) / max(1, rollouts.n)
     rec["correct"] = counts
     rec["ids"] = [p.id for p in prompts]
+    rec.update({k.replace("/", "_"): v for k, v in fitted.items()})
     if keep_completions:
         rec["completions"] = [{"id": p.id, "text": text, **{k: v[i] for k, v in scores.items()}}
                               for i, (p, text) in enumerate(zip(expanded, rollouts.texts))]

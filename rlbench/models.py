@@ -25,7 +25,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHAT_END = "<|im_end|>"
 
 
-class ModelError(Exception):
+class ModelError(ValueError):
     pass
 
 
@@ -137,14 +137,23 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+def check_name(name: str) -> None:
+    """Raise ModelError for a model name that is clearly a local path but does not exist
+    (hub ids "org/name" are left to from_pretrained)."""
+    if name in (EMBEDDED, TINY) or Path(name).expanduser().exists():
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
+        raise ModelError(f"model path does not exist: {name}")
+
+
 def load(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, tiny_layers: int = 2, tiny_hidden: int = 64,
          tiny_init_std: float = 0.02):
     """Return (model, tokenizer) for an alias, local path or hub id."""
     from transformers import AutoModelForCausalLM
 
-    if name not in (EMBEDDED, TINY) and ("/" in name or name.startswith(".")) and not Path(name).exists() \
-            and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise ModelError(f"model path does not exist: {name}")
+    check_name(name)
+    if Path(name).expanduser().exists():
+        name = str(Path(name).expanduser())
     tok = load_tokenizer(name)
     if name == TINY:
         model = tiny_random(tok, seed, tiny_layers, tiny_hidden, tiny_init_std).to(dtype)

@@ -24,43 +24,79 @@ import torch
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    """Append one line; flushed and fsynced so a crash never leaves a half line."""
+    """Append one line, flushed and fsynced. If a crash left a torn last line (no newline),
+    the new record starts on a line of its own, so it is never glued to the fragment."""
     line = json.dumps(record, default=float) + "\n"
-    with open(path, "a") as f:
-        f.write(line)
+    with open(path, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = "\n" + line
+        f.write(line.encode())
         f.flush()
         os.fsync(f.fileno())
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file; a line that does not parse (a crash's torn line) is skipped."""
     if not Path(path).exists():
         return []
     out = []
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_text(errors="replace").splitlines():
         line = line.strip()
         if not line:
             continue
         try:
-            out.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a torn last line from a crash
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
     return out
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable (POSIX: fsync the directory)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file under ``path`` and the directories themselves."""
+    for p in sorted(Path(path).rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for d in [Path(path), *[p for p in Path(path).rglob("*") if p.is_dir()]]:
+        fsync_dir(d)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
 def truncate_jsonl(path: Path, keep: callable) -> None:
-    """Rewrite ``path`` with only the records where keep(record) (used on resume)."""
+    """Rewrite ``path`` atomically with only the records where keep(record) (used on resume;
+    torn lines are dropped)."""
     if not Path(path).exists():
         return
     records = [r for r in read_jsonl(path) if keep(r)]
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in records))
-    os.replace(tmp, path)
+    _atomic_write_text(Path(path), "".join(json.dumps(r, default=float) + "\n" for r in records))
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    """Write atomically: a temporary file, fsync, rename."""
+    _atomic_write_text(Path(path), json.dumps(obj, indent=2, default=str))
 
 
 def _version(pkg: str) -> str | None:

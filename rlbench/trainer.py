@@ -17,16 +17,25 @@ Held-out evaluation (greedy pass@1 and the exact KL to the reference on the
 policy's own greedy completions, the same for every algorithm) runs before,
 every ``eval.every`` steps and after training.
 
-Not covered here (other issues): multi-process sharding of prompts, vLLM
-sleep/wake, NaN skipping, suites.
+Faults: a step whose rewards, loss or gradient norm is NaN/inf applies no update
+(counted, its batch saved under faults/), ``train.max_nonfinite_steps`` in a row
+stop the run; a failed generate call is retried on halves of the batch, a dead
+engine is rebuilt from the current policy; prompts too long for the context are
+skipped or truncated and counted; SIGINT/SIGTERM finish the current step, write a
+checkpoint and return; checkpoints are written to a temporary directory, fsynced
+and renamed, and resume falls back to an older one if the newest does not load.
+
+Not covered here (other issues): multi-process sharding of prompts.
 """
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import resource
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +51,19 @@ from rlbench.types import Rollouts, Sampling, StepContext, TrainBatch
 
 class TrainingError(RuntimeError):
     pass
+
+
+class NonFiniteError(TrainingError):
+    """NaN/inf in the rewards, the loss or the gradients of a step: the step applies no
+    (further) update; ``payload`` is what is saved under faults/ for inspection."""
+
+    def __init__(self, where: str, step: int, detail: str = "", payload: dict | None = None):
+        super().__init__(f"non-finite {where} at step {step}{': ' + detail if detail else ''}")
+        self.where, self.step, self.payload = where, step, payload or {}
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(e).lower()
 
 
 def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: int, ctx: StepContext,
@@ -81,7 +103,7 @@ def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: 
             micro.tensors["values"] = critic(micro["input_ids"], micro["attention_mask"], C)  # [n, C]
         loss, metrics = algorithm.loss(logp, micro, ctx)
         if not torch.isfinite(loss):
-            raise TrainingError(f"non-finite loss {loss.item()} at step {ctx.step}")
+            raise NonFiniteError("loss", ctx.step, f"{loss.item()}")
         backward(loss)
         totals["loss"] += loss.item()
         for k, v in metrics.items():
@@ -195,7 +217,11 @@ class Trainer:
 
         self.step_done = 0
         self.counters = {"tokens/generated": 0.0, "tokens/trained": 0.0, "tokens/reference": 0.0,
-                         "tokens/old_logprobs": 0.0, "tokens/critic": 0.0}
+                         "tokens/old_logprobs": 0.0, "tokens/critic": 0.0, "nonfinite/skipped": 0.0,
+                         "grad/clipped": 0.0, "prompts/skipped": 0.0, "prompts/truncated": 0.0,
+                         "engine/retries": 0.0, "engine/restarts": 0.0}
+        self.nonfinite_streak = 0  # consecutive skipped steps
+        self.stop_signal: int | None = None  # SIGINT / SIGTERM received: stop after this step
         self.sampling = Sampling(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_tokens)
         if resume:
             self._load_latest()
@@ -207,34 +233,61 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------
     def run(self) -> dict:
+        """Train to ``train.steps`` (or the token budget). SIGINT/SIGTERM finish the current step,
+        write a checkpoint and return early with ``summary["interrupted"]`` set (no cost.json,
+        so suites see the run as unfinished); a second signal interrupts at once."""
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        evals = rundir.read_jsonl(self.run_dir / "eval.jsonl")
-        if cfg.eval.before and self.step_done == 0 and not any(e["step"] == 0 for e in evals):
-            self.evaluate(0)
-        bar = None
-        if cfg.logging.progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=cfg.train.steps, initial=self.step_done, desc=cfg.run.name, unit="step")
-        try:
-            while self.step_done < cfg.train.steps and not self.budget_spent():
-                step = self.step_done + 1
-                metrics = self.step(step)
-                self.step_done = step
-                self._log(step, metrics)
+        with self._stop_on_signals():
+            evals = rundir.read_jsonl(self.run_dir / "eval.jsonl")
+            if cfg.eval.before and self.step_done == 0 and not any(e["step"] == 0 for e in evals):
+                self.evaluate(0)
+            bar = None
+            if cfg.logging.progress:
+                from tqdm.auto import tqdm
+                bar = tqdm(total=cfg.train.steps, initial=self.step_done, desc=cfg.run.name, unit="step")
+            saved = self.step_done
+            try:
+                while self.step_done < cfg.train.steps and not self.budget_spent() and self.stop_signal is None:
+                    step = self.step_done + 1
+                    metrics = self.step(step)
+                    self.step_done = step
+                    self._log(step, metrics)
+                    if bar is not None:
+                        bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
+                                        acc=f"{metrics.get('reward/accuracy', float('nan')):.3f}",
+                                        kl=f"{metrics.get('kl', 0.0):.4f}")
+                        bar.update(1)
+                    if self.nonfinite_streak >= cfg.train.max_nonfinite_steps:
+                        good = self.latest_checkpoint()
+                        raise TrainingError(
+                            f"{self.nonfinite_streak} steps in a row (up to step {step}) had non-finite rewards, loss or "
+                            f"gradients (train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); stopping. Their "
+                            f"batches are in {self.run_dir / 'faults'}; the last good checkpoint is "
+                            f"{good if good else '(none written yet)'}.")
+                    last = step == cfg.train.steps or self.budget_spent()
+                    if cfg.eval.every and step % cfg.eval.every == 0 and not last:
+                        self.evaluate(step)
+                    due = last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
+                    if due and (self.nonfinite_streak == 0 or last):  # no checkpoint inside a streak of bad steps
+                        self.save_checkpoint(step)
+                        saved = step
+            finally:
                 if bar is not None:
-                    bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
-                                    acc=f"{metrics.get('reward/accuracy', float('nan')):.3f}",
-                                    kl=f"{metrics.get('kl', 0.0):.4f}")
-                    bar.update(1)
-                last = step == cfg.train.steps or self.budget_spent()
-                if cfg.eval.every and step % cfg.eval.every == 0 and not last:
-                    self.evaluate(step)
-                if last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
-                    self.save_checkpoint(step)
-        finally:
-            if bar is not None:
-                bar.close()
+                    bar.close()
+            if self.stop_signal is not None and self.step_done < cfg.train.steps and not self.budget_spent():
+                import signal as _signal
+
+                if saved != self.step_done and self.step_done > 0:
+                    self.save_checkpoint(self.step_done)
+                name = _signal.Signals(self.stop_signal).name
+                print(f"rlbench: {name} received: stopped after step {self.step_done}"
+                      + (f", checkpoint {self.latest_checkpoint()}" if self.step_done else "")
+                      + f"; continue with: rlbench run --resume {self.run_dir}", file=sys.stderr)
+                for lg in self.loggers:
+                    lg.close()
+                return {"interrupted": name, "steps_done": self.step_done,
+                        "eval": rundir.read_jsonl(self.run_dir / "eval.jsonl")}
         final = rundir.read_jsonl(self.run_dir / "eval.jsonl")
         if cfg.eval.after and not any(e["step"] == self.step_done for e in final):
             self.evaluate(self.step_done)
@@ -244,6 +297,31 @@ class Trainer:
         for lg in self.loggers:
             lg.close()
         return summary
+
+    @contextmanager
+    def _stop_on_signals(self):
+        """SIGINT / SIGTERM set ``stop_signal`` (the loop stops after the current step); a second
+        one raises KeyboardInterrupt. Only in the main thread (Python's rule for handlers)."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+            self.stop_signal = signum
+            print(f"rlbench: {signal.Signals(signum).name}: finishing step {self.step_done + 1}, then writing a "
+                  f"checkpoint (send it again to stop at once)", file=sys.stderr)
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
 
     def close(self) -> None:
         """Release the engine (vLLM's memory and temporary model directory)."""
@@ -262,6 +340,95 @@ class Trainer:
             self.times[name] = self.times.get(name, 0.0) + dt
             self._last[name] = self._last.get(name, 0.0) + dt
 
+    # -- rollouts: prompt lengths and engine faults ---------------------------------
+    def prompt_limit(self, max_tokens: int) -> int:
+        """Longest prompt (tokens) that leaves room for a completion of ``max_tokens`` in the context."""
+        if self.cfg.rollout.max_prompt_tokens:
+            return self.cfg.rollout.max_prompt_tokens
+        ctx = getattr(self.policy.config, "max_position_embeddings", None) or 10**9
+        engine_len = getattr(self.cfg.engine, "max_model_len", None)
+        if engine_len:
+            ctx = min(ctx, engine_len)
+        return max(1, ctx - max_tokens)
+
+    def fit_prompts(self, prompts: list, metrics: dict, step: int, count: bool = True) -> list:
+        """Apply ``rollout.long_prompts`` to prompts over ``prompt_limit`` tokens: drop them
+        (skip), keep their last tokens (truncate, as TRL's max_prompt_length) or fail (error).
+        Counts go into ``metrics`` (prompts/skipped, prompts/truncated) and the run counters."""
+        import dataclasses
+
+        limit = self.prompt_limit(self.cfg.rollout.max_tokens if count else self.cfg.eval.max_tokens)
+        mode = self.cfg.rollout.long_prompts
+        out, skipped, truncated = [], 0, 0
+        for p in prompts:
+            ids = self.tok(p.text, add_special_tokens=False)["input_ids"]
+            if len(ids) <= limit:
+                out.append(p)
+            elif mode == "error":
+                raise TrainingError(f"prompt {p.id!r} at step {step} has {len(ids)} tokens, more than the limit of "
+                                    f"{limit} (rollout.max_prompt_tokens, or the context minus rollout.max_tokens); "
+                                    f"set rollout.long_prompts to skip or truncate")
+            elif mode == "skip":
+                skipped += 1
+            else:
+                out.append(dataclasses.replace(p, text=self.tok.decode(ids[-limit:]), meta={**p.meta, "truncated": True}))
+                truncated += 1
+        if skipped or truncated:
+            metrics["prompts/skipped"] = metrics.get("prompts/skipped", 0.0) + skipped
+            metrics["prompts/truncated"] = metrics.get("prompts/truncated", 0.0) + truncated
+            if count:  # training prompts only; evaluation records its own
+                self.counters["prompts/skipped"] += skipped
+                self.counters["prompts/truncated"] += truncated
+        if not out:
+            raise TrainingError(f"every prompt of step {step} is longer than {limit} tokens (rollout.max_prompt_tokens, "
+                                f"or the context minus rollout.max_tokens) and rollout.long_prompts is skip")
+        return out
+
+    def generate(self, prompts: list, n: int, sampling: Sampling, step: int, depth: int = 0) -> Rollouts:
+        """``engine.generate`` with recovery: out of memory → the two halves of the batch, each
+        retried the same way, at most ``rollout.generate_retries`` halvings deep; any other
+        failure → the engine is rebuilt from the current policy and the call repeated once."""
+        retries = self.cfg.rollout.generate_retries
+        try:
+            return self.engine.generate(prompts, n, sampling)
+        except (KeyboardInterrupt, TrainingError):
+            raise
+        except Exception as e:  # noqa: BLE001 - any engine failure gets one recovery path
+            name = self.cfg.names["engine"]
+            if _is_oom(e) and depth < retries and len(prompts) > 1:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.counters["engine/retries"] += 1
+                print(f"rlbench: engine {name} ran out of memory on {len(prompts)} prompts at step {step}; "
+                      f"retrying in halves", file=sys.stderr)
+                half = (len(prompts) + 1) // 2
+                return Rollouts.cat([self.generate(prompts[:half], n, sampling, step, depth + 1),
+                                     self.generate(prompts[half:], n, sampling, step, depth + 1)])
+            if not _is_oom(e) and depth == 0 and retries > 0:
+                self.counters["engine/restarts"] += 1
+                print(f"rlbench: engine {name} failed at step {step} ({type(e).__name__}: {e}); restarting it "
+                      f"from the current policy", file=sys.stderr)
+                self.restart_engine()
+                try:
+                    return self.engine.generate(prompts, n, sampling)
+                except Exception as e2:  # noqa: BLE001
+                    raise TrainingError(f"rollout engine {name!r} failed at step {step} and again after a restart "
+                                        f"from the current policy: {type(e2).__name__}: {e2}") from e2
+            raise TrainingError(
+                f"rollout engine {name!r} failed at step {step} on {len(prompts)} prompts × {n} samples"
+                + (f" after {depth} halvings of the batch" if depth else "") + f": {type(e).__name__}: {e}"
+                + (" (lower rollout.prompts_per_step / group_size, the engine's batch or memory settings)"
+                   if _is_oom(e) else "")) from e
+
+    def restart_engine(self) -> None:
+        """Close the engine and build a new one from the current policy weights."""
+        try:
+            self.close()
+        except Exception as e:  # noqa: BLE001 - a dead engine may fail to close; the new one matters
+            print(f"rlbench: closing the failed engine raised {type(e).__name__}: {e}", file=sys.stderr)
+        self.engine = manager.get("engine", self.cfg.names["engine"])(self.cfg.engine, self.policy, self.tok,
+                                                                      self.device, seed=self.cfg.run.seed)
+
     def _sample(self, step: int):
         """Rollouts and reward components for this step's prompts.
 
@@ -274,15 +441,19 @@ class Trainer:
         kept = 0
         for rnd in range(1 + self.needs.dynamic_sampling):
             seed = cfg.run.seed * 1_000_003 + step + rnd * 100_000_019  # round 0: the plain data position
-            prompts = self.task.prompts("train", B, seed=seed)
+            prompts = self.fit_prompts(self.task.prompts("train", B, seed=seed), metrics, step)
             with self._timed("rollout"):
-                ro = self.engine.generate(prompts, G, self.sampling)
+                ro = self.generate(prompts, G, self.sampling, step)
             with self._timed("reward"):
                 expanded = [prompts[g] for g in ro.group.tolist()]
                 comp = {k: torch.tensor(v, dtype=torch.float32) for k, v in self.task.score(expanded, ro.texts).items()}
             rewards = torch.stack(list(comp.values())).sum(0)  # [N]
             if not torch.isfinite(rewards).all():
-                raise TrainingError(f"non-finite reward at step {step}")
+                self.counters["tokens/generated"] += float(ro.lengths().sum().item())
+                bad = {k: int((~torch.isfinite(v)).sum()) for k, v in comp.items() if not torch.isfinite(v).all()}
+                raise NonFiniteError("rewards", step, f"components {bad}", {
+                    "prompts": [p.text for p in prompts], "texts": ro.texts, "group": ro.group,
+                    "rewards": comp, "completion_ids": ro.completion_ids})
             parts.append((ro, comp, rewards))
             if not self.needs.dynamic_sampling:
                 break
@@ -298,14 +469,43 @@ class Trainer:
         components = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
         if not self.needs.dynamic_sampling:
             return sampled, parts[0][2], sampled, components, metrics
-        metrics = {"sampling/rounds": float(len(parts)), "sampling/kept_groups": float(kept),
-                   "sampling/dropped_groups": float(len(parts) * B - sum(len(p[0].prompts) for p in kept_parts))}
+        metrics.update({"sampling/rounds": float(len(parts)), "sampling/kept_groups": float(kept),
+                        "sampling/dropped_groups": float(sum(len(p[0].prompts) for p in parts) - kept)})
         if not kept_parts:  # every group uniform in every round: train on the last one (only a KL term moves)
             return parts[-1][0], parts[-1][2], sampled, components, metrics
         rollouts = Rollouts.cat([k[0] for k in kept_parts]) if len(kept_parts) > 1 else kept_parts[0][0]
         return rollouts, torch.cat([k[1] for k in kept_parts]), sampled, components, metrics
 
     def step(self, step: int) -> dict[str, float]:
+        """One training step (``_step``); a NaN/inf in its rewards, loss or gradients skips the
+        (rest of the) update: counted, the batch saved to faults/step_N.pt, a line in faults.jsonl."""
+        self._updates = 0
+        try:
+            metrics = self._step(step)
+        except NonFiniteError as e:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self._updates:  # an earlier mini-batch of this step was applied: the engine needs it
+                self.engine.sync(self.policy)
+            return self._skipped(step, e)
+        self.nonfinite_streak = 0
+        return metrics
+
+    def _skipped(self, step: int, e: NonFiniteError) -> dict[str, float]:
+        self.nonfinite_streak += 1
+        self.counters["nonfinite/skipped"] += 1
+        faults = self.run_dir / "faults"
+        faults.mkdir(exist_ok=True)
+        path = faults / f"step_{step:06d}.pt"
+        torch.save({"step": step, "where": e.where, "error": str(e), **e.payload}, path)
+        rundir.append_jsonl(self.run_dir / "faults.jsonl", {
+            "step": step, "kind": "nonfinite", "where": e.where, "error": str(e), "batch": str(path.name),
+            "optimizer_steps_applied": self._updates, "streak": self.nonfinite_streak})
+        print(f"rlbench: {e}; update skipped ({self.nonfinite_streak} in a row, batch saved to {path})", file=sys.stderr)
+        return {"step": step, "nonfinite/skipped": 1.0, "nonfinite/skipped_total": self.counters["nonfinite/skipped"],
+                **{f"time/{k}": v for k, v in self._last.items()},
+                "tokens/generated_total": self.counters["tokens/generated"]}
+
+    def _step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
         self._last: dict[str, float] = {}
         ctx = StepContext(step=step)
@@ -316,6 +516,9 @@ class Trainer:
             sampled, components, sample_metrics = rollouts, {}, {}
         else:
             rollouts, rewards, sampled, components, sample_metrics = self._sample(step)
+        lengths = sampled.lengths()
+        gen_tokens = float(lengths.sum().item()) if not self.needs.offline else 0.0
+        self.counters["tokens/generated"] += gen_tokens  # counted before training: a skipped step still cost them
         extra = {}
         for res in manager.hook().rlbench_on_rollouts(step=step, rollouts=sampled, rewards=components,
                                                       run_dir=str(self.run_dir), config=cfg):
@@ -367,10 +570,14 @@ class Trainer:
                 ctx.epoch = epoch
                 for i, mb in enumerate(self._mini_batches(batch, step, epoch)):
                     self.optimizer.zero_grad(set_to_none=True)
-                    m = accumulate_gradients(self.model, self.algorithm, mb, cfg.train.micro_batch_size, ctx,
-                                             backward=self.accelerator.backward,
-                                             is_cap=cfg.rollout.is_cap if cfg.rollout.is_correction else None,
-                                             pairs=self.needs.pairs, critic=self.critic)
+                    try:
+                        m = accumulate_gradients(self.model, self.algorithm, mb, cfg.train.micro_batch_size, ctx,
+                                                 backward=self.accelerator.backward,
+                                                 is_cap=cfg.rollout.is_cap if cfg.rollout.is_correction else None,
+                                                 pairs=self.needs.pairs, critic=self.critic)
+                    except NonFiniteError as e:
+                        e.payload = self._fault_payload(rollouts, rewards, mb, epoch, i)
+                        raise
                     if epoch == 0 and i == 0 and m.get("sync/logprob_drift", 0.0) > self.max_drift:
                         self.optimizer.zero_grad(set_to_none=True)
                         raise TrainingError(
@@ -382,9 +589,12 @@ class Trainer:
                     params = list(self.model.parameters()) + (list(self.critic.parameters()) if self.critic else [])
                     grad_norm = float(self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
                     if not math.isfinite(grad_norm):
-                        raise TrainingError(f"non-finite gradient norm at step {step}")
+                        raise NonFiniteError("gradient norm", step, f"{grad_norm}",
+                                             self._fault_payload(rollouts, rewards, mb, epoch, i))
                     self.optimizer.step()
                     self.scheduler.step()
+                    self._updates += 1
+                    self.counters["grad/clipped"] += float(grad_norm > cfg.train.max_grad_norm)
                     m["grad_norm"] = grad_norm
                     m["grad_clipped"] = float(grad_norm > cfg.train.max_grad_norm)
                     if epoch == 0:
@@ -397,9 +607,6 @@ class Trainer:
         with self._timed("sync"):
             self.engine.sync(self.policy)  # every optimizer step: the next rollouts use the new weights
 
-        lengths = sampled.lengths()
-        gen_tokens = float(lengths.sum().item()) if not self.needs.offline else 0.0
-        self.counters["tokens/generated"] += gen_tokens
         total_reward = torch.stack(list(components.values())).sum(0) if components else None  # [N sampled]
         metrics = {
             "step": step,
@@ -416,10 +623,20 @@ class Trainer:
             **{f"time/{k}": v for k, v in self._last.items()},
             "tokens/generated": gen_tokens,
             "tokens/generated_total": self.counters["tokens/generated"],
+            # fault counters (gradient clips, skipped prompts, engine retries/restarts, skipped steps) once non-zero
+            **{f"{k}_total": v for k, v in self.counters.items() if not k.startswith("tokens/") and v},
             **extra,
         }
         metrics.update(self.algorithm.after_step(metrics))
         return metrics
+
+    @staticmethod
+    def _fault_payload(rollouts, rewards, mb: TrainBatch, epoch: int, index: int) -> dict:
+        """What faults/step_N.pt holds for a bad update: the mini-batch's tensors, the step's
+        prompts, completions and rewards."""
+        return {"epoch": epoch, "mini_batch": index, "tensors": {k: v.detach().cpu() for k, v in mb.tensors.items()},
+                "totals": dict(mb.totals), "prompts": [p.text for p in rollouts.prompts], "texts": rollouts.texts,
+                "group": rollouts.group, "rewards": rewards}
 
     def _mini_batches(self, batch: TrainBatch, step: int, epoch: int):
         """The whole batch, or (``Needs.mini_batches`` = M > 1) a fresh shuffle of it split into M
@@ -460,7 +677,9 @@ class Trainer:
 
         ev = self.cfg.eval
         t = time.perf_counter()
-        rec, rollouts = evaluate(self.engine, self.task, split="test", limit=ev.n, samples=1, max_tokens=ev.max_tokens)
+        rec, rollouts = evaluate(self.engine, self.task, split="test", limit=ev.n, samples=1, max_tokens=ev.max_tokens,
+                                 fit_prompts=lambda ps, m: self.fit_prompts(ps, m, step, count=False),
+                                 generate=lambda ps, n, smp: self.generate(ps, n, smp, step))
         rec = {"step": step, **rec}
         if ev.kl:
             inputs = rollouts.model_inputs()
@@ -478,6 +697,24 @@ class Trainer:
         return rec
 
     # -- checkpoints -------------------------------------------------------------
+    # checkpoints/step_N/: model.safetensors, critic.safetensors (PPO), trainer.pt (optimizer,
+    # scheduler, RNG, algorithm state, counters, phase times), state.json last. Written into
+    # .tmp_step_N, every file and the directory fsynced, then renamed: a crash at any moment
+    # leaves either the complete checkpoint or none. Old ones are renamed to .old_* before
+    # deletion, so a half-deleted checkpoint is never mistaken for a complete one.
+    def latest_checkpoint(self) -> Path | None:
+        ckpts = self._complete_checkpoints()
+        return ckpts[-1] if ckpts else None
+
+    def _complete_checkpoints(self) -> list[Path]:
+        return sorted(p for p in self.ckpt_dir.glob("step_*") if (p / "state.json").is_file())
+
+    def _discard(self, path: Path) -> None:
+        trash = path.with_name(f".old_{path.name}_{time.time_ns()}")
+        path.rename(trash)
+        rundir.fsync_dir(path.parent)
+        shutil.rmtree(trash, ignore_errors=True)
+
     def save_checkpoint(self, step: int) -> Path:
         from safetensors.torch import save_file
 
@@ -501,40 +738,75 @@ class Trainer:
                       str(tmp / "critic.safetensors"))
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "rng": _rng_state(), "algorithm": self.algorithm.state_dict(), "counters": self.counters,
-                    "times": self.times, "step": step}, tmp / "trainer.pt")
-        rundir.write_json(tmp / "state.json", {"step": step, "data_position": step})
-        if final.exists():
-            shutil.rmtree(final)
+                    "times": self.times, "step": step, "nonfinite_streak": self.nonfinite_streak}, tmp / "trainer.pt")
+        files = {p.name: p.stat().st_size for p in tmp.iterdir()}
+        rundir.write_json(tmp / "state.json", {"step": step, "data_position": step, "files": files})
+        rundir.fsync_tree(tmp)
+        if final.exists():  # a newer run of this step (resumed from an older checkpoint) replaces it
+            self._discard(final)
         tmp.rename(final)
-        ckpts = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir())
+        rundir.fsync_dir(self.ckpt_dir)
+        ckpts = self._complete_checkpoints()
         for old in ckpts[: max(0, len(ckpts) - self.cfg.train.keep_checkpoints)]:
-            shutil.rmtree(old)
+            self._discard(old)
         return final
 
-    def _load_latest(self) -> None:
+    def _read_checkpoint(self, ck: Path) -> tuple[dict, dict | None, dict]:
+        """Load a checkpoint's files into memory (nothing applied yet); raises if one is missing,
+        truncated or unreadable."""
         from safetensors.torch import load_file
 
-        ckpts = sorted(p for p in self.ckpt_dir.glob("step_*") if (p / "state.json").exists())
-        if not ckpts:
-            raise TrainingError(f"no complete checkpoint under {self.ckpt_dir}")
-        ck = ckpts[-1]
-        missing, unexpected = self.policy.load_state_dict(load_file(str(ck / "model.safetensors")), strict=False)
+        meta = json.loads((ck / "state.json").read_text())
+        for name, size in (meta.get("files") or {}).items():
+            actual = (ck / name).stat().st_size if (ck / name).is_file() else None
+            if actual != size:
+                raise TrainingError(f"{ck / name}: {actual} bytes, the checkpoint recorded {size}")
+        model_sd = load_file(str(ck / "model.safetensors"))
+        critic_sd = load_file(str(ck / "critic.safetensors")) if self.critic is not None else None
+        state = torch.load(ck / "trainer.pt", weights_only=False)
+        return model_sd, critic_sd, state
+
+    def _load_latest(self) -> None:
+        """Resume from the newest checkpoint that loads; an unreadable one is reported and the
+        next older one is tried. Records written after the checkpoint are dropped."""
+        for leftover in list(self.ckpt_dir.glob(".tmp_step_*")) + list(self.ckpt_dir.glob(".old_step_*")):
+            shutil.rmtree(leftover, ignore_errors=True)  # an interrupted write or deletion
+        ckpts = self._complete_checkpoints()
+        if not ckpts:  # killed before its first checkpoint: start again from step 0
+            print(f"rlbench: no complete checkpoint under {self.ckpt_dir}; starting from step 0", file=sys.stderr)
+            self._drop_records_after(0)
+            return
+        errors = []
+        for ck in reversed(ckpts):
+            try:
+                model_sd, critic_sd, state = self._read_checkpoint(ck)
+                break
+            except Exception as e:  # noqa: BLE001 - any unreadable file: fall back to the previous checkpoint
+                errors.append(f"{ck.name}: {type(e).__name__}: {e}")
+                print(f"rlbench: checkpoint {ck} does not load ({type(e).__name__}: {e}); trying an older one",
+                      file=sys.stderr)
+        else:
+            raise TrainingError(f"no checkpoint under {self.ckpt_dir} loads: " + "; ".join(errors))
+        missing, unexpected = self.policy.load_state_dict(model_sd, strict=False)
         if unexpected or [k for k in missing if "lm_head" not in k]:
             raise TrainingError(f"checkpoint {ck} does not match the model: missing={missing} unexpected={unexpected}")
         if self.critic is not None:
-            self.accelerator.unwrap_model(self.critic).load_state_dict(load_file(str(ck / "critic.safetensors")))
-        state = torch.load(ck / "trainer.pt", weights_only=False)
+            self.accelerator.unwrap_model(self.critic).load_state_dict(critic_sd)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.algorithm.load_state_dict(state["algorithm"])
-        self.counters = state["counters"]
+        self.counters.update(state["counters"])
         self.times = state["times"]
+        self.nonfinite_streak = state.get("nonfinite_streak", 0)
         _set_rng_state(state["rng"])
         self.step_done = state["step"]
         self.engine.sync(self.policy)
-        # Records written after this checkpoint belong to the lost future: drop them.
-        rundir.truncate_jsonl(self.run_dir / "metrics.jsonl", lambda r: r.get("step", 0) <= self.step_done)
-        rundir.truncate_jsonl(self.run_dir / "eval.jsonl", lambda r: r.get("step", 0) <= self.step_done)
+        self._drop_records_after(self.step_done)
+
+    def _drop_records_after(self, step: int) -> None:
+        """Records written after the checkpoint resumed from belong to the lost future: drop them."""
+        for name in ("metrics.jsonl", "eval.jsonl", "faults.jsonl"):
+            rundir.truncate_jsonl(self.run_dir / name, lambda r: r.get("step", 0) <= step)
 
     # -- cost ------------------------------------------------------------------------
     def write_cost(self) -> dict:
@@ -593,7 +865,7 @@ def start(cfg: cfgmod.Config, run_dir: Path, resume: bool = False) -> Trainer:
     if not resume:
         cfgmod.dump(cfg, run_dir / "config.yaml")
     trainer = Trainer(cfg, run_dir, resume=resume)
-    if not resume:
+    if not resume or not (run_dir / "manifest.json").is_file():  # a run killed before writing it
         import hashlib
         import json
 

@@ -59,9 +59,10 @@ class PromptConfig:
             raise ValueError("need 0 <= partial_format_reward <= format_reward <= 0.1 (format must not outweigh accuracy)")
         if self.overlong_threshold < 0 or self.overlong_penalty < 0 or self.overlong_ramp < 1:
             raise ValueError("overlong_threshold and overlong_penalty must be >= 0, overlong_ramp >= 1")
-        for f in (self.train_file, self.test_file):
+        for key in ("train_file", "test_file"):
+            f = getattr(self, key)
             if f and not Path(f).is_file():
-                raise ValueError(f"data file not found: {f}")
+                raise ValueError(f"{key}: data file not found: {f}")
 
 
 # -- data ---------------------------------------------------------------------------------

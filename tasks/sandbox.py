@@ -124,7 +124,7 @@ def _ro_binds() -> list[str]:
 def _command(argv: list[str], scratch: Path, limits: Limits, uid: int, level: str) -> list[str]:
     cpu = limits.cpu_s or int(limits.timeout_s) + 1
     rl = ["prlimit", f"--as={limits.memory_mb * 2**20}", f"--nproc={limits.max_procs}",
-          f"--fsize={limits.max_file_mb * 2**20}", f"--cpu={cpu}", f"--core=0", "--"]
+          f"--fsize={limits.max_file_mb * 2**20}", f"--cpu={cpu}", "--core=0", "--"]
     drop = []
     if os.geteuid() == 0:
         drop = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
