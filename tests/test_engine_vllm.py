@@ -94,3 +94,43 @@ def test_the_same_config_and_seed_reproduce_the_metrics_within_tolerance(tmp_pat
             assert a[k] == b[k], (a["step"], k)
         for k in ["loss", "kl", "grad_norm", "entropy"]:
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-8), (a["step"], k)
+
+
+def test_a_dead_vllm_engine_is_rebuilt_from_the_trained_weights(tmp_path, first_char_task):
+    """The engine fails on its second generate call (after one optimizer step): the trainer
+    closes it and builds a new vLLM engine from the current policy, whose samples then match
+    the trained weights (the stale-weight check passes on every step)."""
+    import rlbench
+    from rlbench.plugins.engines.vllm import VLLMEngine
+
+    made = []
+
+    class Dying(VLLMEngine):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.calls = 0
+            made.append(self)
+
+        def generate(self, prompts, n, sampling):
+            self.calls += 1
+            if len(made) == 1 and self.calls == 2:
+                raise RuntimeError("EngineDeadError: EngineCore encountered an issue")
+            return super().generate(prompts, n, sampling)
+
+    class Plugin:
+        @rlbench.hookimpl
+        def rlbench_rollout_engines(self):
+            return {"dying_vllm": Dying}
+
+    name = manager.register(Plugin(), name="dying_vllm_test")
+    try:
+        cfg = tiny_config(*FAST, "train.steps=3", engine={"name": "dying_vllm"}, task={"name": "first_char"})
+        tr = start(cfg, tmp_path / "v")
+        tr.run()
+        lines = rundir.read_jsonl(tmp_path / "v" / "metrics.jsonl")
+        assert len(made) == 2 and lines[-1]["engine/restarts_total"] == 1.0
+        assert all(r["sync/logprob_drift"] < 1e-4 for r in lines), [r["sync/logprob_drift"] for r in lines]
+        assert _engine_vs_policy(tr) < 1e-4
+        tr.close()
+    finally:
+        manager.unregister(name)
