@@ -41,11 +41,13 @@ def _cmd_run(args) -> int:
         cfg = cfgmod.load(args.config, args.set or [])
         run_dir = Path(args.out) / cfg.run.name
         trainer = trmod.start(cfg, run_dir)
+    quiet = trmod.dist_rank_from_env() != 0  # under accelerate launch, rank 0 reports
     engine = cfg.names["engine"]
     if cfg.names.get("engine_requested") == "auto":
         engine += " (engine.name auto: " + ("vllm imports)" if engine == "vllm" else "vllm is not installed)")
-    print(f"rlbench: run directory {run_dir} (model {cfg.model.name}, task {cfg.names['task']}, "
-          f"algorithm {cfg.names['algorithm']}, engine {engine})", file=sys.stderr)
+    if not quiet:
+        print(f"rlbench: run directory {run_dir} (model {cfg.model.name}, task {cfg.names['task']}, "
+              f"algorithm {cfg.names['algorithm']}, engine {engine})", file=sys.stderr)
     try:
         summary = trainer.run()
     finally:
@@ -55,6 +57,8 @@ def _cmd_run(args) -> int:
 
         return 128 + int(getattr(signal, summary["interrupted"]))
     evals = summary.get("eval", [])
+    if quiet:
+        return 0
     if evals:
         first, last = evals[0], evals[-1]
         print(f"held-out accuracy: step {first['step']} {first['accuracy']:.3f} ± {first['stderr']:.3f} → "

@@ -74,6 +74,10 @@ class RolloutConfig:
     # A failed generate call is retried on halves of the batch (out of memory) up to this many
     # times; any other engine failure restarts the engine from the current policy once.
     generate_retries: int = 2
+    # Seed each prompt's samples by (seed, step, prompt id) instead of one stream for the batch:
+    # the same completions whatever the batching, shard or world size (so a 2-process run
+    # trains on exactly the batch a 1-process run does). hf: one generate call per prompt.
+    batch_invariant_sampling: bool = False
 
     def validate(self):
         _positive(self, "prompts_per_step", "group_size", "max_tokens")

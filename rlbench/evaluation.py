@@ -37,7 +37,7 @@ def interval(values: list[float]) -> tuple[float, float, float]:
 
 def evaluate(engine, task, *, split: str = "test", limit: int = 200, samples: int = 1, max_tokens: int = 512,
              temperature: float = 0.8, top_p: float = 1.0, keep_completions: bool = False, fit_prompts=None,
-             generate=None):
+             generate=None, shard: tuple[int, int] | None = None, gather=None):
     """Generate on ``limit`` held-out problems and score them with the task's verifier.
 
     Returns (record, rollouts): the record holds accuracy (pass@1), its standard
@@ -45,40 +45,74 @@ def evaluate(engine, task, *, split: str = "test", limit: int = 200, samples: in
     reward component, the format rate and per-problem correct counts (and, with
     ``keep_completions``, every completion with its reward components, for auditing the verifier).
     The trainer passes ``fit_prompts`` (its long-prompt policy; what it skipped or truncated is
-    recorded as prompts_skipped / prompts_truncated) and ``generate`` (its engine-fault recovery)."""
+    recorded as prompts_skipped / prompts_truncated) and ``generate`` (its engine-fault recovery).
+    In a multi-process run it passes ``shard`` = (rank, world): this process generates for its
+    contiguous share of the problems, and ``gather`` (every rank's raw results, in rank order)
+    makes the record cover all of them; ``rollouts`` stay this rank's."""
     t = time.perf_counter()
     prompts = task.prompts(split, limit, seed=0)
     fitted: dict = {}
     if fit_prompts is not None:
         prompts = fit_prompts(prompts, fitted)
+    if shard is not None:
+        r, w = shard
+        bounds = [len(prompts) * i // w for i in range(w + 1)]
+        prompts = prompts[bounds[r]:bounds[r + 1]]
     greedy = samples == 1
     sampling = Sampling(temperature=temperature, top_p=top_p, max_tokens=max_tokens, greedy=greedy, logprobs=False)
-    rollouts = (generate or engine.generate)(prompts, samples, sampling)
-    expanded = [prompts[g] for g in rollouts.group.tolist()]
-    scores = task.score(expanded, rollouts.texts)
-    counts = [0] * len(prompts)
-    for g, ok in zip(rollouts.group.tolist(), scores["accuracy"]):
+    rollouts = (generate or engine.generate)(prompts, samples, sampling) if prompts else None
+    raw = {"ids": [p.id for p in prompts], "group": [], "scores": {}, "lengths": [], "finish": [], "texts": []}
+    if rollouts is not None:
+        expanded = [prompts[g] for g in rollouts.group.tolist()]
+        raw.update(group=rollouts.group.tolist(), scores=task.score(expanded, rollouts.texts),
+                   lengths=rollouts.lengths().tolist(), finish=list(rollouts.finish_reasons),
+                   texts=list(rollouts.texts) if keep_completions else [])
+    if gather is not None:
+        raw = merge_raw(gather(raw))
+    rec = {"split": split, **summarize(raw, samples, keep_completions)}
+    rec.update({k.replace("/", "_"): v for k, v in fitted.items()})
+    rec["time"] = time.perf_counter() - t
+    return rec, rollouts
+
+
+def merge_raw(parts: list[dict]) -> dict:
+    """Concatenate per-rank raw evaluation results (problem order = rank order)."""
+    out = {"ids": [], "group": [], "scores": {}, "lengths": [], "finish": [], "texts": []}
+    for part in parts:
+        offset = len(out["ids"])
+        out["ids"] += part["ids"]
+        out["group"] += [g + offset for g in part["group"]]
+        for k, v in part["scores"].items():
+            out["scores"].setdefault(k, []).extend(v)
+        for k in ("lengths", "finish", "texts"):
+            out[k] += part[k]
+    return out
+
+
+def summarize(raw: dict, samples: int, keep_completions: bool = False) -> dict:
+    """The evaluation record of raw results: per-completion scores, lengths and finish reasons."""
+    scores, n = raw["scores"], len(raw["group"])
+    counts = [0] * len(raw["ids"])
+    for g, ok in zip(raw["group"], scores.get("accuracy", [])):
         counts[g] += int(ok >= 1.0)
     per_problem = [c / samples for c in counts]
     acc, se, half = interval(per_problem)
-    rec = {"split": split, "n": len(prompts), "samples": samples, "greedy": greedy, "accuracy": acc, "stderr": se,
+    rec = {"n": len(raw["ids"]), "samples": samples, "greedy": samples == 1, "accuracy": acc, "stderr": se,
            "ci95": [max(0.0, acc - half), min(1.0, acc + half)]}
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= samples]
     rec["pass@k"] = {str(k): interval([pass_at_k(samples, c, k) for c in counts])[0] for k in ks}
     for k, v in scores.items():
         if k != "accuracy":
             rec[f"reward/{k}"] = sum(v) / max(1, len(v))
-    rec["format_rate"] = sum(1 for v in scores.get("format", []) if v > 0) / max(1, rollouts.n)
-    rec["completion_len"] = rollouts.lengths().mean().item()
-    rec["truncated_frac"] = sum(f == "length" for f in rollouts.finish_reasons) / max(1, rollouts.n)
+    rec["format_rate"] = sum(1 for v in scores.get("format", []) if v > 0) / max(1, n)
+    rec["completion_len"] = sum(raw["lengths"]) / max(1, n)
+    rec["truncated_frac"] = sum(f == "length" for f in raw["finish"]) / max(1, n)
     rec["correct"] = counts
-    rec["ids"] = [p.id for p in prompts]
-    rec.update({k.replace("/", "_"): v for k, v in fitted.items()})
+    rec["ids"] = list(raw["ids"])
     if keep_completions:
-        rec["completions"] = [{"id": p.id, "text": text, **{k: v[i] for k, v in scores.items()}}
-                              for i, (p, text) in enumerate(zip(expanded, rollouts.texts))]
-    rec["time"] = time.perf_counter() - t
-    return rec, rollouts
+        rec["completions"] = [{"id": raw["ids"][g], "text": text, **{k: v[i] for k, v in scores.items()}}
+                              for i, (g, text) in enumerate(zip(raw["group"], raw["texts"]))]
+    return rec
 
 
 def score_rows(task, rows: list[dict], where: str = "input") -> list[dict]:

@@ -6,6 +6,9 @@ group, exactly like third-party ones; nothing here names them.
 Environment switches:
   RLBENCH_LOAD_PLUGINS  comma-separated allow-list of entry-point names to load
                         (unset: all). Run-time registrations are always kept.
+  RLBENCH_PLUGINS       comma-separated module names imported and registered as plugins at
+                        start-up (like PYTEST_PLUGINS): a plugin without packaging, also in
+                        every process of an ``accelerate launch`` or a suite.
   RLBENCH_TRACE_PLUGINS set to 1 to print every hook call and result (pluggy tracing).
 """
 from __future__ import annotations
@@ -93,6 +96,15 @@ def _build() -> pluggy.PluginManager:
             raise PluginError(f"entry point {ep.name!r} ({ep.value}) failed to import: {e}") from e
         _check_api_version(ep.name, plugin)
         pm.register(plugin, name=ep.name)
+    for mod_name in [m.strip() for m in os.environ.get("RLBENCH_PLUGINS", "").split(",") if m.strip()]:
+        if pm.has_plugin(f"env:{mod_name}"):
+            continue
+        try:
+            module = importlib.import_module(mod_name)
+        except Exception as e:  # noqa: BLE001 - say which variable named it
+            raise PluginError(f"RLBENCH_PLUGINS: module {mod_name!r} failed to import: {e}") from e
+        _check_api_version(mod_name, module)
+        pm.register(module, name=f"env:{mod_name}")
     for name, plugin in _runtime:
         if not pm.has_plugin(name):
             pm.register(plugin, name=name)

@@ -45,7 +45,7 @@ import torch
 
 from rlbench import config as cfgmod
 from rlbench import logprobs as lpmod
-from rlbench import manager, models, rundir
+from rlbench import dist, manager, models, rundir
 from rlbench.types import Rollouts, Sampling, StepContext, TrainBatch
 
 
@@ -77,7 +77,8 @@ def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: 
     largest and mean |trainer − sampler| logprob of the sampled tokens
     (``sync/logprob_drift``, ``sync/logprob_drift_mean``). With ``is_cap`` set,
     the algorithm gets per-token truncated importance weights
-    min(π_θ/π_sampler, is_cap) as ``is_weights``."""
+    min(π_θ/π_sampler, is_cap) as ``is_weights``. A micro-batch whose loss is NaN/inf gets
+    no backward and is counted as ``nonfinite_loss`` (the caller skips the update)."""
     backward = backward or (lambda loss: loss.backward())
     totals: dict[str, float] = {"loss": 0.0}
     kl_sum = ent_sum = drift_sum = is_sum = 0.0
@@ -102,8 +103,10 @@ def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: 
         if critic is not None:  # the value model's predictions, with gradient, for the algorithm's value loss
             micro.tensors["values"] = critic(micro["input_ids"], micro["attention_mask"], C)  # [n, C]
         loss, metrics = algorithm.loss(logp, micro, ctx)
-        if not torch.isfinite(loss):
-            raise NonFiniteError("loss", ctx.step, f"{loss.item()}")
+        if not torch.isfinite(loss):  # no backward; the trainer skips the update (on every rank)
+            totals["nonfinite_loss"] = totals.get("nonfinite_loss", 0.0) + 1.0
+            totals.setdefault("nonfinite_value", loss.item())
+            continue
         backward(loss)
         totals["loss"] += loss.item()
         for k, v in metrics.items():
@@ -164,6 +167,12 @@ class Trainer:
         self.accelerator = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if mixed else "no")
         weights_dtype = torch.float32 if cfg.model.dtype == "auto" else dtype  # auto on GPU: fp32 master + bf16 autocast
         self.device = self.accelerator.device
+        # Data parallel (accelerate launch): each rank samples a contiguous shard of the step's prompts.
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+        if cfg.rollout.prompts_per_step % self.world:
+            raise cfgmod.ConfigError(f"config: rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a multiple "
+                                     f"of the number of processes ({self.world}): groups are never split across ranks")
         _seed_all(cfg.run.seed)
 
         self.times: dict[str, float] = {}
@@ -225,7 +234,9 @@ class Trainer:
         self.sampling = Sampling(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_tokens)
         if resume:
             self._load_latest()
-        self.loggers = [manager.get("logger", name)(self.run_dir, cfg) for name in cfg.logging.loggers]
+        self.loggers = [manager.get("logger", name)(self.run_dir, cfg) for name in cfg.logging.loggers] \
+            if self.is_main else []
+        self._pending: dict[str, float] = {}  # this rank's counter increments, summed over ranks once per step
 
     @property
     def policy(self):
@@ -243,7 +254,7 @@ class Trainer:
             if cfg.eval.before and self.step_done == 0 and not any(e["step"] == 0 for e in evals):
                 self.evaluate(0)
             bar = None
-            if cfg.logging.progress:
+            if cfg.logging.progress and self.is_main:
                 from tqdm.auto import tqdm
                 bar = tqdm(total=cfg.train.steps, initial=self.step_done, desc=cfg.run.name, unit="step")
             saved = self.step_done
@@ -253,6 +264,9 @@ class Trainer:
                     metrics = self.step(step)
                     self.step_done = step
                     self._log(step, metrics)
+                    if dist.any_true(self.stop_signal is not None) and self.stop_signal is None:
+                        import signal as _signal
+                        self.stop_signal = _signal.SIGTERM  # another rank was signalled: stop together
                     if bar is not None:
                         bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
                                         acc=f"{metrics.get('reward/accuracy', float('nan')):.3f}",
@@ -281,9 +295,10 @@ class Trainer:
                 if saved != self.step_done and self.step_done > 0:
                     self.save_checkpoint(self.step_done)
                 name = _signal.Signals(self.stop_signal).name
-                print(f"rlbench: {name} received: stopped after step {self.step_done}"
+                if self.is_main:
+                    print(f"rlbench: {name} received: stopped after step {self.step_done}"
                       + (f", checkpoint {self.latest_checkpoint()}" if self.step_done else "")
-                      + f"; continue with: rlbench run --resume {self.run_dir}", file=sys.stderr)
+                          + f"; continue with: rlbench run --resume {self.run_dir}", file=sys.stderr)
                 for lg in self.loggers:
                     lg.close()
                 return {"interrupted": name, "steps_done": self.step_done,
@@ -293,7 +308,8 @@ class Trainer:
             self.evaluate(self.step_done)
         summary = self.write_cost()
         summary["eval"] = rundir.read_jsonl(self.run_dir / "eval.jsonl")
-        manager.hook().rlbench_on_run_end(run_dir=str(self.run_dir), summary=summary)
+        if self.is_main:
+            manager.hook().rlbench_on_run_end(run_dir=str(self.run_dir), summary=summary)
         for lg in self.loggers:
             lg.close()
         return summary
@@ -377,8 +393,8 @@ class Trainer:
             metrics["prompts/skipped"] = metrics.get("prompts/skipped", 0.0) + skipped
             metrics["prompts/truncated"] = metrics.get("prompts/truncated", 0.0) + truncated
             if count:  # training prompts only; evaluation records its own
-                self.counters["prompts/skipped"] += skipped
-                self.counters["prompts/truncated"] += truncated
+                self._count("prompts/skipped", skipped)
+                self._count("prompts/truncated", truncated)
         if not out:
             raise TrainingError(f"every prompt of step {step} is longer than {limit} tokens (rollout.max_prompt_tokens, "
                                 f"or the context minus rollout.max_tokens) and rollout.long_prompts is skip")
@@ -398,14 +414,14 @@ class Trainer:
             if _is_oom(e) and depth < retries and len(prompts) > 1:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-                self.counters["engine/retries"] += 1
+                self._count("engine/retries", 1)
                 print(f"rlbench: engine {name} ran out of memory on {len(prompts)} prompts at step {step}; "
                       f"retrying in halves", file=sys.stderr)
                 half = (len(prompts) + 1) // 2
                 return Rollouts.cat([self.generate(prompts[:half], n, sampling, step, depth + 1),
                                      self.generate(prompts[half:], n, sampling, step, depth + 1)])
             if not _is_oom(e) and depth == 0 and retries > 0:
-                self.counters["engine/restarts"] += 1
+                self._count("engine/restarts", 1)
                 print(f"rlbench: engine {name} failed at step {step} ({type(e).__name__}: {e}); restarting it "
                       f"from the current policy", file=sys.stderr)
                 self.restart_engine()
@@ -420,6 +436,18 @@ class Trainer:
                 + (" (lower rollout.prompts_per_step / group_size, the engine's batch or memory settings)"
                    if _is_oom(e) else "")) from e
 
+    def _count(self, key: str, value: float) -> None:
+        """Add to a run counter; in a multi-process run the increments of all ranks are summed
+        once per step (``_flush_counts``), so every rank holds the global totals."""
+        self._pending[key] = self._pending.get(key, 0.0) + float(value)
+
+    def _flush_counts(self) -> None:
+        keys = [k for k in self.counters if k.startswith(("tokens/", "prompts/", "engine/"))]  # same order on every rank
+        totals = dist.sum_floats([self._pending.get(k, 0.0) for k in keys])
+        for k, v in zip(keys, totals):
+            self.counters[k] += v
+        self._pending = {}
+
     def restart_engine(self) -> None:
         """Close the engine and build a new one from the current policy weights."""
         try:
@@ -430,41 +458,54 @@ class Trainer:
                                                                       self.device, seed=self.cfg.run.seed)
 
     def _sample(self, step: int):
-        """Rollouts and reward components for this step's prompts.
+        """Rollouts and reward components for this rank's share of the step's prompts.
 
-        With the algorithm's ``Needs.dynamic_sampling`` = k > 0 (DAPO), prompt groups whose
-        rewards are all equal are dropped and up to k extra rounds of fresh prompts are
-        sampled until B informative groups are found. Returns the training rollouts and
-        rewards, everything sampled (for reward metrics and cost) and the sampling metrics."""
-        cfg, G, B = self.cfg, self.cfg.rollout.group_size, self.cfg.rollout.prompts_per_step
+        The step's B prompts are drawn from the train split (seeded by run seed and step);
+        rank r of W takes the contiguous shard [r·B/W, (r+1)·B/W). With the algorithm's
+        ``Needs.dynamic_sampling`` = k > 0 (DAPO), prompt groups whose rewards are all equal are
+        dropped and up to k extra rounds of fresh prompts are sampled until the shard is full of
+        informative groups. Returns the training rollouts and rewards, everything sampled (for
+        reward metrics and cost) and the sampling metrics. NaN/inf rewards on any rank raise
+        NonFiniteError on every rank."""
+        import dataclasses
+
+        cfg, G = self.cfg, self.cfg.rollout.group_size
+        B, W = cfg.rollout.prompts_per_step, self.world
+        b = B // W  # this rank's prompts
         parts, kept_parts, metrics = [], [], {}
-        kept = 0
+        kept, bad = 0, None
         for rnd in range(1 + self.needs.dynamic_sampling):
             seed = cfg.run.seed * 1_000_003 + step + rnd * 100_000_019  # round 0: the plain data position
-            prompts = self.fit_prompts(self.task.prompts("train", B, seed=seed), metrics, step)
+            shard = self.task.prompts("train", B, seed=seed)[self.rank * b:(self.rank + 1) * b]
+            prompts = self.fit_prompts(shard, metrics, step)
+            sampling = dataclasses.replace(self.sampling, seed=seed) if cfg.rollout.batch_invariant_sampling \
+                else self.sampling
             with self._timed("rollout"):
-                ro = self.generate(prompts, G, self.sampling, step)
+                ro = self.generate(prompts, G, sampling, step)
             with self._timed("reward"):
                 expanded = [prompts[g] for g in ro.group.tolist()]
                 comp = {k: torch.tensor(v, dtype=torch.float32) for k, v in self.task.score(expanded, ro.texts).items()}
             rewards = torch.stack(list(comp.values())).sum(0)  # [N]
             if not torch.isfinite(rewards).all():
-                self.counters["tokens/generated"] += float(ro.lengths().sum().item())
-                bad = {k: int((~torch.isfinite(v)).sum()) for k, v in comp.items() if not torch.isfinite(v).all()}
-                raise NonFiniteError("rewards", step, f"components {bad}", {
-                    "prompts": [p.text for p in prompts], "texts": ro.texts, "group": ro.group,
-                    "rewards": comp, "completion_ids": ro.completion_ids})
+                self._count("tokens/generated", float(ro.lengths().sum().item()))
+                counts = {k: int((~torch.isfinite(v)).sum()) for k, v in comp.items() if not torch.isfinite(v).all()}
+                bad = (f"components {counts}", {"prompts": [p.text for p in prompts], "texts": ro.texts,
+                                                "group": ro.group, "rewards": comp, "completion_ids": ro.completion_ids})
+                break
             parts.append((ro, comp, rewards))
             if not self.needs.dynamic_sampling:
                 break
-            r = rewards.view(-1, G)  # [B, G]
+            r = rewards.view(-1, G)  # [b, G]
             informative = ((r.max(-1).values - r.min(-1).values) > 0).nonzero().view(-1).tolist()
-            take = informative[:B - kept]
+            take = informative[:b - kept]
             if take:
                 kept_parts.append((ro.select_groups(take), r[take].reshape(-1)))
                 kept += len(take)
-            if kept >= B:
+            if kept >= b:
                 break
+        if dist.any_true(bad is not None):
+            detail, payload = bad if bad is not None else ("on another rank", {})
+            raise NonFiniteError("rewards", step, detail, payload)
         sampled = Rollouts.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
         components = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
         if not self.needs.dynamic_sampling:
@@ -482,10 +523,11 @@ class Trainer:
         self._updates = 0
         try:
             metrics = self._step(step)
-        except NonFiniteError as e:
+        except NonFiniteError as e:  # raised on every rank alike (the decision is agreed on)
             self.optimizer.zero_grad(set_to_none=True)
             if self._updates:  # an earlier mini-batch of this step was applied: the engine needs it
                 self.engine.sync(self.policy)
+            self._flush_counts()
             return self._skipped(step, e)
         self.nonfinite_streak = 0
         return metrics
@@ -495,12 +537,14 @@ class Trainer:
         self.counters["nonfinite/skipped"] += 1
         faults = self.run_dir / "faults"
         faults.mkdir(exist_ok=True)
-        path = faults / f"step_{step:06d}.pt"
+        path = faults / (f"step_{step:06d}.pt" if self.world == 1 else f"step_{step:06d}.rank{self.rank}.pt")
         torch.save({"step": step, "where": e.where, "error": str(e), **e.payload}, path)
-        rundir.append_jsonl(self.run_dir / "faults.jsonl", {
-            "step": step, "kind": "nonfinite", "where": e.where, "error": str(e), "batch": str(path.name),
-            "optimizer_steps_applied": self._updates, "streak": self.nonfinite_streak})
-        print(f"rlbench: {e}; update skipped ({self.nonfinite_streak} in a row, batch saved to {path})", file=sys.stderr)
+        if self.is_main:
+            rundir.append_jsonl(self.run_dir / "faults.jsonl", {
+                "step": step, "kind": "nonfinite", "where": e.where, "error": str(e), "batch": str(path.name),
+                "optimizer_steps_applied": self._updates, "streak": self.nonfinite_streak})
+            print(f"rlbench: {e}; update skipped ({self.nonfinite_streak} in a row, batch saved to {path})",
+                  file=sys.stderr)
         return {"step": step, "nonfinite/skipped": 1.0, "nonfinite/skipped_total": self.counters["nonfinite/skipped"],
                 **{f"time/{k}": v for k, v in self._last.items()},
                 "tokens/generated_total": self.counters["tokens/generated"]}
@@ -518,11 +562,12 @@ class Trainer:
             rollouts, rewards, sampled, components, sample_metrics = self._sample(step)
         lengths = sampled.lengths()
         gen_tokens = float(lengths.sum().item()) if not self.needs.offline else 0.0
-        self.counters["tokens/generated"] += gen_tokens  # counted before training: a skipped step still cost them
+        self._count("tokens/generated", gen_tokens)  # counted before training: a skipped step still cost them
         extra = {}
-        for res in manager.hook().rlbench_on_rollouts(step=step, rollouts=sampled, rewards=components,
-                                                      run_dir=str(self.run_dir), config=cfg):
-            extra.update(res or {})
+        if self.is_main:  # event hooks see rank 0's shard (in a multi-process run)
+            for res in manager.hook().rlbench_on_rollouts(step=step, rollouts=sampled, rewards=components,
+                                                          run_dir=str(self.run_dir), config=cfg):
+                extra.update(res or {})
 
         # Reference / old-policy logprobs come first, so prepare() may use them (KL-in-reward algorithms).
         inputs = rollouts.model_inputs()
@@ -532,15 +577,15 @@ class Trainer:
                 ctx.ref_logprobs = lpmod.batched_logprobs(
                     self.reference, inputs["input_ids"].to(self.device), inputs["attention_mask"].to(self.device),
                     C, cfg.train.micro_batch_size).cpu()  # [N, C]
-                self.counters["tokens/reference"] += inputs["attention_mask"].sum().item()
+                self._count("tokens/reference", inputs["attention_mask"].sum().item())
             if self.needs.old_logprobs:
-                self.counters["tokens/old_logprobs"] += inputs["attention_mask"].sum().item()
+                self._count("tokens/old_logprobs", inputs["attention_mask"].sum().item())
                 self.model.eval()
                 ctx.old_logprobs = lpmod.batched_logprobs(
                     self.model, inputs["input_ids"].to(self.device), inputs["attention_mask"].to(self.device),
                     C, cfg.train.micro_batch_size).cpu()  # [N, C]
             if self.critic is not None:
-                self.counters["tokens/critic"] += inputs["attention_mask"].sum().item()
+                self._count("tokens/critic", inputs["attention_mask"].sum().item())
                 self.critic.eval()
                 with torch.no_grad():
                     ctx.values = torch.cat([
@@ -570,14 +615,18 @@ class Trainer:
                 ctx.epoch = epoch
                 for i, mb in enumerate(self._mini_batches(batch, step, epoch)):
                     self.optimizer.zero_grad(set_to_none=True)
-                    try:
+                    mb = self._global_totals(mb)
+                    params = [p for p in self.model.parameters()] + (list(self.critic.parameters()) if self.critic else [])
+                    with self._no_sync():  # gradients are summed over ranks once, below
                         m = accumulate_gradients(self.model, self.algorithm, mb, cfg.train.micro_batch_size, ctx,
                                                  backward=self.accelerator.backward,
                                                  is_cap=cfg.rollout.is_cap if cfg.rollout.is_correction else None,
                                                  pairs=self.needs.pairs, critic=self.critic)
-                    except NonFiniteError as e:
-                        e.payload = self._fault_payload(rollouts, rewards, mb, epoch, i)
-                        raise
+                    m = self._reduce_train_metrics(m)
+                    if m.get("nonfinite_loss", 0.0) > 0:
+                        raise NonFiniteError("loss", step, f"{m.get('nonfinite_value', float('nan'))}",
+                                             self._fault_payload(rollouts, rewards, mb, epoch, i))
+                    dist.sum_gradients(params)
                     if epoch == 0 and i == 0 and m.get("sync/logprob_drift", 0.0) > self.max_drift:
                         self.optimizer.zero_grad(set_to_none=True)
                         raise TrainingError(
@@ -586,7 +635,6 @@ class Trainer:
                             f"above rollout.max_logprob_drift={self.max_drift:g}. The engine is not serving the trained "
                             f"weights (is engine.sync off, or did a weight sync fail?). No update was applied; the last "
                             f"checkpoint is intact.")
-                    params = list(self.model.parameters()) + (list(self.critic.parameters()) if self.critic else [])
                     grad_norm = float(self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
                     if not math.isfinite(grad_norm):
                         raise NonFiniteError("gradient norm", step, f"{grad_norm}",
@@ -603,10 +651,25 @@ class Trainer:
             # first epoch's mini-batches; the sync drift from the first one only (later ones follow an update).
             train_metrics = {k: sum(m.get(k, 0.0) for m in first) / len(first) for k in first[0]}
             train_metrics.update({k: v for k, v in first[0].items() if k.startswith("sync/")})
-            self.counters["tokens/trained"] += batch["attention_mask"].sum().item() * self.needs.epochs
+            self._count("tokens/trained", batch["attention_mask"].sum().item() * self.needs.epochs)
         with self._timed("sync"):
             self.engine.sync(self.policy)  # every optimizer step: the next rollouts use the new weights
 
+        if self.world > 1:  # reward and length statistics over every rank's completions
+            parts = dist.gather_objects(({k: v.tolist() for k, v in components.items()}, lengths.tolist(),
+                                         list(sampled.finish_reasons)))
+            components = {k: torch.tensor([x for p in parts for x in p[0][k]]) for k in components}
+            lengths = torch.tensor([x for p in parts for x in p[1]])
+            finish = [f for p in parts for f in p[2]]
+            batch_metrics = {k: v / self.world for k, v in self._sum_over_ranks(batch.metrics).items()}  # mean of ranks
+            rounds = dist.max_floats([sample_metrics.get("sampling/rounds", 0.0)])[0]
+            sample_metrics = self._sum_over_ranks(sample_metrics)  # counts
+            if "sampling/rounds" in sample_metrics:
+                sample_metrics["sampling/rounds"] = rounds
+            gen_tokens = float(lengths.sum().item())
+        else:
+            finish, batch_metrics = list(sampled.finish_reasons), batch.metrics
+        self._flush_counts()
         total_reward = torch.stack(list(components.values())).sum(0) if components else None  # [N sampled]
         metrics = {
             "step": step,
@@ -614,11 +677,11 @@ class Trainer:
                 "reward/std": total_reward.std().item() if total_reward.numel() > 1 else 0.0} if components else {}),
             **{f"reward/{k}": v.mean().item() for k, v in components.items()},
             **train_metrics,
-            **batch.metrics,
+            **batch_metrics,
             **sample_metrics,
-            "completion_len/mean": lengths.mean().item(),
+            "completion_len/mean": lengths.float().mean().item(),
             "completion_len/max": lengths.max().item(),
-            "truncated_frac": sum(f == "length" for f in sampled.finish_reasons) / sampled.n,
+            "truncated_frac": sum(f == "length" for f in finish) / len(finish),
             "lr": lr,
             **{f"time/{k}": v for k, v in self._last.items()},
             "tokens/generated": gen_tokens,
@@ -627,8 +690,52 @@ class Trainer:
             **{f"{k}_total": v for k, v in self.counters.items() if not k.startswith("tokens/") and v},
             **extra,
         }
+        if self.world > 1:  # replicas must hold the same weights: a float64 checksum, compared over ranks
+            with torch.no_grad():
+                c = sum((p.double().sum() + p.double().square().sum()).item() for p in self.policy.parameters())
+            spread = dist.max_floats([c, -c])
+            metrics["dist/param_checksum_spread"] = spread[0] + spread[1]  # max − min
+            metrics["dist/world_size"] = float(self.world)
         metrics.update(self.algorithm.after_step(metrics))
         return metrics
+
+    @contextmanager
+    def _no_sync(self):
+        """No DDP all-reduce on each backward (policy and critic); ``dist.sum_gradients`` does it once."""
+        from contextlib import ExitStack
+
+        with ExitStack() as stack:
+            if self.world > 1:
+                stack.enter_context(self.accelerator.no_sync(self.model))
+                if self.critic is not None:
+                    stack.enter_context(self.accelerator.no_sync(self.critic))
+            yield
+
+    def _global_totals(self, mb: TrainBatch) -> TrainBatch:
+        """The loss normalisers summed over ranks: each rank's loss is its share of the global batch's."""
+        if self.world == 1:
+            return mb
+        keys = [k for k in ("seqs", "tokens", "pairs") if k in mb.totals]
+        totals = dict(mb.totals)
+        totals.update(zip(keys, dist.sum_floats([mb.totals[k] for k in keys])))
+        return TrainBatch(mb.tensors, totals, mb.metrics)
+
+    @staticmethod
+    def _sum_over_ranks(d: dict) -> dict:
+        keys = sorted(set().union(*dist.gather_objects(sorted(d))))  # ranks may hold different keys
+        return dict(zip(keys, dist.sum_floats([float(d.get(k, 0.0)) for k in keys])))
+
+    def _reduce_train_metrics(self, m: dict) -> dict:
+        """accumulate_gradients' values are shares of global-batch means: summed over ranks; the
+        sync drift's maximum is a maximum. Every rank sends the same keys (union, zeros filled)."""
+        if self.world == 1:
+            return m
+        summed = self._sum_over_ranks(m)
+        if "sync/logprob_drift" in summed:
+            summed["sync/logprob_drift"] = dist.max_floats([m.get("sync/logprob_drift", 0.0)])[0]
+        if "nonfinite_value" in summed:
+            summed["nonfinite_value"] = float("nan")
+        return summed
 
     @staticmethod
     def _fault_payload(rollouts, rewards, mb: TrainBatch, epoch: int, index: int) -> dict:
@@ -657,6 +764,8 @@ class Trainer:
             yield batch.select(rows.to(batch["input_ids"].device))
 
     def _log(self, step: int, metrics: dict) -> None:
+        if not self.is_main:
+            return
         rundir.append_jsonl(self.run_dir / "metrics.jsonl", metrics)
         for lg in getattr(self, "loggers", []):
             lg.log(step, metrics)
@@ -679,18 +788,25 @@ class Trainer:
         t = time.perf_counter()
         rec, rollouts = evaluate(self.engine, self.task, split="test", limit=ev.n, samples=1, max_tokens=ev.max_tokens,
                                  fit_prompts=lambda ps, m: self.fit_prompts(ps, m, step, count=False),
-                                 generate=lambda ps, n, smp: self.generate(ps, n, smp, step))
+                                 generate=lambda ps, n, smp: self.generate(ps, n, smp, step),
+                                 shard=(self.rank, self.world) if self.world > 1 else None,
+                                 gather=dist.gather_objects if self.world > 1 else None)
         rec = {"step": step, **rec}
         if ev.kl:
-            inputs = rollouts.model_inputs()
-            self.model.eval()
-            kl = lpmod.exact_kl(self.policy, self.reference, inputs["input_ids"].to(self.device),
-                                inputs["attention_mask"].to(self.device), rollouts.completion_mask.to(self.device),
-                                self.cfg.train.micro_batch_size)
-            rec["kl"] = (kl.sum() / rollouts.completion_mask.sum().clamp(min=1)).item()
+            kl_sum, tokens = 0.0, 0.0
+            if rollouts is not None:
+                inputs = rollouts.model_inputs()
+                self.model.eval()
+                kl = lpmod.exact_kl(self.policy, self.reference, inputs["input_ids"].to(self.device),
+                                    inputs["attention_mask"].to(self.device), rollouts.completion_mask.to(self.device),
+                                    self.cfg.train.micro_batch_size)
+                kl_sum, tokens = kl.sum().item(), rollouts.completion_mask.sum().item()
+            kl_sum, tokens = dist.sum_floats([kl_sum, tokens])
+            rec["kl"] = kl_sum / max(1.0, tokens)
         rec["time"] = time.perf_counter() - t
         self.times["eval"] = self.times.get("eval", 0.0) + rec["time"]
-        rundir.append_jsonl(self.run_dir / "eval.jsonl", rec)
+        if self.is_main:
+            rundir.append_jsonl(self.run_dir / "eval.jsonl", rec)
         for lg in getattr(self, "loggers", []):
             lg.log(step, {f"eval/{k}": v for k, v in rec.items()
                           if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"})
@@ -716,9 +832,17 @@ class Trainer:
         shutil.rmtree(trash, ignore_errors=True)
 
     def save_checkpoint(self, step: int) -> Path:
+        """Rank 0 writes (every rank holds the same weights, optimizer state and RNG streams, so a
+        checkpoint does not depend on the world size and resumes at any other); the others wait."""
+        final = self.ckpt_dir / f"step_{step:06d}"
+        if self.is_main:
+            self._write_checkpoint(step, final)
+        dist.barrier()
+        return final
+
+    def _write_checkpoint(self, step: int, final: Path) -> None:
         from safetensors.torch import save_file
 
-        final = self.ckpt_dir / f"step_{step:06d}"
         tmp = self.ckpt_dir / f".tmp_step_{step:06d}"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -749,7 +873,6 @@ class Trainer:
         ckpts = self._complete_checkpoints()
         for old in ckpts[: max(0, len(ckpts) - self.cfg.train.keep_checkpoints)]:
             self._discard(old)
-        return final
 
     def _read_checkpoint(self, ck: Path) -> tuple[dict, dict | None, dict]:
         """Load a checkpoint's files into memory (nothing applied yet); raises if one is missing,
@@ -769,8 +892,9 @@ class Trainer:
     def _load_latest(self) -> None:
         """Resume from the newest checkpoint that loads; an unreadable one is reported and the
         next older one is tried. Records written after the checkpoint are dropped."""
-        for leftover in list(self.ckpt_dir.glob(".tmp_step_*")) + list(self.ckpt_dir.glob(".old_step_*")):
-            shutil.rmtree(leftover, ignore_errors=True)  # an interrupted write or deletion
+        if self.is_main:
+            for leftover in list(self.ckpt_dir.glob(".tmp_step_*")) + list(self.ckpt_dir.glob(".old_step_*")):
+                shutil.rmtree(leftover, ignore_errors=True)  # an interrupted write or deletion
         ckpts = self._complete_checkpoints()
         if not ckpts:  # killed before its first checkpoint: start again from step 0
             print(f"rlbench: no complete checkpoint under {self.ckpt_dir}; starting from step 0", file=sys.stderr)
@@ -805,6 +929,8 @@ class Trainer:
 
     def _drop_records_after(self, step: int) -> None:
         """Records written after the checkpoint resumed from belong to the lost future: drop them."""
+        if not self.is_main:
+            return
         for name in ("metrics.jsonl", "eval.jsonl", "faults.jsonl"):
             rundir.truncate_jsonl(self.run_dir / name, lambda r: r.get("step", 0) <= step)
 
@@ -852,8 +978,16 @@ class Trainer:
             "steps_done": self.step_done,
             "stopped_by": "token_budget" if self.budget_spent() else "steps",
         }
-        rundir.write_json(self.run_dir / "cost.json", cost)
+        if self.is_main:
+            rundir.write_json(self.run_dir / "cost.json", cost)
         return cost
+
+
+def dist_rank_from_env() -> int:
+    """This process's rank under ``accelerate launch`` / torchrun (0 when launched alone)."""
+    import os
+
+    return int(os.environ.get("RANK", "0"))
 
 
 def start(cfg: cfgmod.Config, run_dir: Path, resume: bool = False) -> Trainer:
@@ -862,10 +996,11 @@ def start(cfg: cfgmod.Config, run_dir: Path, resume: bool = False) -> Trainer:
     if not resume and (run_dir / "metrics.jsonl").exists():
         raise TrainingError(f"run directory {run_dir} already holds a run; use --resume {run_dir} or another --out/--set run.name")
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    main = dist_rank_from_env() == 0
+    if not resume and main:
         cfgmod.dump(cfg, run_dir / "config.yaml")
     trainer = Trainer(cfg, run_dir, resume=resume)
-    if not resume or not (run_dir / "manifest.json").is_file():  # a run killed before writing it
+    if trainer.is_main and (not resume or not (run_dir / "manifest.json").is_file()):  # or killed before writing it
         import hashlib
         import json
 
@@ -873,6 +1008,7 @@ def start(cfg: cfgmod.Config, run_dir: Path, resume: bool = False) -> Trainer:
         man = rundir.manifest(
             config=cfg.to_dict(), model_hash=trainer.model_hash, data_hash=data_hash, device=str(trainer.device),
             engine=cfg.names["engine"], seed=cfg.run.seed, engine_requested=cfg.names.get("engine_requested"))
+        man["world_size"] = trainer.world
         info = getattr(trainer.task, "manifest_info", None)
         if info:
             man["task_info"] = info()  # e.g. the code sandbox's isolation level

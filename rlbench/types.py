@@ -276,3 +276,13 @@ class Sampling:
     max_tokens: int = 64
     greedy: bool = False
     logprobs: bool = True  # report sampled-token logprobs (evaluation turns it off)
+    # Set: each prompt's samples are drawn from a generator seeded by (seed, prompt id), so they
+    # do not depend on the batch, the shard or the world size (rollout.batch_invariant_sampling).
+    seed: int | None = None
+
+
+def prompt_seed(seed: int, prompt_id: str) -> int:
+    """A 63-bit seed for one prompt's samples (stable across processes and Python versions)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()[:8], "little") >> 1

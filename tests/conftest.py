@@ -35,36 +35,11 @@ def tokenizer():
     return models.load_tokenizer("tiny-random")
 
 
-# -- a task the tiny random model can learn (registered at run time, like a notebook would) --
-
-from dataclasses import dataclass  # noqa: E402
+# -- a task the tiny random model can learn (registered at run time, like a notebook would;
+# subprocesses load the same module through RLBENCH_PLUGINS) --
 
 import rlbench  # noqa: E402
-from rlbench.types import Prompt  # noqa: E402
-
-
-@dataclass
-class FirstCharConfig:
-    pass
-
-
-class FirstChar:
-    """Reward 1 when the completion's first character is a lowercase letter: about
-    a quarter of the samples of a random model with init std 0.3 (peaked enough that
-    moving its few likely first tokens is learnable; at std 0.02 the output is uniform over 49k tokens)."""
-
-    Config = FirstCharConfig
-
-    def __init__(self, config, tokenizer):
-        self.tok = tokenizer
-
-    def prompts(self, split, n, seed):
-        text = self.tok.apply_chat_template([{"role": "user", "content": "Say something."}], tokenize=False,
-                                            add_generation_prompt=True)
-        return [Prompt(id=f"p{i}", text=text, answer=None) for i in range(n)]
-
-    def score(self, prompts, texts):
-        return {"accuracy": [1.0 if t[:1].islower() else 0.0 for t in texts]}
+from rlbench_testing_plugins import FirstChar  # noqa: E402,F401
 
 
 class FirstCharPlugin:

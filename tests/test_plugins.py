@@ -60,6 +60,19 @@ def test_allow_list_env_var_limits_loaded_plugins():
     assert names == {"grpo", "hf"}
 
 
+def test_plugins_env_var_registers_modules_without_packaging():
+    import os
+
+    tests_dir = str(Path(__file__).resolve().parent)
+    env = {"RLBENCH_PLUGINS": "rlbench_testing_plugins", "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    rows = json.loads(_cli("plugins", "--json", env=env).stdout)
+    assert {"kind": "task", "name": "first_char", "source": "env:rlbench_testing_plugins"}.items() <= \
+        next(r for r in rows if r["name"] == "first_char").items()
+    r = _cli("plugins", env={"RLBENCH_PLUGINS": "no_such_plugin_module"})
+    assert r.returncode == 2
+    assert "RLBENCH_PLUGINS: module 'no_such_plugin_module' failed to import: No module named" in r.stderr
+
+
 class _OldPlugin:
     RLBENCH_API_VERSION = hookspecs.API_VERSION + 1
 

@@ -6,6 +6,11 @@ logprob (log_softmax of the unprocessed logits, the convention vLLM uses), so
 the trainer can compare like with like. It samples from the live policy module,
 so ``sync`` has nothing to copy: its weights are never stale.
 
+With ``Sampling.seed`` set (``rollout.batch_invariant_sampling``) each prompt is generated in
+a call of its own from a generator seeded by (seed, prompt id): the samples then do not depend
+on which other prompts share the batch, the shard or the world size (slower: no batching
+across prompts).
+
 Not covered: speculative decoding, prefix caching across groups (each of the
 G samples re-encodes its prompt; vLLM's engine shares it).
 """
@@ -17,7 +22,7 @@ import torch
 
 import rlbench
 from rlbench.models import stop_token_ids
-from rlbench.types import Prompt, Rollouts, Sampling
+from rlbench.types import Prompt, Rollouts, Sampling, prompt_seed
 
 
 @rlbench.hookimpl
@@ -58,8 +63,15 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            for s in range(0, len(prompts), per_call):
-                pieces.append(self._generate(prompt_ids[s:s + per_call], n, sampling))
+            if sampling.seed is not None and not sampling.greedy:
+                # batch-invariant: one call per prompt, its own seed, the global RNG left as it was
+                for prompt, ids in zip(prompts, prompt_ids):
+                    with torch.random.fork_rng(devices=[self.device] if torch.device(self.device).type == "cuda" else []):
+                        torch.manual_seed(prompt_seed(sampling.seed, prompt.id))
+                        pieces.append(self._generate([ids], n, sampling))
+            else:
+                for s in range(0, len(prompts), per_call):
+                    pieces.append(self._generate(prompt_ids[s:s + per_call], n, sampling))
         finally:
             self.model.train(was_training)
         C = max(p[0].shape[1] for p in pieces)

@@ -35,7 +35,7 @@ import torch
 
 import rlbench
 from rlbench.models import stop_token_ids
-from rlbench.types import Prompt, Rollouts, Sampling
+from rlbench.types import Prompt, Rollouts, Sampling, prompt_seed
 
 
 @rlbench.hookimpl
@@ -141,6 +141,10 @@ class VLLMEngine:
             max_tokens=sampling.max_tokens, stop_token_ids=self.stops,
             logprobs=0 if sampling.logprobs else None, detokenize=True)
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids for _ in range(reps)]
+        if sampling.seed is not None and not sampling.greedy:  # per-request seeds: batch-invariant samples
+            params = [params.clone() for _ in requests]
+            for p, prompt in zip(params, [p for p in prompts for _ in range(reps)]):
+                p.seed = prompt_seed(sampling.seed, prompt.id)
         outs = self.llm.generate(requests, params, use_tqdm=False)
         rows = [c for o in outs for c in o.outputs]  # group-major: request order, then sample order
         C = max(1, max(len(c.token_ids) for c in rows))
