@@ -39,11 +39,26 @@ class ModelConfig:
     tiny_layers: int = 2
     tiny_hidden: int = 64
     tiny_init_std: float = 0.02  # larger (e.g. 0.5) gives a peaked, lower-entropy random model
+    # LoRA (peft): > 0 trains adapters of this rank instead of every weight; the engine gets the
+    # merged weights at every sync (rlbench/lora.py). QLoRA = this plus a 4-bit reference.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"])
+    # The frozen reference in 8-bit or 4-bit (bitsandbytes nf4) to save memory. Its own error is
+    # measured at start (|Δ token logprob| against full precision, in manifest.json and beside
+    # every KL as kl/ref_quant_error): on the 135M model nf4 moves logprobs by > 1 nat on average,
+    # so a KL against it is mostly quantisation noise there.
+    reference_quantization: str = "none"  # none | 8bit | 4bit
 
     def validate(self):
         from rlbench import models
 
-        _positive(self, "tiny_layers", "tiny_hidden", "tiny_init_std")
+        _positive(self, "tiny_layers", "tiny_hidden", "tiny_init_std", "lora_alpha")
+        _at_least(self, 0, "lora_rank", "lora_dropout")
+        if self.reference_quantization not in ("none", "8bit", "4bit"):
+            raise ValueError(f"reference_quantization must be none, 8bit or 4bit, got {self.reference_quantization!r}")
         try:  # a local path that does not exist fails here, before anything is loaded
             models.check_name(self.name)
         except models.ModelError as e:
@@ -105,6 +120,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # R1 recipe: 0.5-1.0; guards against long-completion blow-ups
     micro_batch_size: int = 16  # sequences per forward/backward; gradients accumulate to the full batch
     gradient_checkpointing: bool = False
+    # Run each distinct prompt of a micro-batch once and its G completions on its KV cache
+    # (rlbench/logprobs.py): the same logprobs and gradients (to float rounding), far fewer
+    # tokens when prompts are long and answers short. Off automatically with gradient checkpointing.
+    share_prompt_forward: bool = True
     checkpoint_every: int = 10  # steps between resumable checkpoints (0 = only at the end)
     keep_checkpoints: int = 2
     # A step whose rewards, loss or gradients are NaN/inf applies no update (counted as

@@ -163,3 +163,27 @@ def load(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, tiny_l
     model.generation_config.eos_token_id = stop_token_ids(tok)
     model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+def quantized_copy(model, mode: str, device):
+    """A frozen bitsandbytes copy of ``model`` (8bit, or 4bit nf4), loaded from its saved weights."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ModelError("model.reference_quantization needs bitsandbytes: pip install bitsandbytes") from e
+    on_gpu = torch.device(device).type == "cuda"
+    if mode == "8bit":
+        q = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_compute_dtype=torch.bfloat16 if on_gpu else torch.float32)
+    with tempfile.TemporaryDirectory(prefix="rlbench-ref-") as d:
+        model.save_pretrained(d, safe_serialization=True)
+        ref = AutoModelForCausalLM.from_pretrained(d, quantization_config=q, dtype=next(model.parameters()).dtype,
+                                                   device_map={"": torch.device(device).index or 0} if on_gpu else "cpu")
+    ref.generation_config = model.generation_config
+    return ref.eval().requires_grad_(False)

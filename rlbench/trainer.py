@@ -68,7 +68,7 @@ def _is_oom(e: BaseException) -> bool:
 
 def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: int, ctx: StepContext,
                          backward=None, is_cap: float | None = None, pairs: bool = False,
-                         critic=None) -> dict[str, float]:
+                         critic=None, share_prompts: bool = True) -> dict[str, float]:
     """Forward + backward over micro-batches; gradients accumulate in ``.grad``.
 
     Returns the batch's loss and the algorithm's metrics (summed shares), the
@@ -85,12 +85,15 @@ def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: 
     drift_max = 0.0
     if pairs:  # keep (chosen, rejected) rows together: original order, an even micro-batch size
         micro_batches = batch.split(max(2, micro_batch_size - micro_batch_size % 2))
+    elif share_prompts:  # a group's rows together (one prompt forward each), similar prompt lengths together
+        micro_batches = batch.sorted_by_length(prompt_only=True).split(micro_batch_size)
     else:  # similar lengths together: less padding per micro-batch
         micro_batches = batch.sorted_by_length().split(micro_batch_size)
     for micro in micro_batches:
         micro = micro.trimmed()
         C = micro["completion_mask"].shape[1]
-        logp, ent = lpmod.token_logprobs(model, micro["input_ids"], micro["attention_mask"], C, with_entropy=True)
+        logp, ent = lpmod.token_logprobs(model, micro["input_ids"], micro["attention_mask"], C, with_entropy=True,
+                                         share_prompts=share_prompts)
         mask = micro["completion_mask"]
         if "sampler_logprobs" in micro:
             gap = (logp.detach() - micro["sampler_logprobs"]) * mask  # [n, C]
@@ -183,8 +186,18 @@ class Trainer:
         self.n_params = sum(p.numel() for p in policy.parameters())
         self.n_critic = 0
         self.model_hash = rundir.tensor_hash(sorted(policy.state_dict().items())[:4])
-        # The frozen reference: a separate copy, never handed to the optimizer.
-        self.reference = copy.deepcopy(policy).eval().requires_grad_(False).to(self.device)
+        # The frozen reference: a separate copy (or its 8/4-bit quantisation), never handed to the optimizer.
+        self.ref_quant: dict | None = None
+        if cfg.model.reference_quantization != "none":
+            self.reference = models.quantized_copy(policy, cfg.model.reference_quantization, self.device)
+        else:
+            self.reference = copy.deepcopy(policy).eval().requires_grad_(False).to(self.device)
+        self.lora = cfg.model.lora_rank > 0
+        if self.lora:
+            from rlbench import lora
+
+            policy = lora.apply(policy, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_dropout,
+                                cfg.model.lora_targets)
         if cfg.train.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
             policy.config.use_cache = False
@@ -198,7 +211,9 @@ class Trainer:
             raise cfgmod.ConfigError(f"config: rollout.group_size={cfg.rollout.group_size} but algorithm "
                                      f"{cfg.names['algorithm']!r} needs at least {self.needs.group_size}")
 
-        groups = [{"params": list(policy.parameters()), "lr": cfg.train.lr}]
+        if self.lora and self.needs.critic:
+            raise cfgmod.ConfigError("config: model.lora_rank with an algorithm that trains a critic (ppo) is not supported")
+        groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.train.lr}]
         critic = None
         if self.needs.critic:  # initialised from the policy; trained by the same optimizer, its own lr
             from rlbench.critic import ValueModel
@@ -220,8 +235,8 @@ class Trainer:
         self.critic = self.accelerator.prepare(critic) if critic is not None else None
         if critic is not None:
             self.n_critic = sum(p.numel() for p in critic.parameters())
-        self.engine = manager.get("engine", cfg.names["engine"])(cfg.engine, self.policy, self.tok, self.device,
-                                                                 seed=cfg.run.seed)
+        self.engine = manager.get("engine", cfg.names["engine"])(cfg.engine, self.engine_model(), self.tok,
+                                                                 self.device, seed=cfg.run.seed)
         self.max_drift = cfg.rollout.max_logprob_drift or (2.0 if use_cuda else 1e-3)
 
         self.step_done = 0
@@ -234,6 +249,8 @@ class Trainer:
         self.sampling = Sampling(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_tokens)
         if resume:
             self._load_latest()
+        if cfg.model.reference_quantization != "none":
+            self.ref_quant = self._reference_quantization_error(resume)
         self.loggers = [manager.get("logger", name)(self.run_dir, cfg) for name in cfg.logging.loggers] \
             if self.is_main else []
         self._pending: dict[str, float] = {}  # this rank's counter increments, summed over ranks once per step
@@ -241,6 +258,45 @@ class Trainer:
     @property
     def policy(self):
         return self.accelerator.unwrap_model(self.model)
+
+    def engine_model(self):
+        """A plain model with the current weights to build an engine from (LoRA: adapters merged)."""
+        if self.lora:
+            from rlbench import lora
+
+            return lora.merged_copy(self.policy)
+        return self.policy
+
+    def sync_engine(self) -> None:
+        """Hand the engine the current weights (LoRA: merged on the fly, rlbench/lora.py)."""
+        if self.lora:
+            from rlbench import lora
+
+            self.engine.sync(lora.MergedView(self.policy))
+        else:
+            self.engine.sync(self.policy)
+
+    @torch.no_grad()
+    def _reference_quantization_error(self, resume: bool) -> dict:
+        """|Δ token logprob| between the quantised reference and full precision (the untrained
+        policy) on greedy completions of up to 32 held-out problems; on resume, the start's figure."""
+        if resume:
+            man = self.run_dir / "manifest.json"
+            if man.is_file():
+                return json.loads(man.read_text()).get("reference_quantization")
+        prompts = self.task.prompts("test", min(32, self.cfg.eval.n), seed=0)
+        ro = self.engine.generate(prompts, 1, Sampling(max_tokens=self.cfg.eval.max_tokens, greedy=True, logprobs=False))
+        inputs = {k: v.to(self.device) for k, v in ro.model_inputs().items()}
+        C, mask = ro.completion_ids.shape[1], ro.completion_mask.to(self.device)
+        self.model.eval()
+        full = lpmod.batched_logprobs(self.policy, inputs["input_ids"], inputs["attention_mask"], C,
+                                      self.cfg.train.micro_batch_size)  # [n, C]
+        quant = lpmod.batched_logprobs(self.reference, inputs["input_ids"], inputs["attention_mask"], C,
+                                       self.cfg.train.micro_batch_size)  # [n, C]
+        gap = (full - quant).abs() * mask
+        tokens = mask.sum().clamp(min=1)
+        return {"mode": self.cfg.model.reference_quantization, "mean_abs_logprob_error": (gap.sum() / tokens).item(),
+                "max_abs_logprob_error": gap.max().item(), "tokens": int(tokens.item()), "completions": len(prompts)}
 
     # -- the loop ------------------------------------------------------------
     def run(self) -> dict:
@@ -454,7 +510,7 @@ class Trainer:
             self.close()
         except Exception as e:  # noqa: BLE001 - a dead engine may fail to close; the new one matters
             print(f"rlbench: closing the failed engine raised {type(e).__name__}: {e}", file=sys.stderr)
-        self.engine = manager.get("engine", self.cfg.names["engine"])(self.cfg.engine, self.policy, self.tok,
+        self.engine = manager.get("engine", self.cfg.names["engine"])(self.cfg.engine, self.engine_model(), self.tok,
                                                                       self.device, seed=self.cfg.run.seed)
 
     def _sample(self, step: int):
@@ -526,7 +582,7 @@ class Trainer:
         except NonFiniteError as e:  # raised on every rank alike (the decision is agreed on)
             self.optimizer.zero_grad(set_to_none=True)
             if self._updates:  # an earlier mini-batch of this step was applied: the engine needs it
-                self.engine.sync(self.policy)
+                self.sync_engine()
             self._flush_counts()
             return self._skipped(step, e)
         self.nonfinite_streak = 0
@@ -576,14 +632,14 @@ class Trainer:
             if self.needs.reference or self.cfg.eval.kl:
                 ctx.ref_logprobs = lpmod.batched_logprobs(
                     self.reference, inputs["input_ids"].to(self.device), inputs["attention_mask"].to(self.device),
-                    C, cfg.train.micro_batch_size).cpu()  # [N, C]
+                    C, cfg.train.micro_batch_size, cfg.train.share_prompt_forward).cpu()  # [N, C]
                 self._count("tokens/reference", inputs["attention_mask"].sum().item())
             if self.needs.old_logprobs:
                 self._count("tokens/old_logprobs", inputs["attention_mask"].sum().item())
                 self.model.eval()
                 ctx.old_logprobs = lpmod.batched_logprobs(
                     self.model, inputs["input_ids"].to(self.device), inputs["attention_mask"].to(self.device),
-                    C, cfg.train.micro_batch_size).cpu()  # [N, C]
+                    C, cfg.train.micro_batch_size, cfg.train.share_prompt_forward).cpu()  # [N, C]
             if self.critic is not None:
                 self._count("tokens/critic", inputs["attention_mask"].sum().item())
                 self.critic.eval()
@@ -621,7 +677,8 @@ class Trainer:
                         m = accumulate_gradients(self.model, self.algorithm, mb, cfg.train.micro_batch_size, ctx,
                                                  backward=self.accelerator.backward,
                                                  is_cap=cfg.rollout.is_cap if cfg.rollout.is_correction else None,
-                                                 pairs=self.needs.pairs, critic=self.critic)
+                                                 pairs=self.needs.pairs, critic=self.critic,
+                                                 share_prompts=cfg.train.share_prompt_forward)
                     m = self._reduce_train_metrics(m)
                     if m.get("nonfinite_loss", 0.0) > 0:
                         raise NonFiniteError("loss", step, f"{m.get('nonfinite_value', float('nan'))}",
@@ -635,12 +692,15 @@ class Trainer:
                             f"above rollout.max_logprob_drift={self.max_drift:g}. The engine is not serving the trained "
                             f"weights (is engine.sync off, or did a weight sync fail?). No update was applied; the last "
                             f"checkpoint is intact.")
+                    self._t_backward = time.perf_counter()
                     grad_norm = float(self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
                     if not math.isfinite(grad_norm):
                         raise NonFiniteError("gradient norm", step, f"{grad_norm}",
                                              self._fault_payload(rollouts, rewards, mb, epoch, i))
                     self.optimizer.step()
                     self.scheduler.step()
+                    dt = time.perf_counter() - self._t_backward  # gradient sum over ranks excluded
+                    self._last["optimizer"] = self._last.get("optimizer", 0.0) + dt  # part of time/train
                     self._updates += 1
                     self.counters["grad/clipped"] += float(grad_norm > cfg.train.max_grad_norm)
                     m["grad_norm"] = grad_norm
@@ -653,7 +713,7 @@ class Trainer:
             train_metrics.update({k: v for k, v in first[0].items() if k.startswith("sync/")})
             self._count("tokens/trained", batch["attention_mask"].sum().item() * self.needs.epochs)
         with self._timed("sync"):
-            self.engine.sync(self.policy)  # every optimizer step: the next rollouts use the new weights
+            self.sync_engine()  # every optimizer step: the next rollouts use the new weights
 
         if self.world > 1:  # reward and length statistics over every rank's completions
             parts = dist.gather_objects(({k: v.tolist() for k, v in components.items()}, lengths.tolist(),
@@ -669,6 +729,7 @@ class Trainer:
             gen_tokens = float(lengths.sum().item())
         else:
             finish, batch_metrics = list(sampled.finish_reasons), batch.metrics
+        trained_before = self.counters["tokens/trained"]
         self._flush_counts()
         total_reward = torch.stack(list(components.values())).sum(0) if components else None  # [N sampled]
         metrics = {
@@ -686,6 +747,8 @@ class Trainer:
             **{f"time/{k}": v for k, v in self._last.items()},
             "tokens/generated": gen_tokens,
             "tokens/generated_total": self.counters["tokens/generated"],
+            "tokens/trained": self.counters["tokens/trained"] - trained_before,  # prompt + completion, all epochs
+            **({"kl/ref_quant_error": self.ref_quant["mean_abs_logprob_error"]} if self.ref_quant else {}),
             # fault counters (gradient clips, skipped prompts, engine retries/restarts, skipped steps) once non-zero
             **{f"{k}_total": v for k, v in self.counters.items() if not k.startswith("tokens/") and v},
             **extra,
@@ -799,10 +862,12 @@ class Trainer:
                 self.model.eval()
                 kl = lpmod.exact_kl(self.policy, self.reference, inputs["input_ids"].to(self.device),
                                     inputs["attention_mask"].to(self.device), rollouts.completion_mask.to(self.device),
-                                    self.cfg.train.micro_batch_size)
+                                    self.cfg.train.micro_batch_size, self.cfg.train.share_prompt_forward)
                 kl_sum, tokens = kl.sum().item(), rollouts.completion_mask.sum().item()
             kl_sum, tokens = dist.sum_floats([kl_sum, tokens])
             rec["kl"] = kl_sum / max(1.0, tokens)
+        if self.ref_quant:
+            rec["ref_quant_error"] = self.ref_quant["mean_abs_logprob_error"]
         rec["time"] = time.perf_counter() - t
         self.times["eval"] = self.times.get("eval", 0.0) + rec["time"]
         if self.is_main:
@@ -924,7 +989,7 @@ class Trainer:
         self.nonfinite_streak = state.get("nonfinite_streak", 0)
         _set_rng_state(state["rng"])
         self.step_done = state["step"]
-        self.engine.sync(self.policy)
+        self.sync_engine()
         self._drop_records_after(self.step_done)
 
     def _drop_records_after(self, step: int) -> None:
@@ -1009,6 +1074,8 @@ def start(cfg: cfgmod.Config, run_dir: Path, resume: bool = False) -> Trainer:
             config=cfg.to_dict(), model_hash=trainer.model_hash, data_hash=data_hash, device=str(trainer.device),
             engine=cfg.names["engine"], seed=cfg.run.seed, engine_requested=cfg.names.get("engine_requested"))
         man["world_size"] = trainer.world
+        if trainer.ref_quant:
+            man["reference_quantization"] = trainer.ref_quant
         info = getattr(trainer.task, "manifest_info", None)
         if info:
             man["task_info"] = info()  # e.g. the code sandbox's isolation level

@@ -156,9 +156,12 @@ class TrainBatch:
             totals["pairs"] = float(max(1, len(rows) // 2))
         return TrainBatch(tensors, totals, dict(self.metrics))
 
-    def sorted_by_length(self) -> "TrainBatch":
-        """Rows reordered longest first, so micro-batches hold similar lengths (less padding)."""
-        order = torch.argsort(self.tensors["attention_mask"].sum(-1), descending=True, stable=True)
+    def sorted_by_length(self, prompt_only: bool = False) -> "TrainBatch":
+        """Rows reordered longest first, so micro-batches hold similar lengths (less padding).
+        ``prompt_only``: by prompt length, stable, so a group's rows stay together."""
+        am = self.tensors["attention_mask"]
+        lengths = am[:, :am.shape[1] - self.tensors["completion_mask"].shape[1]].sum(-1) if prompt_only else am.sum(-1)
+        order = torch.argsort(lengths, descending=True, stable=True)
         return dataclasses.replace(self, tensors={k: v[order] for k, v in self.tensors.items()})
 
     def trimmed(self) -> "TrainBatch":

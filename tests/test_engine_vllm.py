@@ -134,3 +134,22 @@ def test_a_dead_vllm_engine_is_rebuilt_from_the_trained_weights(tmp_path, first_
         tr.close()
     finally:
         manager.unregister(name)
+
+
+def test_lora_run_syncs_merged_weights_to_vllm(tmp_path, first_char_task):
+    """LoRA: vLLM serves plain weights, so every sync merges W + (α/r)·B·A; the stale-weight check
+    (sampler vs the adapted policy, 1e-3) passes on every step while the adapters move."""
+    pytest.importorskip("peft")
+    cfg = tiny_config(*FAST, "train.steps=3", "model.lora_rank=8", "model.lora_alpha=32", engine={"name": "vllm"},
+                      task={"name": "first_char"})
+    tr = start(cfg, tmp_path / "v")
+    tr.run()
+    lines = rundir.read_jsonl(tmp_path / "v" / "metrics.jsonl")
+    assert all(r["sync/logprob_drift"] < 1e-4 for r in lines), [r["sync/logprob_drift"] for r in lines]
+    from rlbench import lora
+
+    merged = lora.merged_state_dict(tr.policy)
+    moved = max((merged[k] - v).abs().max().item() for k, v in tr.reference.state_dict().items())
+    assert moved > 1e-3
+    assert _engine_vs_policy(tr) < 1e-4
+    tr.close()
