@@ -25,7 +25,11 @@ skipped or truncated and counted; SIGINT/SIGTERM finish the current step, write 
 checkpoint and return; checkpoints are written to a temporary directory, fsynced
 and renamed, and resume falls back to an older one if the newest does not load.
 
-Not covered here (other issues): multi-process sharding of prompts.
+Several processes (``accelerate launch``): each rank samples a shard of the step's prompts;
+loss normalisers and gradients are summed over ranks (rlbench/dist.py); rank 0 writes.
+
+Not covered: DeepSpeed ZeRO (the gradient sum and the engine sync assume whole parameters
+on every rank), tensor/pipeline parallelism.
 """
 from __future__ import annotations
 
