@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,34 +40,17 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
 
 
 def profile(config: str, sets: list[str], steps: int) -> dict:
-    from rlbench import config as cfgmod
-    from rlbench.trainer import start
+    from _steps import run_steps
 
-    cfg = cfgmod.load(config, ["eval.before=false", "eval.after=false", "train.checkpoint_every=0",
-                               "logging.progress=false", "logging.loggers=[]", f"train.steps={steps}", *sets])
-    with tempfile.TemporaryDirectory() as d:
-        tr = start(cfg, Path(d) / "run")
-        rows = []
-        try:
-            tr.save_checkpoint = lambda step: None  # the profile measures steps, not checkpoint writes
-            for step in range(1, steps + 1):
-                m = tr.step(step)
-                tr.step_done = step
-                rows.append(m)
-        finally:
-            tr.close()
-    timed = rows[1:] or rows
+    run = run_steps(config, sets, steps)
+    timed = run.metrics[1:] or run.metrics
     out = {p: statistics.median(r.get(f"time/{p}", 0.0) for r in timed) for p in PHASES + ["optimizer"]}
     out["step"] = sum(out[p] for p in PHASES)
-    trained = statistics.median(_trained_tokens(r) for r in timed)
-    out["train_flops"] = 6 * tr.n_params * trained / max(out["train"], 1e-9)
-    out["engine"] = cfg.names["engine"]
-    out["params"] = tr.n_params
+    trained = statistics.median(r.get("tokens/trained", 0.0) for r in timed)  # prompt + completion tokens
+    out["train_flops"] = 6 * run.params * trained / max(out["train"], 1e-9)
+    out["engine"] = run.engine
+    out["params"] = run.params
     return out
-
-
-def _trained_tokens(metrics: dict) -> float:
-    return metrics.get("tokens/trained", 0.0)  # this step's prompt + completion tokens, all epochs
 
 
 def main() -> None:

@@ -93,29 +93,15 @@ def run_trl(steps: int, use_vllm: bool) -> list[float]:
 
 
 def run_rlbench(steps: int, engine: str) -> list[float]:
-    from rlbench import config as cfgmod
-    from rlbench.trainer import start
+    from _steps import run_steps
 
-    cfg = cfgmod.load(ROOT / "configs" / "quickstart.yaml", [
-        f"engine.name={engine}", f"train.steps={steps}", f"rollout.prompts_per_step={CONFIG['prompts']}",
+    return run_steps(ROOT / "configs" / "quickstart.yaml", [
+        f"engine.name={engine}", f"rollout.prompts_per_step={CONFIG['prompts']}",
         f"rollout.group_size={CONFIG['group']}", f"rollout.max_tokens={CONFIG['max_tokens']}",
         f"rollout.temperature={CONFIG['temperature']}", f"train.lr={CONFIG['lr']}", "train.warmup_steps=0",
         f"algorithm.beta={CONFIG['beta']}", f"algorithm.epsilon_low={CONFIG['epsilon']}",
-        f"algorithm.epsilon_high={CONFIG['epsilon']}", "algorithm.loss_agg=seq_mean", f"run.seed={CONFIG['seed']}",
-        "eval.before=false", "eval.after=false", "train.checkpoint_every=0", "logging.loggers=[]",
-        "logging.progress=false"])
-    times = []
-    with tempfile.TemporaryDirectory() as d:
-        tr = start(cfg, Path(d) / "run")
-        try:
-            for step in range(1, steps + 1):
-                t = time.perf_counter()
-                tr.step(step)
-                times.append(time.perf_counter() - t)
-                tr.step_done = step
-        finally:
-            tr.close()
-    return times
+        f"algorithm.epsilon_high={CONFIG['epsilon']}", "algorithm.loss_agg=seq_mean", f"run.seed={CONFIG['seed']}"],
+        steps).seconds
 
 
 def child(mode: str, steps: int) -> None:

@@ -19,6 +19,9 @@ gradient checkpointing (transformers turns the cache off there) or when no promp
 """
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -42,10 +45,12 @@ def _can_share(model) -> bool:
 
 def _cache_kwarg(model) -> str:
     """The forward argument carrying a KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
-    import inspect
+    return _cache_kwarg_of(type(_unwrap(model)))
 
-    forward = _unwrap(model).forward
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 # Causal LMs whose logits are exactly lm_head(final hidden state): the LM head can then run on
@@ -106,12 +111,6 @@ def _shared_prompt_states(model, body, prompts: torch.Tensor, prompt_mask: torch
     rest, _ = _forward(model, body, C - 1, input_ids=completions[:, :C - 1], attention_mask=attention_mask[:, :L - 1],
                        position_ids=pos, use_cache=True, **{name: cache})
     return torch.cat([states0, rest], dim=1)  # [N, C, ·]
-
-
-def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, C: int,
-                      share_prompts: bool = True) -> torch.Tensor:
-    """Logits predicting the last C tokens of each row [N, C, V]."""
-    return completion_states(model, input_ids, attention_mask, C, share_prompts)
 
 
 def real_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, C: int,

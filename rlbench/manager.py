@@ -17,6 +17,7 @@ import difflib
 import importlib
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
@@ -138,6 +139,19 @@ def register(plugin: Any, name: str | None = None) -> str:
         raise
     _runtime.append((full, plugin))
     return full
+
+
+@contextmanager
+def registered(*plugins: Any):
+    """Register plugins for the duration of a ``with`` block (a notebook cell, a test)."""
+    names = []
+    try:
+        for plugin in plugins:
+            names.append(register(plugin, name=f"{type(plugin).__name__}-{id(plugin):x}"))
+        yield names
+    finally:
+        for name in names:
+            unregister(name)
 
 
 def unregister(name: str) -> None:

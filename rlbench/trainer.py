@@ -39,6 +39,7 @@ import math
 import random
 import resource
 import shutil
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -325,8 +326,7 @@ class Trainer:
                     self.step_done = step
                     self._log(step, metrics)
                     if dist.any_true(self.stop_signal is not None) and self.stop_signal is None:
-                        import signal as _signal
-                        self.stop_signal = _signal.SIGTERM  # another rank was signalled: stop together
+                        self.stop_signal = signal.SIGTERM  # another rank was signalled: stop together
                     if bar is not None:
                         bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
                                         acc=f"{metrics.get('reward/accuracy', float('nan')):.3f}",
@@ -350,14 +350,12 @@ class Trainer:
                 if bar is not None:
                     bar.close()
             if self.stop_signal is not None and self.step_done < cfg.train.steps and not self.budget_spent():
-                import signal as _signal
-
                 if saved != self.step_done and self.step_done > 0:
                     self.save_checkpoint(self.step_done)
-                name = _signal.Signals(self.stop_signal).name
+                name = signal.Signals(self.stop_signal).name
                 if self.is_main:
                     print(f"rlbench: {name} received: stopped after step {self.step_done}"
-                      + (f", checkpoint {self.latest_checkpoint()}" if self.step_done else "")
+                          + (f", checkpoint {self.latest_checkpoint()}" if self.step_done else "")
                           + f"; continue with: rlbench run --resume {self.run_dir}", file=sys.stderr)
                 for lg in self.loggers:
                     lg.close()
@@ -378,7 +376,6 @@ class Trainer:
     def _stop_on_signals(self):
         """SIGINT / SIGTERM set ``stop_signal`` (the loop stops after the current step); a second
         one raises KeyboardInterrupt. Only in the main thread (Python's rule for handlers)."""
-        import signal
         import threading
 
         if threading.current_thread() is not threading.main_thread():

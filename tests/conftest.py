@@ -52,6 +52,5 @@ class FirstCharPlugin:
 def first_char_task():
     from rlbench import manager
 
-    name = manager.register(FirstCharPlugin(), name="first_char_test")
-    yield
-    manager.unregister(name)
+    with manager.registered(FirstCharPlugin()):
+        yield

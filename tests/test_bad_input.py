@@ -169,13 +169,10 @@ def vllm_beside_torchvision(tmp_path, capsys, monkeypatch):
 def nan_streak(tmp_path, capsys, monkeypatch):
     from test_faults import FaultPlugins
 
-    name = manager.register(FaultPlugins(), name="bad_input_faults")
-    try:
+    with manager.registered(FaultPlugins()):
         cfg = _config(tmp_path, train={"steps": 4, "checkpoint_every": 1},
                       algorithm={"name": "faulty_grpo", "nan_steps": [2, 3, 4]})
         return _cli(capsys, "run", cfg, "--out", tmp_path)
-    finally:
-        manager.unregister(name)
 
 
 class FrozenCopy:
@@ -198,15 +195,10 @@ class FrozenCopy:
 def stale_weights(tmp_path, capsys, monkeypatch):
     from conftest import FirstCharPlugin
 
-    names = [manager.register(FrozenCopy(), name="bad_input_frozen"),
-             manager.register(FirstCharPlugin(), name="bad_input_first_char")]
-    try:
+    with manager.registered(FrozenCopy(), FirstCharPlugin()):
         cfg = _config(tmp_path, engine={"name": "frozen_copy"}, task={"name": "first_char"},
                       model={"tiny_init_std": 0.3}, train={"steps": 3, "lr": 5e-2, "min_lr_ratio": 1.0})
         return _cli(capsys, "run", cfg, "--out", tmp_path)
-    finally:
-        for name in names:
-            manager.unregister(name)
 
 
 CASES = {

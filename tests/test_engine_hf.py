@@ -1,5 +1,4 @@
 """The hf rollout engine: shapes, group order, stop tokens, logprob convention."""
-import pytest
 import torch
 
 from rlbench import logprobs, models

@@ -122,8 +122,7 @@ def test_a_dead_vllm_engine_is_rebuilt_from_the_trained_weights(tmp_path, first_
         def rlbench_rollout_engines(self):
             return {"dying_vllm": Dying}
 
-    name = manager.register(Plugin(), name="dying_vllm_test")
-    try:
+    with manager.registered(Plugin()):
         cfg = tiny_config(*FAST, "train.steps=3", engine={"name": "dying_vllm"}, task={"name": "first_char"})
         tr = start(cfg, tmp_path / "v")
         tr.run()
@@ -132,8 +131,6 @@ def test_a_dead_vllm_engine_is_rebuilt_from_the_trained_weights(tmp_path, first_
         assert all(r["sync/logprob_drift"] < 1e-4 for r in lines), [r["sync/logprob_drift"] for r in lines]
         assert _engine_vs_policy(tr) < 1e-4
         tr.close()
-    finally:
-        manager.unregister(name)
 
 
 def test_lora_run_syncs_merged_weights_to_vllm(tmp_path, first_char_task):

@@ -22,6 +22,7 @@ from rlbench.trainer import Trainer, TrainingError, start
 from rlbench.types import Prompt
 
 from conftest import TINY, tiny_config
+from rlbench_testing_plugins import FirstChar
 
 # -- helpers: a training process of its own ----------------------------------------------
 
@@ -172,16 +173,12 @@ class NaNRewardConfig:
     nan_calls: list = field(default_factory=list)  # score() calls (1-based) that return a NaN reward
 
 
-class NaNRewardTask:
+class NaNRewardTask(FirstChar):
     Config = NaNRewardConfig
 
     def __init__(self, config, tokenizer):
-        self.config, self.tok, self.calls = config, tokenizer, 0
-
-    def prompts(self, split, n, seed):
-        text = self.tok.apply_chat_template([{"role": "user", "content": "Hi."}], tokenize=False,
-                                            add_generation_prompt=True)
-        return [Prompt(id=f"p{i}", text=text, answer=None) for i in range(n)]
+        super().__init__(config, tokenizer)
+        self.config, self.calls = config, 0
 
     def score(self, prompts, texts):
         self.calls += 1
@@ -201,9 +198,8 @@ class FaultPlugins:
 
 @pytest.fixture
 def fault_plugins():
-    name = manager.register(FaultPlugins(), name="fault_plugins_test")
-    yield
-    manager.unregister(name)
+    with manager.registered(FaultPlugins()):
+        yield
 
 
 def _params(tr):
@@ -327,9 +323,8 @@ class FlakyPlugin:
 @pytest.fixture
 def flaky_engine():
     FlakyEngine.instances = []
-    name = manager.register(FlakyPlugin(), name="flaky_engine_test")
-    yield
-    manager.unregister(name)
+    with manager.registered(FlakyPlugin()):
+        yield
 
 
 def test_out_of_memory_retries_with_smaller_batches(tmp_path, flaky_engine):
@@ -394,9 +389,8 @@ class LongPlugin:
 
 @pytest.fixture
 def long_task():
-    name = manager.register(LongPlugin(), name="long_prompt_test")
-    yield
-    manager.unregister(name)
+    with manager.registered(LongPlugin()):
+        yield
 
 
 def test_prompts_longer_than_the_context_are_skipped_and_counted(tmp_path, long_task):

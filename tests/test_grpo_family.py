@@ -1,5 +1,4 @@
 """dr_grpo, rloo, gspo, reinforce_pp: advantages and losses by hand, and each learns."""
-import math
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from rlbench.plugins.algorithms.gspo import GSPO, GSPOConfig
 from rlbench.plugins.algorithms.reinforce_pp import token_returns, whiten
 from rlbench.plugins.algorithms.rloo import leave_one_out_advantages
 from rlbench.trainer import start
-from rlbench.types import StepContext, TrainBatch
+from rlbench.types import StepContext
 
 from conftest import tiny_config
 from test_grpo import _batch

@@ -2,7 +2,6 @@
 from dataclasses import dataclass
 
 import pytest
-import torch
 
 import rlbench
 from rlbench import manager, rundir

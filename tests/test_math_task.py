@@ -2,7 +2,6 @@
 import threading
 import time
 
-import pytest
 
 from rlbench.tasks.hendrycks_math import MATH, MATHConfig, check_many, prediction
 

@@ -73,6 +73,20 @@ def test_plugins_env_var_registers_modules_without_packaging():
     assert "RLBENCH_PLUGINS: module 'no_such_plugin_module' failed to import: No module named" in r.stderr
 
 
+def test_registered_context_manager_unregisters_on_exit():
+    with manager.registered(_Named()) as names:
+        assert manager.get("task", "named_test_task") is dict
+    assert not any(manager.get_plugin_manager().has_plugin(n) for n in names)
+    with pytest.raises(manager.PluginError, match="unknown task 'named_test_task'"):
+        manager.get("task", "named_test_task")
+
+
+class _Named:
+    @rlbench.hookimpl
+    def rlbench_tasks(self):
+        return {"named_test_task": dict}
+
+
 class _OldPlugin:
     RLBENCH_API_VERSION = hookspecs.API_VERSION + 1
 

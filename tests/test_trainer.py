@@ -1,12 +1,11 @@
 """The trainer on tiny-random: frozen reference, gradient accumulation, resume, learning."""
-import json
 
 import pytest
 import torch
 
 from rlbench import rundir
 from rlbench.trainer import Trainer, accumulate_gradients, start
-from rlbench.types import Prompt, StepContext, TrainBatch
+from rlbench.types import StepContext, TrainBatch
 
 from conftest import tiny_config
 
