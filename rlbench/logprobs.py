@@ -113,12 +113,24 @@ def _shared_prompt_states(model, body, prompts: torch.Tensor, prompt_mask: torch
     return torch.cat([states0, rest], dim=1)  # [N, C, ·]
 
 
+def _is_deepspeed(model) -> bool:
+    return type(model).__name__ == "DeepSpeedEngine"
+
+
 def real_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, C: int,
                 share_prompts: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 logits [T, V] at the T real completion positions only (``attention_mask`` of the
     last C columns) and those positions as a bool mask [N, C]. With a split LM head, padding
-    positions never reach the head (on short-answer tasks most of the padded width)."""
-    body, head = _body_and_head(model)
+    positions never reach the head (on short-answer tasks most of the padded width).
+
+    A DeepSpeed engine is called whole, once (``logits_to_keep``): its backward bookkeeping hangs
+    on hooks that its own ``forward`` puts on the outputs, so neither the split head nor the
+    shared prompt forward (which call the model's parts) is used with it."""
+    if _is_deepspeed(model):
+        share_prompts = False
+        body, head = None, None
+    else:
+        body, head = _body_and_head(model)
     real = attention_mask[:, -C:].bool()  # [N, C]
     states = completion_states(model, input_ids, attention_mask, C, share_prompts, body=body)  # [N, C, ·]
     picked = states[real]  # [T, ·]

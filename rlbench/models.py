@@ -47,6 +47,27 @@ def _gguf_path() -> Path:
     return path
 
 
+def save_whole(model, path) -> None:
+    """Write ``model`` as a transformers directory (config, generation config, one safetensors
+    file) from this process, whatever its rank: ``save_pretrained`` writes only on global rank 0
+    once torch.distributed is up (transformers >= 5), and every rank needs its own copy (its vLLM
+    engine, its quantised reference). Tied tensors are written once, as ``save_pretrained`` does."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(path)
+    seen, unique = set(), {}
+    for k, v in model.state_dict().items():
+        key = (v.data_ptr(), tuple(v.shape))
+        if key not in seen:
+            seen.add(key)
+            unique[k] = v.detach().contiguous().cpu()
+    save_file(unique, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
 def embedded_model_dir() -> Path:
     """Convert the GGUF once to a safetensors directory and return it."""
     out = cache_dir() / EMBEDDED
@@ -67,14 +88,21 @@ def embedded_model_dir() -> Path:
         raise ModelError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
     model.tie_weights()
     model.generation_config.eos_token_id = [tok.convert_tokens_to_ids(CHAT_END)]
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if out.exists():
-        import shutil
+    import os
+    import shutil
 
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")  # several processes may convert at once
+    save_whole(model, tmp)
+    tok.save_pretrained(tmp)
+    if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
+        shutil.rmtree(tmp)  # another process finished first
+        return out
+    if out.exists():
         shutil.rmtree(out)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process renamed its copy in between
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -182,7 +210,7 @@ def quantized_copy(model, mode: str, device):
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                bnb_4bit_compute_dtype=torch.bfloat16 if on_gpu else torch.float32)
     with tempfile.TemporaryDirectory(prefix="rlbench-ref-") as d:
-        model.save_pretrained(d, safe_serialization=True)
+        save_whole(model, d)
         ref = AutoModelForCausalLM.from_pretrained(d, quantization_config=q, dtype=next(model.parameters()).dtype,
                                                    device_map={"": torch.device(device).index or 0} if on_gpu else "cpu")
     ref.generation_config = model.generation_config

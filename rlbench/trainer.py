@@ -28,14 +28,19 @@ and renamed, and resume falls back to an older one if the newest does not load.
 Several processes (``accelerate launch``): each rank samples a shard of the step's prompts;
 loss normalisers and gradients are summed over ranks (rlbench/dist.py); rank 0 writes.
 
-Not covered: DeepSpeed ZeRO (the gradient sum and the engine sync assume whole parameters
-on every rank), tensor/pipeline parallelism.
+DeepSpeed ZeRO-2/3 (an accelerate config with ``distributed_type: DEEPSPEED``): the DeepSpeed engine
+reduces, clips and steps (``Trainer._configure_deepspeed``); under ZeRO-3 the engine and the no-grad
+policy passes use a whole copy gathered after every update.
+
+Not covered: tensor/pipeline parallelism; a critic (PPO) or ZeRO-3 LoRA under DeepSpeed; DeepSpeed
+checkpoints resumed at another world size (DeepSpeed's universal checkpoints are not wired in).
 """
 from __future__ import annotations
 
 import copy
 import json
 import math
+import os
 import random
 import resource
 import shutil
@@ -71,9 +76,19 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(e).lower()
 
 
+def split_micro_batches(batch: TrainBatch, micro_batch_size: int, pairs: bool = False,
+                        share_prompts: bool = True) -> list[TrainBatch]:
+    """The micro-batches ``accumulate_gradients`` runs, in order."""
+    if pairs:  # keep (chosen, rejected) rows together: original order, an even micro-batch size
+        return list(batch.split(max(2, micro_batch_size - micro_batch_size % 2)))
+    if share_prompts:  # a group's rows together (one prompt forward each), similar prompt lengths together
+        return list(batch.sorted_by_length(prompt_only=True).split(micro_batch_size))
+    return list(batch.sorted_by_length().split(micro_batch_size))  # similar lengths together: less padding
+
+
 def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: int, ctx: StepContext,
                          backward=None, is_cap: float | None = None, pairs: bool = False,
-                         critic=None, share_prompts: bool = True) -> dict[str, float]:
+                         critic=None, share_prompts: bool = True, pad_to: int | None = None) -> dict[str, float]:
     """Forward + backward over micro-batches; gradients accumulate in ``.grad``.
 
     Returns the batch's loss and the algorithm's metrics (summed shares), the
@@ -83,18 +98,20 @@ def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: 
     (``sync/logprob_drift``, ``sync/logprob_drift_mean``). With ``is_cap`` set,
     the algorithm gets per-token truncated importance weights
     min(π_θ/π_sampler, is_cap) as ``is_weights``. A micro-batch whose loss is NaN/inf gets
-    no backward and is counted as ``nonfinite_loss`` (the caller skips the update)."""
+    no backward and is counted as ``nonfinite_loss`` (the caller skips the update).
+
+    ``pad_to`` (DeepSpeed, where every backward is a collective): every micro-batch gets a
+    backward, non-finite ones included (``backward`` decides what to do with them), and the last
+    micro-batch is run again with a zero loss until ``pad_to`` backwards were made, so all ranks
+    make the same number."""
     backward = backward or (lambda loss: loss.backward())
     totals: dict[str, float] = {"loss": 0.0}
     kl_sum = ent_sum = drift_sum = is_sum = 0.0
     drift_max = 0.0
-    if pairs:  # keep (chosen, rejected) rows together: original order, an even micro-batch size
-        micro_batches = batch.split(max(2, micro_batch_size - micro_batch_size % 2))
-    elif share_prompts:  # a group's rows together (one prompt forward each), similar prompt lengths together
-        micro_batches = batch.sorted_by_length(prompt_only=True).split(micro_batch_size)
-    else:  # similar lengths together: less padding per micro-batch
-        micro_batches = batch.sorted_by_length().split(micro_batch_size)
-    for micro in micro_batches:
+    micro_batches = split_micro_batches(batch, micro_batch_size, pairs, share_prompts)
+    n_real = len(micro_batches)
+    micro_batches += micro_batches[-1:] * max(0, (pad_to or 0) - n_real)
+    for j, micro in enumerate(micro_batches):
         micro = micro.trimmed()
         C = micro["completion_mask"].shape[1]
         logp, ent = lpmod.token_logprobs(model, micro["input_ids"], micro["attention_mask"], C, with_entropy=True,
@@ -111,9 +128,14 @@ def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: 
         if critic is not None:  # the value model's predictions, with gradient, for the algorithm's value loss
             micro.tensors["values"] = critic(micro["input_ids"], micro["attention_mask"], C)  # [n, C]
         loss, metrics = algorithm.loss(logp, micro, ctx)
-        if not torch.isfinite(loss):  # no backward; the trainer skips the update (on every rank)
+        if j >= n_real:  # padding: a backward that adds nothing
+            backward(loss * 0.0)
+            continue
+        if not torch.isfinite(loss):  # no backward (or DeepSpeed's); the trainer skips the update (on every rank)
             totals["nonfinite_loss"] = totals.get("nonfinite_loss", 0.0) + 1.0
             totals.setdefault("nonfinite_value", loss.item())
+            if pad_to is not None:
+                backward(loss)
             continue
         backward(loss)
         totals["loss"] += loss.item()
@@ -172,12 +194,19 @@ class Trainer:
         use_cuda = torch.cuda.is_available()
         dtype = models.resolve_dtype(cfg.model.dtype, torch.device("cuda" if use_cuda else "cpu"))
         mixed = use_cuda and dtype == torch.bfloat16
-        self.accelerator = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if mixed else "no")
+        # cpu=True would quietly turn a DeepSpeed launch into plain data parallel (accelerate 1.x)
+        use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        self.accelerator = Accelerator(cpu=not use_cuda and not use_deepspeed, mixed_precision="bf16" if mixed else "no")
         weights_dtype = torch.float32 if cfg.model.dtype == "auto" else dtype  # auto on GPU: fp32 master + bf16 autocast
         self.device = self.accelerator.device
         # Data parallel (accelerate launch): each rank samples a contiguous shard of the step's prompts.
-        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
-        self.is_main = self.accelerator.is_main_process
+        # Rank and world from torch.distributed: under DeepSpeed on CPU accelerate reports index 0 on every rank.
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.is_main = self.rank == 0
+        from accelerate.utils import DistributedType
+
+        self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.deepspeed else 0
         if cfg.rollout.prompts_per_step % self.world:
             raise cfgmod.ConfigError(f"config: rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a multiple "
                                      f"of the number of processes ({self.world}): groups are never split across ranks")
@@ -218,6 +247,9 @@ class Trainer:
 
         if self.lora and self.needs.critic:
             raise cfgmod.ConfigError("config: model.lora_rank with an algorithm that trains a critic (ppo) is not supported")
+        self.full_copy = None  # ZeRO-3: whole weights for the engine and the no-grad passes (refreshed every sync)
+        if self.deepspeed:
+            self._configure_deepspeed(policy)
         groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.train.lr}]
         critic = None
         if self.needs.critic:  # initialised from the policy; trained by the same optimizer, its own lr
@@ -236,7 +268,9 @@ class Trainer:
                                 betas=(cfg.train.adam_beta1, cfg.train.adam_beta2))
         total = cfg.train.steps * self.needs.epochs * self.needs.mini_batches  # optimizer steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train.warmup_steps, total, cfg.train.min_lr_ratio))
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(policy, opt, sched)
+        # The scheduler stays unprepared: accelerate's wrapper would step it once per process per call.
+        self.model, self.optimizer = self.accelerator.prepare(policy, opt)
+        self.scheduler = sched
         self.critic = self.accelerator.prepare(critic) if critic is not None else None
         if critic is not None:
             self.n_critic = sum(p.numel() for p in critic.parameters())
@@ -264,22 +298,73 @@ class Trainer:
     def policy(self):
         return self.accelerator.unwrap_model(self.model)
 
+    @property
+    def whole_policy(self):
+        """The policy with whole weights for no-grad passes (ZeRO-3: the gathered copy)."""
+        return self.full_copy if self.full_copy is not None else self.policy
+
+    def _configure_deepspeed(self, policy) -> None:
+        """DeepSpeed ZeRO-2/3 (an accelerate config with ``distributed_type: DEEPSPEED``).
+
+        The trainer drives the DeepSpeed engine itself: one backward per micro-batch with the
+        accumulation boundary set on the last (``gradient_accumulation_steps`` 1: the loss shares are
+        already normalised by global-batch totals), ``engine.step()`` once per optimizer step,
+        clipping by DeepSpeed at ``train.max_grad_norm``. DeepSpeed averages gradients over ranks, so
+        each rank's loss share is multiplied by the world size; its reductions are collectives, so
+        every rank makes the same number of backwards (``pad_to``). A NaN/inf loss on any rank
+        poisons every rank's backward, and DeepSpeed's own overflow check discards the step."""
+        if self.needs.critic:
+            raise cfgmod.ConfigError("config: DeepSpeed with an algorithm that trains a critic (ppo) is not supported; "
+                                     "use the multi-process accelerate config (configs/accelerate/multi-gpu.yaml)")
+        if self.lora and self.zero_stage == 3:
+            raise cfgmod.ConfigError("config: model.lora_rank with DeepSpeed ZeRO-3 is not supported (use ZeRO-2: "
+                                     "the frozen base weights are not worth partitioning)")
+        train = self.cfg.train
+        self.accelerator.state.deepspeed_plugin.deepspeed_config.update({
+            "train_micro_batch_size_per_gpu": train.micro_batch_size, "gradient_accumulation_steps": 1,
+            "train_batch_size": train.micro_batch_size * self.world, "gradient_clipping": train.max_grad_norm})
+        if self.zero_stage == 3:
+            self.full_copy = copy.deepcopy(policy).eval().requires_grad_(False).to(self.device)
+
+    @contextmanager
+    def _gathered(self):
+        """ZeRO-3: every parameter whole on every rank inside the block (a collective)."""
+        if self.zero_stage != 3:
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.policy.parameters()), modifier_rank=None):
+            yield
+
+    @torch.no_grad()
+    def _refresh_full_copy(self) -> None:
+        if self.full_copy is None:
+            return
+        with self._gathered():
+            for (name, p), (name2, q) in zip(self.policy.named_parameters(), self.full_copy.named_parameters()):
+                assert name == name2, (name, name2)
+                q.copy_(p)
+
     def engine_model(self):
-        """A plain model with the current weights to build an engine from (LoRA: adapters merged)."""
+        """A plain model with the current weights to build an engine from (LoRA: adapters merged;
+        ZeRO-3: the gathered copy)."""
         if self.lora:
             from rlbench import lora
 
             return lora.merged_copy(self.policy)
-        return self.policy
+        return self.whole_policy
 
     def sync_engine(self) -> None:
-        """Hand the engine the current weights (LoRA: merged on the fly, rlbench/lora.py)."""
+        """Hand the engine the current weights (LoRA: merged on the fly, rlbench/lora.py; ZeRO-3:
+        gathered from the shards into the whole copy first)."""
         if self.lora:
             from rlbench import lora
 
             self.engine.sync(lora.MergedView(self.policy))
         else:
-            self.engine.sync(self.policy)
+            self._refresh_full_copy()
+            self.engine.sync(self.whole_policy)
 
     @torch.no_grad()
     def _reference_quantization_error(self, resume: bool) -> dict:
@@ -294,7 +379,7 @@ class Trainer:
         inputs = {k: v.to(self.device) for k, v in ro.model_inputs().items()}
         C, mask = ro.completion_ids.shape[1], ro.completion_mask.to(self.device)
         self.model.eval()
-        full = lpmod.batched_logprobs(self.policy, inputs["input_ids"], inputs["attention_mask"], C,
+        full = lpmod.batched_logprobs(self.whole_policy, inputs["input_ids"], inputs["attention_mask"], C,
                                       self.cfg.train.micro_batch_size)  # [n, C]
         quant = lpmod.batched_logprobs(self.reference, inputs["input_ids"], inputs["attention_mask"], C,
                                        self.cfg.train.micro_batch_size)  # [n, C]
@@ -639,7 +724,7 @@ class Trainer:
                 self._count("tokens/old_logprobs", inputs["attention_mask"].sum().item())
                 self.model.eval()
                 ctx.old_logprobs = lpmod.batched_logprobs(
-                    self.model, inputs["input_ids"].to(self.device), inputs["attention_mask"].to(self.device),
+                    self.model if self.full_copy is None else self.full_copy, inputs["input_ids"].to(self.device), inputs["attention_mask"].to(self.device),
                     C, cfg.train.micro_batch_size, cfg.train.share_prompt_forward).cpu()  # [N, C]
             if self.critic is not None:
                 self._count("tokens/critic", inputs["attention_mask"].sum().item())
@@ -674,31 +759,33 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     mb = self._global_totals(mb)
                     params = [p for p in self.model.parameters()] + (list(self.critic.parameters()) if self.critic else [])
+                    pad_to, backward = None, self.accelerator.backward
+                    if self.deepspeed:  # the same number of backwards on every rank
+                        n_micro = len(split_micro_batches(mb, cfg.train.micro_batch_size, self.needs.pairs,
+                                                          cfg.train.share_prompt_forward))
+                        pad_to = int(dist.max_floats([float(n_micro)])[0])
+                        backward = self._deepspeed_backward(pad_to)
                     with self._no_sync():  # gradients are summed over ranks once, below
                         m = accumulate_gradients(self.model, self.algorithm, mb, cfg.train.micro_batch_size, ctx,
-                                                 backward=self.accelerator.backward,
+                                                 backward=backward,
                                                  is_cap=cfg.rollout.is_cap if cfg.rollout.is_correction else None,
                                                  pairs=self.needs.pairs, critic=self.critic,
-                                                 share_prompts=cfg.train.share_prompt_forward)
+                                                 share_prompts=cfg.train.share_prompt_forward, pad_to=pad_to)
                     m = self._reduce_train_metrics(m)
-                    if m.get("nonfinite_loss", 0.0) > 0:
-                        raise NonFiniteError("loss", step, f"{m.get('nonfinite_value', float('nan'))}",
-                                             self._fault_payload(rollouts, rewards, mb, epoch, i))
-                    dist.sum_gradients(params)
-                    if epoch == 0 and i == 0 and m.get("sync/logprob_drift", 0.0) > self.max_drift:
-                        self.optimizer.zero_grad(set_to_none=True)
-                        raise TrainingError(
-                            f"rollout weights are stale: at step {step} the sampler's logprobs differ from the policy's "
-                            f"by up to {m['sync/logprob_drift']:.3g} nats (mean {m['sync/logprob_drift_mean']:.3g}), "
-                            f"above rollout.max_logprob_drift={self.max_drift:g}. The engine is not serving the trained "
-                            f"weights (is engine.sync off, or did a weight sync fail?). No update was applied; the last "
-                            f"checkpoint is intact.")
-                    self._t_backward = time.perf_counter()
-                    grad_norm = float(self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
-                    if not math.isfinite(grad_norm):
-                        raise NonFiniteError("gradient norm", step, f"{grad_norm}",
-                                             self._fault_payload(rollouts, rewards, mb, epoch, i))
-                    self.optimizer.step()
+                    fault = lambda: self._fault_payload(rollouts, rewards, mb, epoch, i)  # noqa: E731
+                    if self.deepspeed:
+                        grad_norm = self._deepspeed_step(m, step, check_drift=epoch == 0 and i == 0, fault=fault)
+                    else:
+                        if m.get("nonfinite_loss", 0.0) > 0:
+                            raise NonFiniteError("loss", step, f"{m.get('nonfinite_value', float('nan'))}", fault())
+                        dist.sum_gradients(params)
+                        if epoch == 0 and i == 0:
+                            self._check_drift(m, step)
+                        self._t_backward = time.perf_counter()
+                        grad_norm = float(self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
+                        if not math.isfinite(grad_norm):
+                            raise NonFiniteError("gradient norm", step, f"{grad_norm}", fault())
+                        self.optimizer.step()
                     self.scheduler.step()
                     dt = time.perf_counter() - self._t_backward  # gradient sum over ranks excluded
                     self._last["optimizer"] = self._last.get("optimizer", 0.0) + dt  # part of time/train
@@ -756,12 +843,56 @@ class Trainer:
         }
         if self.world > 1:  # replicas must hold the same weights: a float64 checksum, compared over ranks
             with torch.no_grad():
-                c = sum((p.double().sum() + p.double().square().sum()).item() for p in self.policy.parameters())
+                c = sum((p.double().sum() + p.double().square().sum()).item() for p in self.whole_policy.parameters())
             spread = dist.max_floats([c, -c])
             metrics["dist/param_checksum_spread"] = spread[0] + spread[1]  # max − min
             metrics["dist/world_size"] = float(self.world)
         metrics.update(self.algorithm.after_step(metrics))
         return metrics
+
+    def _check_drift(self, m: dict, step: int) -> None:
+        """The first update of a step must start from the weights that sampled it."""
+        if m.get("sync/logprob_drift", 0.0) > self.max_drift:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingError(
+                f"rollout weights are stale: at step {step} the sampler's logprobs differ from the policy's "
+                f"by up to {m['sync/logprob_drift']:.3g} nats (mean {m['sync/logprob_drift_mean']:.3g}), "
+                f"above rollout.max_logprob_drift={self.max_drift:g}. The engine is not serving the trained "
+                f"weights (is engine.sync off, or did a weight sync fail?). No update was applied; the last "
+                f"checkpoint is intact.")
+
+    def _deepspeed_step(self, m: dict, step: int, check_drift: bool, fault) -> float:
+        """``engine.step()`` after a mini-batch's backwards: it clips, applies the update, or (the
+        gradients hold NaN/inf, poisoned by ``_deepspeed_backward`` for a non-finite loss) discards
+        the gradients and applies nothing. Returns the gradient norm before clipping."""
+        if check_drift:
+            self._check_drift(m, step)
+        self._t_backward = time.perf_counter()
+        self.model.step()
+        norm = self.model.get_global_grad_norm()  # may be unset on some ranks: the maximum is everyone's
+        grad_norm = dist.max_floats([-1.0 if norm is None else float(norm)])[0]
+        applied = not dist.any_true(not self.model.was_step_applied())
+        if m.get("nonfinite_loss", 0.0) > 0:
+            raise NonFiniteError("loss", step, f"{m.get('nonfinite_value', float('nan'))}", fault())
+        if not applied or not math.isfinite(grad_norm):
+            raise NonFiniteError("gradient norm", step, f"{grad_norm}", fault())
+        return grad_norm
+
+    def _deepspeed_backward(self, n_micro: int):
+        """``backward`` for one optimizer step's ``n_micro`` micro-batches on the DeepSpeed engine:
+        the accumulation boundary on the last; the loss share × world size (DeepSpeed averages over
+        ranks); a non-finite loss on any rank turns every rank's into NaN, so DeepSpeed's overflow
+        check discards the whole step on all of them."""
+        calls = 0
+
+        def backward(loss: torch.Tensor) -> None:
+            nonlocal calls
+            calls += 1
+            if dist.any_true(not bool(torch.isfinite(loss))):
+                loss = loss * float("nan")
+            self.model.set_gradient_accumulation_boundary(calls == n_micro)
+            self.model.backward(loss * self.world, scale_wrt_gas=False)
+        return backward
 
     @contextmanager
     def _no_sync(self):
@@ -769,7 +900,7 @@ class Trainer:
         from contextlib import ExitStack
 
         with ExitStack() as stack:
-            if self.world > 1:
+            if self.world > 1 and not self.deepspeed:
                 stack.enter_context(self.accelerator.no_sync(self.model))
                 if self.critic is not None:
                     stack.enter_context(self.accelerator.no_sync(self.critic))
@@ -861,7 +992,7 @@ class Trainer:
             if rollouts is not None:
                 inputs = rollouts.model_inputs()
                 self.model.eval()
-                kl = lpmod.exact_kl(self.policy, self.reference, inputs["input_ids"].to(self.device),
+                kl = lpmod.exact_kl(self.whole_policy, self.reference, inputs["input_ids"].to(self.device),
                                     inputs["attention_mask"].to(self.device), rollouts.completion_mask.to(self.device),
                                     self.cfg.train.micro_batch_size, self.cfg.train.share_prompt_forward)
                 kl_sum, tokens = kl.sum().item(), rollouts.completion_mask.sum().item()
@@ -899,21 +1030,29 @@ class Trainer:
 
     def save_checkpoint(self, step: int) -> Path:
         """Rank 0 writes (every rank holds the same weights, optimizer state and RNG streams, so a
-        checkpoint does not depend on the world size and resumes at any other); the others wait."""
+        checkpoint does not depend on the world size and resumes at any other); the others wait.
+        DeepSpeed: the optimizer state is partitioned, so every rank also writes its part with
+        ``engine.save_checkpoint`` under ``deepspeed/`` (such a checkpoint resumes only with the
+        same ZeRO stage and number of processes); model.safetensors still holds whole weights."""
         final = self.ckpt_dir / f"step_{step:06d}"
+        tmp = self.ckpt_dir / f".tmp_step_{step:06d}"
         if self.is_main:
-            self._write_checkpoint(step, final)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        if self.deepspeed:
+            self._refresh_full_copy()  # ZeRO-3: gathered (a collective)
+            self.model.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+        if self.is_main:
+            self._write_checkpoint(step, tmp, final)
         dist.barrier()
         return final
 
-    def _write_checkpoint(self, step: int, final: Path) -> None:
+    def _write_checkpoint(self, step: int, tmp: Path, final: Path) -> None:
         from safetensors.torch import save_file
 
-        tmp = self.ckpt_dir / f".tmp_step_{step:06d}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.policy.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in self.whole_policy.state_dict().items()}
         # tied embeddings share storage: save each tensor once
         seen, unique = set(), {}
         for k, v in state.items():
@@ -926,11 +1065,15 @@ class Trainer:
             critic_state = self.accelerator.unwrap_model(self.critic).state_dict()
             save_file({k: v.detach().contiguous().cpu().clone() for k, v in critic_state.items()},
                       str(tmp / "critic.safetensors"))
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        torch.save({"optimizer": None if self.deepspeed else self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
                     "rng": _rng_state(), "algorithm": self.algorithm.state_dict(), "counters": self.counters,
                     "times": self.times, "step": step, "nonfinite_streak": self.nonfinite_streak}, tmp / "trainer.pt")
-        files = {p.name: p.stat().st_size for p in tmp.iterdir()}
-        rundir.write_json(tmp / "state.json", {"step": step, "data_position": step, "files": files})
+        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        meta = {"step": step, "data_position": step, "files": files}
+        if self.deepspeed:
+            meta["deepspeed"] = {"zero_stage": self.zero_stage, "world_size": self.world}
+        rundir.write_json(tmp / "state.json", meta)
         rundir.fsync_tree(tmp)
         if final.exists():  # a newer run of this step (resumed from an older checkpoint) replaces it
             self._discard(final)
@@ -977,12 +1120,27 @@ class Trainer:
                       file=sys.stderr)
         else:
             raise TrainingError(f"no checkpoint under {self.ckpt_dir} loads: " + "; ".join(errors))
-        missing, unexpected = self.policy.load_state_dict(model_sd, strict=False)
-        if unexpected or [k for k in missing if "lm_head" not in k]:
-            raise TrainingError(f"checkpoint {ck} does not match the model: missing={missing} unexpected={unexpected}")
+        meta = json.loads((ck / "state.json").read_text())
+        written = meta.get("deepspeed")
+        here = {"zero_stage": self.zero_stage, "world_size": self.world} if self.deepspeed else None
+        if written != here:
+            def what(d):
+                return f"with DeepSpeed ZeRO-{d['zero_stage']} on {d['world_size']} processes" if d else "without DeepSpeed"
+            raise TrainingError(f"checkpoint {ck} was written {what(written)} and this run is {what(here)}: "
+                                "resume it with the accelerate config and number of processes it was written with (DeepSpeed "
+                                "keeps the optimizer state partitioned per rank)")
+        if self.deepspeed:  # weights and the partitioned optimizer state, each rank its part
+            path, _ = self.model.load_checkpoint(str(ck / "deepspeed"), tag="state", load_optimizer_states=True,
+                                                 load_lr_scheduler_states=False)
+            if path is None:
+                raise TrainingError(f"checkpoint {ck}: DeepSpeed could not load {ck / 'deepspeed'}")
+        else:
+            missing, unexpected = self.policy.load_state_dict(model_sd, strict=False)
+            if unexpected or [k for k in missing if "lm_head" not in k]:
+                raise TrainingError(f"checkpoint {ck} does not match the model: missing={missing} unexpected={unexpected}")
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.critic is not None:
             self.accelerator.unwrap_model(self.critic).load_state_dict(critic_sd)
-        self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.algorithm.load_state_dict(state["algorithm"])
         self.counters.update(state["counters"])

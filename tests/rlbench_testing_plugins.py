@@ -1,9 +1,11 @@
 """Plugins for tests that run rlbench in other processes (``accelerate launch``, the CLI):
 they load this module with RLBENCH_PLUGINS=rlbench_testing_plugins and tests/ on PYTHONPATH.
 conftest registers the same task in-process."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import rlbench
+from rlbench import dist
+from rlbench.plugins.algorithms.grpo import GRPO, GRPOConfig
 from rlbench.types import Prompt
 
 
@@ -33,4 +35,44 @@ class FirstChar:
 
 @rlbench.hookimpl
 def rlbench_tasks():
-    return {"first_char": FirstChar}
+    return {"first_char": FirstChar, "first_char_long": FirstCharLong}
+
+
+@dataclass
+class FirstCharLongConfig:
+    long_ids: list = field(default_factory=list)  # prompt ids whose text is made 20 times longer
+
+
+class FirstCharLong(FirstChar):
+    """FirstChar with some prompts far longer (``rollout.max_prompt_tokens`` then skips them)."""
+
+    Config = FirstCharLongConfig
+
+    def __init__(self, config, tokenizer):
+        super().__init__(config, tokenizer)
+        self.config = config
+
+    def prompts(self, split, n, seed):
+        return [Prompt(id=p.id, text=p.text * 20, answer=None) if p.id in self.config.long_ids else p
+                for p in super().prompts(split, n, seed)]
+
+
+@dataclass
+class RankNaNConfig(GRPOConfig):
+    nan_step: int = 0  # the loss is NaN on this step …
+    nan_rank: int = 0  # … in this process only
+
+
+class RankNaNGRPO(GRPO):
+    Config = RankNaNConfig
+
+    def loss(self, logp, batch, ctx):
+        loss, metrics = super().loss(logp, batch, ctx)
+        if ctx.step == self.config.nan_step and dist.rank() == self.config.nan_rank:
+            loss = loss * float("nan")
+        return loss, metrics
+
+
+@rlbench.hookimpl
+def rlbench_algorithms():
+    return {"rank_nan_grpo": RankNaNGRPO}

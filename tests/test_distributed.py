@@ -21,8 +21,8 @@ RUN = {**TINY, "run": {"name": "d", "seed": 1},
        "task": {"name": "first_char"},
        "rollout": {"prompts_per_step": 4, "group_size": 4, "max_tokens": 4, "batch_invariant_sampling": True},
        "algorithm": {"name": "grpo", "beta": 0.05},
-       "train": {"steps": 3, "lr": 1e-2, "min_lr_ratio": 1.0, "checkpoint_every": 1, "keep_checkpoints": 3,
-                 "micro_batch_size": 4},
+       "train": {"steps": 3, "lr": 1e-2, "warmup_steps": 1, "min_lr_ratio": 0.5, "checkpoint_every": 1,
+                 "keep_checkpoints": 3, "micro_batch_size": 4},
        "eval": {"n": 6, "max_tokens": 4, "before": True, "after": True}}
 
 
@@ -67,8 +67,8 @@ def test_two_processes_train_on_the_global_batch_like_one(runs):
     assert all(m["dist/param_checksum_spread"] == 0.0 for m in two), [m["dist/param_checksum_spread"] for m in two]
     # the same completions (batch-invariant sampling) …
     for a, b in zip(one, two):
-        for k in ["reward/mean", "reward/std", "reward/accuracy", "completion_len/mean", "tokens/generated_total"]:
-            assert a[k] == b[k], (a["step"], k, a[k], b[k])
+        for k in ["reward/mean", "reward/std", "reward/accuracy", "completion_len/mean", "tokens/generated_total", "lr"]:
+            assert a[k] == b[k], (a["step"], k, a[k], b[k])  # lr: one schedule step per update, not one per rank
     assert len({m["reward/accuracy"] for m in one}) > 1 or one[0]["reward/std"] > 0  # a batch with signal
     # … so the loss (normalised over the global batch, not per rank), gradient norm and KL agree
     for a, b in zip(one, two):

@@ -4,7 +4,8 @@ Batched with left padding, n samples per prompt (group-major rows), stops at
 EOS or the chat end-of-turn token, and reports each sampled token's raw-model
 logprob (log_softmax of the unprocessed logits, the convention vLLM uses), so
 the trainer can compare like with like. It samples from the live policy module,
-so ``sync`` has nothing to copy: its weights are never stale.
+so ``sync`` has nothing to copy: its weights are never stale. (Under DeepSpeed ZeRO-3 the
+trainer hands it a whole copy of the weights, refreshed at every sync.)
 
 With ``Sampling.seed`` set (``rollout.batch_invariant_sampling``) each prompt is generated in
 a call of its own from a generator seeded by (seed, prompt id): the samples then do not depend
@@ -102,7 +103,9 @@ class HFEngine:
         out = self.model.generate(
             input_ids=input_ids.to(self.device), attention_mask=attn.to(self.device),
             max_new_tokens=sampling.max_tokens, eos_token_id=self.stops,
-            pad_token_id=tok.pad_token_id, return_dict_in_generate=True, output_logits=sampling.logprobs, **kwargs)
+            pad_token_id=tok.pad_token_id, return_dict_in_generate=True, output_logits=sampling.logprobs,
+            synced_gpus=False,  # whole weights on every rank: no lock-step with the others (transformers' ZeRO-3 default)
+            **kwargs)
         comp = out.sequences[:, P:].cpu()  # [b*n, C]
         if sampling.logprobs:
             lp = torch.zeros(comp.shape)  # [b*n, C]

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 import rlbench
-from rlbench.models import stop_token_ids
+from rlbench.models import save_whole, stop_token_ids
 from rlbench.types import Prompt, Rollouts, Sampling, prompt_seed
 
 
@@ -89,7 +89,7 @@ class VLLMEngine:
         dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
         # vLLM loads from a directory: write the current policy (and tokenizer) once.
         self._dir = tempfile.mkdtemp(prefix="rlbench-vllm-")
-        model.save_pretrained(self._dir, safe_serialization=True)
+        save_whole(model, self._dir)  # on every rank (save_pretrained writes on rank 0 only)
         tokenizer.save_pretrained(self._dir)
         kwargs = dict(model=self._dir, dtype=dtype, seed=seed, enforce_eager=config.enforce_eager,
                       max_model_len=config.max_model_len)
