@@ -29,8 +29,8 @@ Several processes (``accelerate launch``): each rank samples a shard of the step
 loss normalisers and gradients are summed over ranks (rlbench/dist.py); rank 0 writes.
 
 DeepSpeed ZeRO-2/3 (an accelerate config with ``distributed_type: DEEPSPEED``): the DeepSpeed engine
-reduces, clips and steps (``Trainer._configure_deepspeed``); under ZeRO-3 the engine and the no-grad
-policy passes use a whole copy gathered after every update.
+reduces, clips and steps (rlbench/zero.py); under ZeRO-3 the engine and the no-grad policy passes
+use a whole copy gathered after every update.
 
 Not covered: tensor/pipeline parallelism; a critic (PPO) or ZeRO-3 LoRA under DeepSpeed; DeepSpeed
 checkpoints resumed at another world size (DeepSpeed's universal checkpoints are not wired in).
@@ -203,10 +203,6 @@ class Trainer:
         # Rank and world from torch.distributed: under DeepSpeed on CPU accelerate reports index 0 on every rank.
         self.rank, self.world = dist.rank(), dist.world_size()
         self.is_main = self.rank == 0
-        from accelerate.utils import DistributedType
-
-        self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
-        self.zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.deepspeed else 0
         if cfg.rollout.prompts_per_step % self.world:
             raise cfgmod.ConfigError(f"config: rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a multiple "
                                      f"of the number of processes ({self.world}): groups are never split across ranks")
@@ -247,9 +243,11 @@ class Trainer:
 
         if self.lora and self.needs.critic:
             raise cfgmod.ConfigError("config: model.lora_rank with an algorithm that trains a critic (ppo) is not supported")
-        self.full_copy = None  # ZeRO-3: whole weights for the engine and the no-grad passes (refreshed every sync)
-        if self.deepspeed:
-            self._configure_deepspeed(policy)
+        self.zero = None  # DeepSpeed ZeRO-2/3 (rlbench/zero.py)
+        if use_deepspeed:
+            from rlbench.zero import Zero
+
+            self.zero = Zero(self.accelerator, cfg.train, policy, self.device, critic=self.needs.critic, lora=self.lora)
         groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.train.lr}]
         critic = None
         if self.needs.critic:  # initialised from the policy; trained by the same optimizer, its own lr
@@ -271,6 +269,8 @@ class Trainer:
         # The scheduler stays unprepared: accelerate's wrapper would step it once per process per call.
         self.model, self.optimizer = self.accelerator.prepare(policy, opt)
         self.scheduler = sched
+        if self.zero:
+            self.zero.engine = self.model
         self.critic = self.accelerator.prepare(critic) if critic is not None else None
         if critic is not None:
             self.n_critic = sum(p.numel() for p in critic.parameters())
@@ -301,50 +301,7 @@ class Trainer:
     @property
     def whole_policy(self):
         """The policy with whole weights for no-grad passes (ZeRO-3: the gathered copy)."""
-        return self.full_copy if self.full_copy is not None else self.policy
-
-    def _configure_deepspeed(self, policy) -> None:
-        """DeepSpeed ZeRO-2/3 (an accelerate config with ``distributed_type: DEEPSPEED``).
-
-        The trainer drives the DeepSpeed engine itself: one backward per micro-batch with the
-        accumulation boundary set on the last (``gradient_accumulation_steps`` 1: the loss shares are
-        already normalised by global-batch totals), ``engine.step()`` once per optimizer step,
-        clipping by DeepSpeed at ``train.max_grad_norm``. DeepSpeed averages gradients over ranks, so
-        each rank's loss share is multiplied by the world size; its reductions are collectives, so
-        every rank makes the same number of backwards (``pad_to``). A NaN/inf loss on any rank
-        poisons every rank's backward, and DeepSpeed's own overflow check discards the step."""
-        if self.needs.critic:
-            raise cfgmod.ConfigError("config: DeepSpeed with an algorithm that trains a critic (ppo) is not supported; "
-                                     "use the multi-process accelerate config (configs/accelerate/multi-gpu.yaml)")
-        if self.lora and self.zero_stage == 3:
-            raise cfgmod.ConfigError("config: model.lora_rank with DeepSpeed ZeRO-3 is not supported (use ZeRO-2: "
-                                     "the frozen base weights are not worth partitioning)")
-        train = self.cfg.train
-        self.accelerator.state.deepspeed_plugin.deepspeed_config.update({
-            "train_micro_batch_size_per_gpu": train.micro_batch_size, "gradient_accumulation_steps": 1,
-            "train_batch_size": train.micro_batch_size * self.world, "gradient_clipping": train.max_grad_norm})
-        if self.zero_stage == 3:
-            self.full_copy = copy.deepcopy(policy).eval().requires_grad_(False).to(self.device)
-
-    @contextmanager
-    def _gathered(self):
-        """ZeRO-3: every parameter whole on every rank inside the block (a collective)."""
-        if self.zero_stage != 3:
-            yield
-            return
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(self.policy.parameters()), modifier_rank=None):
-            yield
-
-    @torch.no_grad()
-    def _refresh_full_copy(self) -> None:
-        if self.full_copy is None:
-            return
-        with self._gathered():
-            for (name, p), (name2, q) in zip(self.policy.named_parameters(), self.full_copy.named_parameters()):
-                assert name == name2, (name, name2)
-                q.copy_(p)
+        return self.zero.full_copy if self.zero and self.zero.full_copy is not None else self.policy
 
     def engine_model(self):
         """A plain model with the current weights to build an engine from (LoRA: adapters merged;
@@ -363,7 +320,8 @@ class Trainer:
 
             self.engine.sync(lora.MergedView(self.policy))
         else:
-            self._refresh_full_copy()
+            if self.zero:
+                self.zero.refresh(self.policy)  # ZeRO-3: gathered from the shards (a collective)
             self.engine.sync(self.whole_policy)
 
     @torch.no_grad()
@@ -724,7 +682,7 @@ class Trainer:
                 self._count("tokens/old_logprobs", inputs["attention_mask"].sum().item())
                 self.model.eval()
                 ctx.old_logprobs = lpmod.batched_logprobs(
-                    self.model if self.full_copy is None else self.full_copy, inputs["input_ids"].to(self.device), inputs["attention_mask"].to(self.device),
+                    self.whole_policy, inputs["input_ids"].to(self.device), inputs["attention_mask"].to(self.device),
                     C, cfg.train.micro_batch_size, cfg.train.share_prompt_forward).cpu()  # [N, C]
             if self.critic is not None:
                 self._count("tokens/critic", inputs["attention_mask"].sum().item())
@@ -760,11 +718,11 @@ class Trainer:
                     mb = self._global_totals(mb)
                     params = [p for p in self.model.parameters()] + (list(self.critic.parameters()) if self.critic else [])
                     pad_to, backward = None, self.accelerator.backward
-                    if self.deepspeed:  # the same number of backwards on every rank
+                    if self.zero:  # the same number of backwards on every rank
                         n_micro = len(split_micro_batches(mb, cfg.train.micro_batch_size, self.needs.pairs,
                                                           cfg.train.share_prompt_forward))
                         pad_to = int(dist.max_floats([float(n_micro)])[0])
-                        backward = self._deepspeed_backward(pad_to)
+                        backward = self.zero.backward_fn(pad_to)
                     with self._no_sync():  # gradients are summed over ranks once, below
                         m = accumulate_gradients(self.model, self.algorithm, mb, cfg.train.micro_batch_size, ctx,
                                                  backward=backward,
@@ -773,8 +731,15 @@ class Trainer:
                                                  share_prompts=cfg.train.share_prompt_forward, pad_to=pad_to)
                     m = self._reduce_train_metrics(m)
                     fault = lambda: self._fault_payload(rollouts, rewards, mb, epoch, i)  # noqa: E731
-                    if self.deepspeed:
-                        grad_norm = self._deepspeed_step(m, step, check_drift=epoch == 0 and i == 0, fault=fault)
+                    if self.zero:  # DeepSpeed clips and steps, or discards NaN/inf gradients
+                        if epoch == 0 and i == 0:
+                            self._check_drift(m, step)
+                        self._t_backward = time.perf_counter()
+                        grad_norm, applied = self.zero.step()
+                        if m.get("nonfinite_loss", 0.0) > 0:
+                            raise NonFiniteError("loss", step, f"{m.get('nonfinite_value', float('nan'))}", fault())
+                        if not applied or not math.isfinite(grad_norm):
+                            raise NonFiniteError("gradient norm", step, f"{grad_norm}", fault())
                     else:
                         if m.get("nonfinite_loss", 0.0) > 0:
                             raise NonFiniteError("loss", step, f"{m.get('nonfinite_value', float('nan'))}", fault())
@@ -861,46 +826,13 @@ class Trainer:
                 f"weights (is engine.sync off, or did a weight sync fail?). No update was applied; the last "
                 f"checkpoint is intact.")
 
-    def _deepspeed_step(self, m: dict, step: int, check_drift: bool, fault) -> float:
-        """``engine.step()`` after a mini-batch's backwards: it clips, applies the update, or (the
-        gradients hold NaN/inf, poisoned by ``_deepspeed_backward`` for a non-finite loss) discards
-        the gradients and applies nothing. Returns the gradient norm before clipping."""
-        if check_drift:
-            self._check_drift(m, step)
-        self._t_backward = time.perf_counter()
-        self.model.step()
-        norm = self.model.get_global_grad_norm()  # may be unset on some ranks: the maximum is everyone's
-        grad_norm = dist.max_floats([-1.0 if norm is None else float(norm)])[0]
-        applied = not dist.any_true(not self.model.was_step_applied())
-        if m.get("nonfinite_loss", 0.0) > 0:
-            raise NonFiniteError("loss", step, f"{m.get('nonfinite_value', float('nan'))}", fault())
-        if not applied or not math.isfinite(grad_norm):
-            raise NonFiniteError("gradient norm", step, f"{grad_norm}", fault())
-        return grad_norm
-
-    def _deepspeed_backward(self, n_micro: int):
-        """``backward`` for one optimizer step's ``n_micro`` micro-batches on the DeepSpeed engine:
-        the accumulation boundary on the last; the loss share × world size (DeepSpeed averages over
-        ranks); a non-finite loss on any rank turns every rank's into NaN, so DeepSpeed's overflow
-        check discards the whole step on all of them."""
-        calls = 0
-
-        def backward(loss: torch.Tensor) -> None:
-            nonlocal calls
-            calls += 1
-            if dist.any_true(not bool(torch.isfinite(loss))):
-                loss = loss * float("nan")
-            self.model.set_gradient_accumulation_boundary(calls == n_micro)
-            self.model.backward(loss * self.world, scale_wrt_gas=False)
-        return backward
-
     @contextmanager
     def _no_sync(self):
         """No DDP all-reduce on each backward (policy and critic); ``dist.sum_gradients`` does it once."""
         from contextlib import ExitStack
 
         with ExitStack() as stack:
-            if self.world > 1 and not self.deepspeed:
+            if self.world > 1 and not self.zero:
                 stack.enter_context(self.accelerator.no_sync(self.model))
                 if self.critic is not None:
                     stack.enter_context(self.accelerator.no_sync(self.critic))
@@ -1041,9 +973,9 @@ class Trainer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         dist.barrier()
-        if self.deepspeed:
-            self._refresh_full_copy()  # ZeRO-3: gathered (a collective)
-            self.model.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+        if self.zero:
+            self.zero.refresh(self.policy)  # ZeRO-3: gathered (a collective)
+            self.zero.save(tmp / "deepspeed")
         if self.is_main:
             self._write_checkpoint(step, tmp, final)
         dist.barrier()
@@ -1065,14 +997,14 @@ class Trainer:
             critic_state = self.accelerator.unwrap_model(self.critic).state_dict()
             save_file({k: v.detach().contiguous().cpu().clone() for k, v in critic_state.items()},
                       str(tmp / "critic.safetensors"))
-        torch.save({"optimizer": None if self.deepspeed else self.optimizer.state_dict(),
+        torch.save({"optimizer": None if self.zero else self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
                     "rng": _rng_state(), "algorithm": self.algorithm.state_dict(), "counters": self.counters,
                     "times": self.times, "step": step, "nonfinite_streak": self.nonfinite_streak}, tmp / "trainer.pt")
         files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
         meta = {"step": step, "data_position": step, "files": files}
-        if self.deepspeed:
-            meta["deepspeed"] = {"zero_stage": self.zero_stage, "world_size": self.world}
+        if self.zero:
+            meta["deepspeed"] = self.zero.signature()
         rundir.write_json(tmp / "state.json", meta)
         rundir.fsync_tree(tmp)
         if final.exists():  # a newer run of this step (resumed from an older checkpoint) replaces it
@@ -1122,17 +1054,15 @@ class Trainer:
             raise TrainingError(f"no checkpoint under {self.ckpt_dir} loads: " + "; ".join(errors))
         meta = json.loads((ck / "state.json").read_text())
         written = meta.get("deepspeed")
-        here = {"zero_stage": self.zero_stage, "world_size": self.world} if self.deepspeed else None
+        here = self.zero.signature() if self.zero else None
         if written != here:
             def what(d):
                 return f"with DeepSpeed ZeRO-{d['zero_stage']} on {d['world_size']} processes" if d else "without DeepSpeed"
             raise TrainingError(f"checkpoint {ck} was written {what(written)} and this run is {what(here)}: "
                                 "resume it with the accelerate config and number of processes it was written with (DeepSpeed "
                                 "keeps the optimizer state partitioned per rank)")
-        if self.deepspeed:  # weights and the partitioned optimizer state, each rank its part
-            path, _ = self.model.load_checkpoint(str(ck / "deepspeed"), tag="state", load_optimizer_states=True,
-                                                 load_lr_scheduler_states=False)
-            if path is None:
+        if self.zero:  # weights and the partitioned optimizer state, each rank its part
+            if not self.zero.load(ck / "deepspeed"):
                 raise TrainingError(f"checkpoint {ck}: DeepSpeed could not load {ck / 'deepspeed'}")
         else:
             missing, unexpected = self.policy.load_state_dict(model_sd, strict=False)
