@@ -27,6 +27,7 @@ def _cmd_plugins(args) -> int:
 
 def _cmd_run(args) -> int:
     from rlbench import config as cfgmod
+    from rlbench import dist
     from rlbench import trainer as trmod
 
     if args.resume:
@@ -41,7 +42,7 @@ def _cmd_run(args) -> int:
         cfg = cfgmod.load(args.config, args.set or [])
         run_dir = Path(args.out) / cfg.run.name
         trainer = trmod.start(cfg, run_dir)
-    quiet = trmod.dist_rank_from_env() != 0  # under accelerate launch, rank 0 reports
+    quiet = dist.launch_rank() != 0  # under accelerate launch, rank 0 reports
     engine = cfg.names["engine"]
     if cfg.names.get("engine_requested") == "auto":
         engine += " (engine.name auto: " + ("vllm imports)" if engine == "vllm" else "vllm is not installed)")

@@ -13,6 +13,7 @@ helper moves its payload to ``device``.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -29,6 +30,12 @@ def world_size() -> int:
 
 def rank() -> int:
     return td.get_rank() if active() else 0
+
+
+def launch_rank() -> int:
+    """This process's rank as ``accelerate launch`` / torchrun set it, before the process group
+    exists (0 when launched alone)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def _device() -> torch.device:

@@ -59,13 +59,19 @@ def save_whole(model, path) -> None:
     model.config.save_pretrained(path)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(path)
+    save_file(unique_tensors(model.state_dict()), str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict on the CPU with tensors that share storage (tied embeddings) kept once, the
+    first name winning (as ``save_pretrained`` does; safetensors refuses shared tensors)."""
     seen, unique = set(), {}
-    for k, v in model.state_dict().items():
-        key = (v.data_ptr(), tuple(v.shape))
+    for k, v in state.items():
+        key = (v.data_ptr(), tuple(v.shape))  # before any copy to the CPU, which would untie them
         if key not in seen:
             seen.add(key)
             unique[k] = v.detach().contiguous().cpu()
-    save_file(unique, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return unique
 
 
 def embedded_model_dir() -> Path:

@@ -734,7 +734,7 @@ class Trainer:
                     if self.zero:  # DeepSpeed clips and steps, or discards NaN/inf gradients
                         if epoch == 0 and i == 0:
                             self._check_drift(m, step)
-                        self._t_backward = time.perf_counter()
+                        t_opt = time.perf_counter()
                         grad_norm, applied = self.zero.step()
                         if m.get("nonfinite_loss", 0.0) > 0:
                             raise NonFiniteError("loss", step, f"{m.get('nonfinite_value', float('nan'))}", fault())
@@ -746,13 +746,13 @@ class Trainer:
                         dist.sum_gradients(params)
                         if epoch == 0 and i == 0:
                             self._check_drift(m, step)
-                        self._t_backward = time.perf_counter()
+                        t_opt = time.perf_counter()
                         grad_norm = float(self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
                         if not math.isfinite(grad_norm):
                             raise NonFiniteError("gradient norm", step, f"{grad_norm}", fault())
                         self.optimizer.step()
                     self.scheduler.step()
-                    dt = time.perf_counter() - self._t_backward  # gradient sum over ranks excluded
+                    dt = time.perf_counter() - t_opt  # gradient sum over ranks excluded
                     self._last["optimizer"] = self._last.get("optimizer", 0.0) + dt  # part of time/train
                     self._updates += 1
                     self.counters["grad/clipped"] += float(grad_norm > cfg.train.max_grad_norm)
@@ -984,15 +984,7 @@ class Trainer:
     def _write_checkpoint(self, step: int, tmp: Path, final: Path) -> None:
         from safetensors.torch import save_file
 
-        state = {k: v.detach().contiguous().cpu() for k, v in self.whole_policy.state_dict().items()}
-        # tied embeddings share storage: save each tensor once
-        seen, unique = set(), {}
-        for k, v in state.items():
-            key = (v.data_ptr(), v.shape)
-            if key not in seen:
-                seen.add(key)
-                unique[k] = v
-        save_file(unique, str(tmp / "model.safetensors"))
+        save_file(models.unique_tensors(self.whole_policy.state_dict()), str(tmp / "model.safetensors"))
         if self.critic is not None:
             critic_state = self.accelerator.unwrap_model(self.critic).state_dict()
             save_file({k: v.detach().contiguous().cpu().clone() for k, v in critic_state.items()},
@@ -1137,21 +1129,13 @@ class Trainer:
         return cost
 
 
-def dist_rank_from_env() -> int:
-    """This process's rank under ``accelerate launch`` / torchrun (0 when launched alone)."""
-    import os
-
-    return int(os.environ.get("RANK", "0"))
-
-
 def start(cfg: cfgmod.Config, run_dir: Path, resume: bool = False) -> Trainer:
     """Create the run directory (config.yaml, manifest.json) and a ready Trainer."""
     run_dir = Path(run_dir)
     if not resume and (run_dir / "metrics.jsonl").exists():
         raise TrainingError(f"run directory {run_dir} already holds a run; use --resume {run_dir} or another --out/--set run.name")
     run_dir.mkdir(parents=True, exist_ok=True)
-    main = dist_rank_from_env() == 0
-    if not resume and main:
+    if not resume and dist.launch_rank() == 0:
         cfgmod.dump(cfg, run_dir / "config.yaml")
     trainer = Trainer(cfg, run_dir, resume=resume)
     if trainer.is_main and (not resume or not (run_dir / "manifest.json").is_file()):  # or killed before writing it
