@@ -85,6 +85,11 @@ def _cmd_eval(args) -> int:
     from rlbench import manager, models
     from rlbench.evaluation import evaluate
 
+    from rlbench.config import ConfigError
+
+    for flag, value in (("--limit", args.limit), ("--samples", args.samples), ("--max-tokens", args.max_tokens)):
+        if value < 1:  # an evaluation of nothing has no accuracy: say so instead of printing 0.000
+            raise ConfigError(f"rlbench eval: {flag} must be >= 1, got {value}")
     cfg = _eval_config(args.task, args.model, args.set or [], args.engine)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = models.resolve_dtype(cfg.model.dtype, device)
@@ -99,6 +104,9 @@ def _cmd_eval(args) -> int:
         close = getattr(engine, "close", None)
         if close:
             close()
+    if rec["n"] == 0:  # the split is empty, or every prompt was too long
+        raise ConfigError(f"rlbench eval: no problems to evaluate in the {args.split!r} split of task "
+                          f"{cfg.names['task']!r}")
     info = getattr(task, "manifest_info", None)
     out = {"model": cfg.model.name, "task": cfg.names["task"], "engine": cfg.names["engine"], "max_tokens": args.max_tokens,
            "temperature": None if args.samples == 1 else args.temperature, "task_config": cfg.to_dict()["task"],

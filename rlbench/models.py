@@ -51,11 +51,14 @@ def save_whole(model, path) -> None:
     """Write ``model`` as a transformers directory (config, generation config, one safetensors
     file) from this process, whatever its rank: ``save_pretrained`` writes only on global rank 0
     once torch.distributed is up (transformers >= 5), and every rank needs its own copy (its vLLM
-    engine, its quantised reference). Tied tensors are written once, as ``save_pretrained`` does."""
+    engine, its quantised reference). Tied tensors are written once, and ``config.json`` names the
+    model class in ``architectures``, as ``save_pretrained`` does: tools that build a model from the
+    directory's config (TRL's ``create_model_from_path``, vLLM, ``AutoConfig`` users) read it."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(path)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(path)
@@ -74,10 +77,27 @@ def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return unique
 
 
+def _repair_architectures(directory: Path) -> None:
+    """A conversion by an older rlbench wrote ``"architectures": null``; name the class it holds."""
+    import json
+
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    if config.get("architectures"):
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config["model_type"]]]
+    tmp = path.with_name(f"config.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
 def embedded_model_dir() -> Path:
     """Convert the GGUF once to a safetensors directory and return it."""
     out = cache_dir() / EMBEDDED
     if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
+        _repair_architectures(out)
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -94,7 +114,6 @@ def embedded_model_dir() -> Path:
         raise ModelError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
     model.tie_weights()
     model.generation_config.eos_token_id = [tok.convert_tokens_to_ids(CHAT_END)]
-    import os
     import shutil
 
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")  # several processes may convert at once

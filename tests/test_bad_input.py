@@ -112,6 +112,13 @@ def malformed_data_line(tmp_path, capsys, monkeypatch):
                 f"test_file={bad}", "--limit", "2", "--output", tmp_path / "e.json")
 
 
+def empty_evaluation(tmp_path, capsys, monkeypatch):
+    msg = _cli(capsys, "eval", "--task", "arithmetic", "--model", "tiny-random", "--engine", "hf", "--limit", "0",
+               "--output", tmp_path / "e.json")
+    assert not (tmp_path / "e.json").exists()  # no record of an evaluation that did not happen
+    return msg
+
+
 def malformed_pairs_line(tmp_path, capsys, monkeypatch):
     bad = tmp_path / "pairs.jsonl"
     bad.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n" + '{"prompt": "p"}\n')
@@ -215,6 +222,7 @@ CASES = {
     "a plugin for another hook API": other_hook_api,
     "a missing data file": missing_data_file,
     "a malformed dataset line": malformed_data_line,
+    "an evaluation of no problems (`rlbench eval --limit 0`)": empty_evaluation,
     "a malformed pairs-file line": malformed_pairs_line,
     "a malformed `rlbench reward` input line": malformed_reward_input,
     "a prompt longer than the limit (`long_prompts: error`)": prompt_too_long,
