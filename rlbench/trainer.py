@@ -55,7 +55,7 @@ import torch
 
 from rlbench import config as cfgmod
 from rlbench import logprobs as lpmod
-from rlbench import dist, manager, models, rundir
+from rlbench import dist, manager, models, ops, rundir
 from rlbench.types import Rollouts, Sampling, StepContext, TrainBatch
 
 
@@ -88,17 +88,21 @@ def split_micro_batches(batch: TrainBatch, micro_batch_size: int, pairs: bool = 
 
 def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: int, ctx: StepContext,
                          backward=None, is_cap: float | None = None, pairs: bool = False,
-                         critic=None, share_prompts: bool = True, pad_to: int | None = None) -> dict[str, float]:
+                         critic=None, share_prompts: bool = True, pad_to: int | None = None,
+                         sampler_logprobs: torch.Tensor | None = None) -> dict[str, float]:
     """Forward + backward over micro-batches; gradients accumulate in ``.grad``.
 
-    Returns the batch's loss and the algorithm's metrics (summed shares), the
-    trainer's own ``kl`` (mean k3 to the reference over completion tokens, when
-    reference logprobs are present), ``entropy``, and the sync drift: the
-    largest and mean |trainer − sampler| logprob of the sampled tokens
-    (``sync/logprob_drift``, ``sync/logprob_drift_mean``). With ``is_cap`` set,
-    the algorithm gets per-token truncated importance weights
-    min(π_θ/π_sampler, is_cap) as ``is_weights``. A micro-batch whose loss is NaN/inf gets
-    no backward and is counted as ``nonfinite_loss`` (the caller skips the update).
+    ``ctx`` holds the step's per-row tensors for the rollouts rows that ``batch["row"]`` indexes
+    (``TrainBatch.rows``); each micro-batch's loss gets the context of its own rows
+    (``StepContext.select``), plus the critic's current values (``critic``) and the importance
+    weights (``is_cap``). Returns the batch's loss and the algorithm's metrics (summed shares),
+    the trainer's own ``kl`` (mean k3 to the reference over completion tokens, when reference
+    logprobs are present), ``entropy``, and, given ``sampler_logprobs`` [rows, C] (the engine's,
+    aligned like ``ctx``), the sync drift: the largest and mean |trainer − sampler| logprob of the
+    sampled tokens (``sync/logprob_drift``, ``sync/logprob_drift_mean``). With ``is_cap`` set,
+    the algorithm gets per-token truncated importance weights min(π_θ/π_sampler, is_cap) as
+    ``ctx.is_weights``. A micro-batch whose loss is NaN/inf gets no backward and is counted as
+    ``nonfinite_loss`` (the caller skips the update).
 
     ``pad_to`` (DeepSpeed, where every backward is a collective): every micro-batch gets a
     backward, non-finite ones included (``backward`` decides what to do with them), and the last
@@ -108,26 +112,30 @@ def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: 
     totals: dict[str, float] = {"loss": 0.0}
     kl_sum = ent_sum = drift_sum = is_sum = 0.0
     drift_max = 0.0
+    if "row" not in batch:  # a batch built by hand: rows 0..N−1 of the context
+        batch = TrainBatch({**batch.tensors, "row": batch.rows()}, batch.totals, batch.metrics)
     micro_batches = split_micro_batches(batch, micro_batch_size, pairs, share_prompts)
     n_real = len(micro_batches)
     micro_batches += micro_batches[-1:] * max(0, (pad_to or 0) - n_real)
     for j, micro in enumerate(micro_batches):
         micro = micro.trimmed()
         C = micro["completion_mask"].shape[1]
+        mctx = ctx.select(micro["row"], C)
         logp, ent = lpmod.token_logprobs(model, micro["input_ids"], micro["attention_mask"], C, with_entropy=True,
                                          share_prompts=share_prompts)
         mask = micro["completion_mask"]
-        if "sampler_logprobs" in micro:
-            gap = (logp.detach() - micro["sampler_logprobs"]) * mask  # [n, C]
+        if sampler_logprobs is not None:
+            sampler = sampler_logprobs[micro["row"].to(sampler_logprobs.device)][:, :C].to(logp.device)  # [n, C]
+            gap = (logp.detach() - sampler) * mask  # [n, C]
             drift_max = max(drift_max, gap.abs().max().item())
             drift_sum += gap.abs().sum().item()
             if is_cap is not None:
                 w = torch.exp(gap).clamp(max=is_cap) * mask  # [n, C]
-                micro.tensors["is_weights"] = w
+                mctx.is_weights = w
                 is_sum += w.sum().item()
         if critic is not None:  # the value model's predictions, with gradient, for the algorithm's value loss
-            micro.tensors["values"] = critic(micro["input_ids"], micro["attention_mask"], C)  # [n, C]
-        loss, metrics = algorithm.loss(logp, micro, ctx)
+            mctx.values = critic(micro["input_ids"], micro["attention_mask"], C)  # [n, C]
+        loss, metrics = algorithm.loss(logp, micro, mctx)
         if j >= n_real:  # padding: a backward that adds nothing
             backward(loss * 0.0)
             continue
@@ -142,16 +150,15 @@ def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: 
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v
         ent_sum += (ent * mask).sum().item()
-        if "ref_logprobs" in micro:
-            d = micro["ref_logprobs"] - logp.detach()
-            kl_sum += ((torch.exp(d) - d - 1) * mask).sum().item()
+        if mctx.ref_logprobs is not None:
+            kl_sum += (ops.k3_kl(logp.detach(), mctx.ref_logprobs) * mask).sum().item()
     totals["entropy"] = ent_sum / batch.totals["tokens"]
-    if "sampler_logprobs" in batch:
+    if sampler_logprobs is not None:
         totals["sync/logprob_drift"] = drift_max
         totals["sync/logprob_drift_mean"] = drift_sum / batch.totals["tokens"]
         if is_cap is not None:
             totals["is/weight_mean"] = is_sum / batch.totals["tokens"]
-    if "ref_logprobs" in batch:
+    if ctx.ref_logprobs is not None:
         totals["kl"] = kl_sum / batch.totals["tokens"]
     return totals
 
@@ -694,12 +701,11 @@ class Trainer:
                         for i in range(0, rollouts.n, cfg.train.micro_batch_size)]).cpu()  # [N, C]
         ctx.max_tokens = cfg.rollout.max_tokens
         batch = self.algorithm.prepare(rollouts, rewards, ctx)
-        batch.totals.setdefault("max_tokens", float(cfg.rollout.max_tokens))
-        if ctx.ref_logprobs is not None:
-            batch.tensors.setdefault("ref_logprobs", ctx.ref_logprobs)
-        if ctx.old_logprobs is not None:
-            batch.tensors.setdefault("old_logprobs", ctx.old_logprobs)
-        batch = batch.to(self.device)
+        if "row" not in batch and batch.size != rollouts.n:
+            raise TrainingError(f"algorithm {cfg.names['algorithm']!r}: prepare() returned {batch.size} rows for "
+                                f"{rollouts.n} rollouts without their 'row' index; build the batch with "
+                                "TrainBatch.from_rollouts and select rows from it")
+        batch, ctx = batch.to(self.device), ctx.to(self.device)
 
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's (first) update uses
         with self._timed("train"):
@@ -728,7 +734,8 @@ class Trainer:
                                                  backward=backward,
                                                  is_cap=cfg.rollout.is_cap if cfg.rollout.is_correction else None,
                                                  pairs=self.needs.pairs, critic=self.critic,
-                                                 share_prompts=cfg.train.share_prompt_forward, pad_to=pad_to)
+                                                 share_prompts=cfg.train.share_prompt_forward, pad_to=pad_to,
+                                                 sampler_logprobs=rollouts.logprobs)
                     m = self._reduce_train_metrics(m)
                     fault = lambda: self._fault_payload(rollouts, rewards, mb, epoch, i)  # noqa: E731
                     if self.zero:  # DeepSpeed clips and steps, or discards NaN/inf gradients

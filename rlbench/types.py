@@ -111,9 +111,14 @@ class TrainBatch:
 
     ``tensors`` all have the leading dimension N (so the trainer can split them
     into micro-batches); ``input_ids`` / ``attention_mask`` [N, L] and
-    ``completion_mask`` [N, C] are always present. ``totals`` holds normalisers
-    over the whole optimizer batch (``seqs``, ``tokens``), so a loss computed
-    per micro-batch and summed equals the loss of the whole batch.
+    ``completion_mask`` [N, C] are always present, and ``row`` [N] (long) is the
+    index of each row into the rollouts it came from: the trainer uses it to hand
+    ``loss`` the context tensors (reference/old logprobs …) of exactly these rows,
+    so an algorithm that selects or reorders rows keeps ``row`` with them.
+    ``totals`` holds normalisers over the whole optimizer batch (``seqs``, ``tokens``),
+    so a loss computed per micro-batch and summed equals the loss of the whole batch.
+    The batch holds what ``prepare`` built; what the trainer computes reaches the
+    algorithm through ``StepContext`` only.
     """
 
     tensors: dict[str, torch.Tensor]
@@ -124,11 +129,13 @@ class TrainBatch:
     def from_rollouts(cls, rollouts: Rollouts, **tensors: torch.Tensor) -> "TrainBatch":
         """The model inputs of ``rollouts`` plus any per-row tensors (advantages, …)."""
         mask = rollouts.completion_mask.float()  # [N, C]
-        base = {**rollouts.model_inputs(), "completion_mask": mask}
-        if rollouts.logprobs is not None:  # offline data has no sampler
-            base["sampler_logprobs"] = rollouts.logprobs
+        base = {**rollouts.model_inputs(), "completion_mask": mask, "row": torch.arange(rollouts.n)}
         totals = {"seqs": float(rollouts.n), "tokens": float(mask.sum().clamp(min=1).item())}
         return cls({**base, **tensors}, totals)
+
+    def rows(self) -> torch.Tensor:
+        """``row`` [N]; a batch built by hand without it stands for rollouts rows 0..N−1."""
+        return self.tensors["row"] if "row" in self.tensors else torch.arange(self.size)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.tensors[key]
@@ -208,19 +215,39 @@ class Needs:
 
 @dataclass
 class StepContext:
-    """Read-only facts an algorithm may use in ``prepare`` and ``loss``.
+    """What the trainer gives an algorithm, in ``prepare`` and in ``loss``: the one channel for it.
 
-    ``ref_logprobs`` / ``old_logprobs`` [N, C] are filled before ``prepare`` when
-    the algorithm's ``Needs`` ask for them (the trainer also copies them into the
-    batch as ``ref_logprobs`` / ``old_logprobs``); ``max_tokens`` is the
-    completion budget (a constant length normaliser, as Dr. GRPO uses)."""
+    Per-row tensors are aligned with the rows at hand: in ``prepare(rollouts, …)`` with the
+    rollouts' N rows [N, C]; in ``loss(logprobs, micro_batch, ctx)`` with the micro-batch's rows
+    [n, c] (the trainer selects them by the batch's ``row`` index and trims them to the
+    micro-batch's columns). ``ref_logprobs`` / ``old_logprobs`` are there when the algorithm's
+    ``Needs`` ask for them (``ref_logprobs`` also whenever ``eval.kl`` is on); ``values`` are the
+    critic's predictions: before the update in ``prepare`` (no gradient), the current ones with
+    their gradient in ``loss`` (a value loss trains the critic through them); ``is_weights`` (loss
+    only) are the truncated importance weights min(π_θ/π_sampler, cap) of ``rollout.is_correction``;
+    ``max_tokens`` is the completion budget (a constant length normaliser, as Dr. GRPO uses)."""
 
     step: int
     epoch: int = 0
     ref_logprobs: torch.Tensor | None = None
     old_logprobs: torch.Tensor | None = None
-    values: torch.Tensor | None = None  # [N, C] critic values before the update (critic algorithms)
+    values: torch.Tensor | None = None
+    is_weights: torch.Tensor | None = None
     max_tokens: int = 0
+
+    def select(self, rows: torch.Tensor, columns: int) -> "StepContext":
+        """This context for the rollouts rows ``rows`` and their first ``columns`` completion
+        positions (a micro-batch's view)."""
+        def pick(t):
+            return None if t is None else t[rows.to(t.device)][:, :columns]
+        return dataclasses.replace(self, ref_logprobs=pick(self.ref_logprobs), old_logprobs=pick(self.old_logprobs),
+                                   values=pick(self.values), is_weights=pick(self.is_weights))
+
+    def to(self, device: torch.device | str) -> "StepContext":
+        def move(t):
+            return None if t is None else t.to(device)
+        return dataclasses.replace(self, ref_logprobs=move(self.ref_logprobs), old_logprobs=move(self.old_logprobs),
+                                   values=move(self.values), is_weights=move(self.is_weights))
 
 
 class AlgorithmBase:

@@ -50,11 +50,11 @@ def test_clip_higher_by_hand():
     # one completion, token ratios 1.25 and 1.5, A = +1, token mean: ε_high 0.28 keeps 1.25 and clips 1.5 to 1.28
     logp = torch.tensor([[1.25, 1.5]]).log().requires_grad_(True)
     t = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4, dtype=torch.long),
-         "completion_mask": torch.ones(1, 2), "advantages": torch.tensor([1.0]), "old_logprobs": torch.zeros(1, 2)}
-    batch = TrainBatch(t, {"seqs": 1.0, "tokens": 2.0})
-    loss, m = DAPO(DAPOConfig()).loss(logp, batch, StepContext(step=1))
+         "completion_mask": torch.ones(1, 2), "advantages": torch.tensor([1.0])}
+    batch, ctx = TrainBatch(t, {"seqs": 1.0, "tokens": 2.0}), StepContext(step=1, old_logprobs=torch.zeros(1, 2))
+    loss, m = DAPO(DAPOConfig()).loss(logp, batch, ctx)
     assert loss.item() == pytest.approx(-(1.25 + 1.28) / 2) and m["clip_frac"] == 0.5
-    loss, m = GRPO(GRPOConfig(beta=0.0, loss_agg="token_mean")).loss(logp, batch, StepContext(step=1))
+    loss, m = GRPO(GRPOConfig(beta=0.0, loss_agg="token_mean")).loss(logp, batch, ctx)
     assert loss.item() == pytest.approx(-(1.2 + 1.2) / 2) and m["clip_frac"] == 1.0
 
 

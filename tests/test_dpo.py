@@ -22,8 +22,8 @@ def _two_pairs():
     logp = torch.tensor([[-1.0], [-2.0], [-3.0], [-1.0]], requires_grad=True)  # c0, r0, c1, r1
     ref = torch.tensor([[-1.5], [-1.5], [-2.0], [-2.0]])
     t = {"input_ids": torch.zeros(4, 2, dtype=torch.long), "attention_mask": torch.ones(4, 2, dtype=torch.long),
-         "completion_mask": torch.ones(4, 1), "ref_logprobs": ref}
-    return logp, TrainBatch(t, {"seqs": 4.0, "tokens": 4.0, "pairs": 2.0})
+         "completion_mask": torch.ones(4, 1)}
+    return logp, TrainBatch(t, {"seqs": 4.0, "tokens": 4.0, "pairs": 2.0}), StepContext(step=1, ref_logprobs=ref)
 
 
 def sig(x):
@@ -32,8 +32,8 @@ def sig(x):
 
 def test_sigmoid_loss_and_margin_by_hand():
     # pair 0: (−1 + 1.5) − (−2 + 1.5) = 1.0 → h = 0.1;  pair 1: (−3 + 2) − (−1 + 2) = −2 → h = −0.2
-    logp, batch = _two_pairs()
-    loss, m = DPO(DPOConfig(beta=0.1)).loss(logp, batch, StepContext(step=1))
+    logp, batch, ctx = _two_pairs()
+    loss, m = DPO(DPOConfig(beta=0.1)).loss(logp, batch, ctx)
     # −log σ(0.1) = 0.644397, −log σ(−0.2) = 0.798139
     assert loss.item() == pytest.approx((0.644397 + 0.798139) / 2, abs=1e-5)
     assert m["dpo/reward_margin"] == pytest.approx((0.1 - 0.2) / 2)
@@ -45,8 +45,8 @@ def test_sigmoid_loss_and_margin_by_hand():
 
 
 def test_ipo_loss_by_hand():
-    logp, batch = _two_pairs()
-    loss, _ = DPO(DPOConfig(beta=0.1, loss_type="ipo")).loss(logp, batch, StepContext(step=1))
+    logp, batch, ctx = _two_pairs()
+    loss, _ = DPO(DPOConfig(beta=0.1, loss_type="ipo")).loss(logp, batch, ctx)
     # (h/β − 1/(2β))²: (1 − 5)² = 16 and (−2 − 5)² = 49
     assert loss.item() == pytest.approx((16 + 49) / 2)
 
@@ -54,7 +54,7 @@ def test_ipo_loss_by_hand():
 def test_pairs_stay_together_under_micro_batching(tokenizer):
     from rlbench import models
 
-    logp, batch = _two_pairs()
+    logp, batch, ctx = _two_pairs()
     g = torch.Generator().manual_seed(0)
     batch.tensors["input_ids"] = torch.randint(10, 1000, (4, 6), generator=g)
     batch.tensors["attention_mask"] = torch.ones(4, 6, dtype=torch.long)
@@ -63,7 +63,7 @@ def test_pairs_stay_together_under_micro_batching(tokenizer):
     losses = []
     for micro in (4, 3, 2):  # 3 is rounded down to 2 so a pair is never split
         model = models.tiny_random(tokenizer, seed=0)
-        losses.append(accumulate_gradients(model, algo, batch, micro, StepContext(step=1), pairs=True)["loss"])
+        losses.append(accumulate_gradients(model, algo, batch, micro, ctx, pairs=True)["loss"])
     assert losses[1] == pytest.approx(losses[0], rel=1e-5) and losses[2] == pytest.approx(losses[0], rel=1e-5)
 
 

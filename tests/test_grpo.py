@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from rlbench.plugins.algorithms.grpo import GRPO, GRPOConfig, AdaptiveKL, group_advantages, k3_kl
+from rlbench.ops import AdaptiveKL, group_advantages, k3_kl
+from rlbench.plugins.algorithms.grpo import GRPO, GRPOConfig
 from rlbench.types import StepContext, TrainBatch
 
 LN2 = math.log(2.0)
@@ -27,10 +28,9 @@ def _batch(ref=None):
     ratios = torch.tensor([[1.0, 1.5, 0.5], [1.0, 1.5, 1.0]])
     logp = ratios.log().requires_grad_(True)
     t = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long),
-         "completion_mask": mask, "advantages": torch.tensor([1.0, -1.0]), "old_logprobs": torch.zeros(2, 3)}
-    if ref is not None:
-        t["ref_logprobs"] = ref
-    return logp, TrainBatch(t, {"seqs": 2.0, "tokens": 5.0})
+         "completion_mask": mask, "advantages": torch.tensor([1.0, -1.0])}
+    return logp, TrainBatch(t, {"seqs": 2.0, "tokens": 5.0}), StepContext(step=1, old_logprobs=torch.zeros(2, 3),
+                                                                         ref_logprobs=ref)
 
 
 # per-token surrogate, by hand (eps 0.2): seq0 (A=+1): r=1 -> -1, r=1.5 -> -1.2 (clipped), r=0.5 -> -0.5
@@ -43,8 +43,8 @@ def _batch(ref=None):
 ])
 def test_loss_beta0_by_hand(agg, eps, expected, clip_frac):
     algo = GRPO(GRPOConfig(beta=0.0, epsilon_low=eps, epsilon_high=eps, loss_agg=agg))
-    logp, batch = _batch()
-    loss, m = algo.loss(logp, batch, StepContext(step=1))
+    logp, batch, ctx = _batch()
+    loss, m = algo.loss(logp, batch, ctx)
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     assert m["clip_frac"] == pytest.approx(clip_frac)
     loss.backward()
@@ -68,9 +68,9 @@ def test_loss_beta_positive_by_hand(agg, kl_mean):
     ref = ratios.log() + torch.tensor([[LN2] * 3, [0.0] * 3])  # d = ref - logp = ln2 on seq0, 0 on seq1
     base = GRPO(GRPOConfig(beta=0.0, loss_agg=agg))
     algo = GRPO(GRPOConfig(beta=0.1, loss_agg=agg))
-    logp, batch = _batch(ref)
-    l0, _ = base.loss(logp, batch, StepContext(step=1))
-    l1, m = algo.loss(logp, batch, StepContext(step=1))
+    logp, batch, ctx = _batch(ref)
+    l0, _ = base.loss(logp, batch, ctx)
+    l1, m = algo.loss(logp, batch, ctx)
     assert m["grpo/kl_term"] == pytest.approx(kl_mean, abs=1e-6)
     assert (l1 - l0).item() == pytest.approx(0.1 * kl_mean, abs=1e-6)
 
@@ -88,6 +88,7 @@ def test_std_zero_group_gives_only_kl():
     assert batch["input_ids"][2].tolist() == [0, 7, 1, 1]
     assert batch["attention_mask"][2].tolist() == [0, 1, 1, 1]
     assert batch.totals == {"seqs": 4.0, "tokens": 8.0}
+    assert batch["row"].tolist() == [0, 1, 2, 3]  # each row's index into the rollouts
 
 
 def test_k3_properties():

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from rlbench import rundir
+from rlbench.ops import kl_penalized_rewards, returns_to_go, whiten
 from rlbench.plugins.algorithms.dr_grpo import DrGRPO, DrGRPOConfig
 from rlbench.plugins.algorithms.gspo import GSPO, GSPOConfig
-from rlbench.plugins.algorithms.reinforce_pp import token_returns, whiten
 from rlbench.plugins.algorithms.rloo import leave_one_out_advantages
 from rlbench.trainer import start
 from rlbench.types import StepContext
@@ -19,9 +19,9 @@ def test_dr_grpo_no_std_and_constant_length_normaliser():
     algo = DrGRPO(DrGRPOConfig())
     adv, _ = algo.advantages(torch.tensor([1.0, 0, 0, 0]), 4)
     assert adv.tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25])
-    logp, batch = _batch()
-    batch.totals["max_tokens"] = 4.0
-    loss, _ = algo.loss(logp, batch, StepContext(step=1))
+    logp, batch, ctx = _batch()
+    ctx.max_tokens = 4
+    loss, _ = algo.loss(logp, batch, ctx)
     # token losses (ε 0.2): seq0 −1 −1.2 −0.5, seq1 +1 +1.5; all summed / (2 completions × budget 4)
     assert loss.item() == pytest.approx((-2.7 + 2.5) / 8)
 
@@ -40,9 +40,9 @@ def test_rloo_leave_one_out_baseline():
 ])
 def test_gspo_sequence_ratio_by_hand(advs, expected, clip_frac):
     algo = GSPO(GSPOConfig())
-    logp, batch = _batch()
+    logp, batch, ctx = _batch()
     batch.tensors["advantages"] = torch.tensor(advs)
-    loss, m = algo.loss(logp, batch, StepContext(step=1))
+    loss, m = algo.loss(logp, batch, ctx)
     assert loss.item() == pytest.approx(expected, abs=1e-5)
     assert m["clip_frac"] == pytest.approx(clip_frac)  # share of tokens in clipped sequences (seq1: 2 of 5)
 
@@ -50,7 +50,7 @@ def test_gspo_sequence_ratio_by_hand(advs, expected, clip_frac):
 def test_reinforce_pp_returns_with_kl_in_reward_and_whitening():
     mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
     kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.5, 0.9]])
-    ret = token_returns(torch.tensor([1.0, 0.0]), mask, kl, beta=1.0)
+    ret = returns_to_go(kl_penalized_rewards(torch.tensor([1.0, 0.0]), mask, kl, beta=1.0), mask)
     # seq0 rewards −0.1, −0.2, −0.3+1 -> returns 0.4, 0.5, 0.7; seq1 −0.5, −0.5 -> −1.0, −0.5; padding 0
     assert ret.tolist() == [pytest.approx([0.4, 0.5, 0.7]), pytest.approx([-1.0, -0.5, 0.0])]
     w = whiten(ret, mask)

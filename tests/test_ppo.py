@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from rlbench import rundir
-from rlbench.plugins.algorithms.ppo import PPO, PPOConfig, clipped_value_loss, gae
+from rlbench.ops import gae
+from rlbench.plugins.algorithms.ppo import PPO, PPOConfig, clipped_value_loss
 from rlbench.trainer import start
 from rlbench.types import TrainBatch
 

@@ -37,10 +37,10 @@ def _random_batch(tokenizer, n=6, P=5, C=7, seed=0):
     cm[1, 4:] = 0  # a short completion
     cm[3, 2:] = 0
     am[:, P:] = cm.long()
-    t = {"input_ids": ids, "attention_mask": am, "completion_mask": cm,
-         "advantages": torch.randn(n, generator=g), "ref_logprobs": -5 + torch.randn(n, C, generator=g),
-         "old_logprobs": -10.6 + 0.05 * torch.randn(n, C, generator=g)}
-    return TrainBatch(t, {"seqs": float(n), "tokens": float(cm.sum())})
+    t = {"input_ids": ids, "attention_mask": am, "completion_mask": cm, "advantages": torch.randn(n, generator=g)}
+    ctx = StepContext(step=1, ref_logprobs=-5 + torch.randn(n, C, generator=g),
+                      old_logprobs=-10.6 + 0.05 * torch.randn(n, C, generator=g))
+    return TrainBatch(t, {"seqs": float(n), "tokens": float(cm.sum())}), ctx
 
 
 @pytest.mark.parametrize("agg", ["seq_mean", "token_mean"])
@@ -49,11 +49,11 @@ def test_gradient_accumulation_matches_one_batch(tokenizer, agg):
     from rlbench.plugins.algorithms.grpo import GRPO, GRPOConfig
 
     algo = GRPO(GRPOConfig(beta=0.1, loss_agg=agg, epsilon_low=0.01, epsilon_high=0.01))
-    batch = _random_batch(tokenizer)
+    batch, ctx = _random_batch(tokenizer)
     results = []
     for micro in (6, 4, 1):
         model = models.tiny_random(tokenizer, seed=0)
-        m = accumulate_gradients(model, algo, batch, micro, StepContext(step=1))
+        m = accumulate_gradients(model, algo, batch, micro, ctx)
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         results.append((m["loss"], grads, m["clip_frac"]))
     (l1, g1, c1) = results[0]
@@ -112,14 +112,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokenizer):
     from rlbench.plugins.algorithms.grpo import GRPO, GRPOConfig
 
     algo = GRPO(GRPOConfig(beta=0.1))
-    batch = _random_batch(tokenizer)
+    batch, ctx = _random_batch(tokenizer)
     grads = []
     for ckpt in (False, True):
         model = models.tiny_random(tokenizer, seed=0)
         if ckpt:
             model.gradient_checkpointing_enable()
         model.train()
-        accumulate_gradients(model, algo, batch, 3, StepContext(step=1))
+        accumulate_gradients(model, algo, batch, 3, ctx)
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert (grads[0] - grads[1]).abs().max().item() <= 1e-5 * grads[0].abs().max().item()
 
@@ -140,7 +140,7 @@ def test_truncated_importance_weights_scale_the_policy_gradient():
     algo = GRPO(GRPOConfig(beta=0.0, loss_agg="token_mean"))
     logp = torch.zeros(1, 2, requires_grad=True)
     t = {"input_ids": torch.zeros(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3, dtype=torch.long),
-         "completion_mask": torch.ones(1, 2), "advantages": torch.tensor([1.0]),
-         "is_weights": torch.tensor([[2.0, 0.5]])}
-    loss, _ = algo.loss(logp, TrainBatch(t, {"seqs": 1.0, "tokens": 2.0}), StepContext(step=1))
+         "completion_mask": torch.ones(1, 2), "advantages": torch.tensor([1.0])}
+    ctx = StepContext(step=1, is_weights=torch.tensor([[2.0, 0.5]]))
+    loss, _ = algo.loss(logp, TrainBatch(t, {"seqs": 1.0, "tokens": 2.0}), ctx)
     assert loss.item() == pytest.approx(-(2.0 + 0.5) / 2)  # ratio 1, A = 1: −w per token, token mean

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 import rlbench
-from rlbench.plugins.algorithms.grpo import GRPO, GRPOConfig
+from rlbench.ops import GroupRelativeConfig, PolicyGradient
 from rlbench.types import Needs, TrainBatch
 
 
@@ -40,7 +40,7 @@ def rlbench_algorithms():
 
 
 @dataclass
-class DAPOConfig(GRPOConfig):
+class DAPOConfig(GroupRelativeConfig):
     beta: float = 0.0  # DAPO drops the KL term
     epsilon_high: float = 0.28  # clip-higher
     loss_agg: str = "token_mean"
@@ -62,7 +62,7 @@ def overlong_penalty(lengths: torch.Tensor, max_tokens: int, buffer: float, pena
     return ((start - lengths.float()) / buffer).clamp(min=-1.0, max=0.0) * penalty  # [N]
 
 
-class DAPO(GRPO):
+class DAPO(PolicyGradient):
     Config = DAPOConfig
 
     @classmethod

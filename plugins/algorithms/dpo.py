@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import rlbench
+from rlbench.ops import uniform_groups
 from rlbench.types import AlgorithmBase, DataError, Needs, Prompt, Rollouts, TrainBatch
 
 
@@ -94,7 +95,7 @@ def preference_pairs(rewards: torch.Tensor, group_size: int) -> tuple[torch.Tens
     """Row indices [2P] (chosen, rejected, …) of the best and worst completion per group, and skipped groups."""
     r = rewards.view(-1, group_size)  # [B, G]
     best, worst = r.argmax(-1), r.argmin(-1)  # [B]
-    keep = r.max(-1).values > r.min(-1).values  # [B]
+    keep = ~uniform_groups(r, group_size)  # [B]
     base = torch.arange(r.shape[0]) * group_size
     rows = torch.stack([base + best, base + worst], -1)[keep].reshape(-1)  # [2P]
     return rows, int((~keep).sum())
@@ -166,8 +167,7 @@ class DPO(AlgorithmBase):
     def prepare(self, rollouts, rewards, ctx) -> TrainBatch:
         rows, skipped = preference_pairs(rewards, rollouts.group_size)
         full = TrainBatch.from_rollouts(rollouts)
-        tensors = {k: v[rows] for k, v in full.tensors.items()}
-        tensors["ref_logprobs"] = ctx.ref_logprobs[rows]
+        tensors = {k: v[rows] for k, v in full.tensors.items()}  # "row" goes along: the loss gets these rows' ctx
         mask = tensors["completion_mask"]
         batch = TrainBatch(tensors, {"seqs": float(len(rows)), "tokens": float(mask.sum().clamp(min=1)),
                                      "pairs": float(max(1, len(rows) // 2))})
@@ -175,7 +175,7 @@ class DPO(AlgorithmBase):
         return batch
 
     def loss(self, logprobs, batch, ctx):
-        per_pair, h = dpo_loss(logprobs, batch["ref_logprobs"], batch["completion_mask"], self.config.beta,
+        per_pair, h = dpo_loss(logprobs, ctx.ref_logprobs, batch["completion_mask"], self.config.beta,
                                self.config.loss_type)
         n = batch.totals["pairs"]
         return per_pair.sum() / n, {"dpo/reward_margin": h.sum().item() / n,

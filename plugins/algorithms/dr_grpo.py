@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import rlbench
-from rlbench.plugins.algorithms.grpo import GRPO, GRPOConfig
+from rlbench.ops import GroupRelativeConfig, PolicyGradient
 
 
 @rlbench.hookimpl
@@ -22,11 +22,11 @@ def rlbench_algorithms():
 
 
 @dataclass
-class DrGRPOConfig(GRPOConfig):
+class DrGRPOConfig(GroupRelativeConfig):
     scale_std: bool = False
     loss_agg: str = "constant_length"
     beta: float = 0.0  # the paper drops the KL term for rule-based rewards
 
 
-class DrGRPO(GRPO):
+class DrGRPO(PolicyGradient):
     Config = DrGRPOConfig

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 import rlbench
-from rlbench.plugins.algorithms.grpo import GRPO, GRPOConfig
+from rlbench.ops import GroupRelativeConfig, PolicyGradient
 
 
 @rlbench.hookimpl
@@ -36,13 +36,13 @@ def sequence_surrogate(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor,
 
 
 @dataclass
-class GSPOConfig(GRPOConfig):
+class GSPOConfig(GroupRelativeConfig):
     epsilon_low: float = 3e-4
     epsilon_high: float = 4e-4
     beta: float = 0.0
 
 
-class GSPO(GRPO):
+class GSPO(PolicyGradient):
     Config = GSPOConfig
 
     def surrogate(self, logprobs, old, batch):

@@ -7,7 +7,8 @@ token is 0):
 
     δ_t = r_t + γ V_{t+1} − V_t,    A_t = δ_t + γλ A_{t+1},    R_t = A_t + V_t
 
-Advantages are whitened over the batch's completion tokens. Loss (token mean):
+Advantages are whitened over the batch's completion tokens (``ops.whiten``: population
+variance; per rank in a multi-process run, since ``prepare`` sees one rank's shard). Loss (token mean):
 the clipped surrogate on A_t plus ``vf_coef`` × ½·max((V − R)², (V_clip − R)²),
 with V_clip = V_old + clip(V − V_old, ±``value_clip``). β is fixed or adaptive
 toward ``kl_target``. Each of ``epochs`` passes shuffles the batch and splits it
@@ -27,9 +28,8 @@ from dataclasses import dataclass
 import torch
 
 import rlbench
-from rlbench.plugins.algorithms.grpo import AdaptiveKL, aggregate, clipped_surrogate
-from rlbench.plugins.algorithms.reinforce_pp import whiten
-from rlbench.types import Needs, TrainBatch
+from rlbench import ops
+from rlbench.types import AlgorithmBase, Needs, TrainBatch
 
 
 @rlbench.hookimpl
@@ -60,22 +60,6 @@ class PPOConfig:
             raise ValueError("epochs and mini_batches must be >= 1 and beta >= 0")
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
-    """Advantages and returns [N, C] by generalised advantage estimation over right-padded tokens."""
-    N, C = rewards.shape
-    adv = torch.zeros_like(rewards)
-    next_adv = torch.zeros(N)
-    next_v = torch.zeros(N)
-    for t in reversed(range(C)):
-        m = mask[:, t]
-        delta = rewards[:, t] + gamma * next_v - values[:, t]
-        a = delta + gamma * lam * next_adv
-        adv[:, t] = a * m
-        next_adv = torch.where(m > 0, a, next_adv)  # padding passes the future through untouched
-        next_v = torch.where(m > 0, values[:, t], next_v)
-    return adv, (adv + values) * mask
-
-
 def clipped_value_loss(v: torch.Tensor, v_old: torch.Tensor, returns: torch.Tensor, clip: float):
     """½·max((V − R)², (V_old + clip(V − V_old) − R)²) per token, and whether the clipped term won."""
     v_clip = v_old + torch.clamp(v - v_old, -clip, clip)
@@ -83,12 +67,12 @@ def clipped_value_loss(v: torch.Tensor, v_old: torch.Tensor, returns: torch.Tens
     return 0.5 * torch.maximum(a, b), (b > a).float()
 
 
-class PPO:
+class PPO(AlgorithmBase):
     Config = PPOConfig
 
     def __init__(self, config: PPOConfig):
         self.config = config
-        self.kl_ctl = AdaptiveKL(config.beta, config.kl_target, config.kl_horizon)
+        self.kl_ctl = ops.AdaptiveKL(config.beta, config.kl_target, config.kl_horizon)
 
     @classmethod
     def needs(cls, config: PPOConfig) -> Needs:
@@ -100,14 +84,12 @@ class PPO:
         c = self.config
         mask = rollouts.completion_mask.float()  # [N, C]
         old = ctx.old_logprobs if ctx.old_logprobs is not None else rollouts.logprobs  # [N, C]
-        kl = (old - ctx.ref_logprobs) * mask if ctx.ref_logprobs is not None else torch.zeros_like(mask)  # k1
-        token_r = -self.kl_ctl.beta * kl
-        last = (mask.sum(-1).long() - 1).clamp(min=0)
-        token_r = token_r.scatter_add(1, last.unsqueeze(-1), rewards.float().unsqueeze(-1)) * mask  # [N, C]
-        values = ctx.values * mask  # [N, C]
-        adv, returns = gae(token_r, values, mask, c.gamma, c.lam)
+        kl = ops.k1_kl(old, ctx.ref_logprobs) if ctx.ref_logprobs is not None else torch.zeros_like(mask)  # [N, C]
+        token_r = ops.kl_penalized_rewards(rewards, mask, kl, self.kl_ctl.beta)  # [N, C]
+        values = ctx.values * mask  # [N, C] before the update
+        adv, returns = ops.gae(token_r, values, mask, c.gamma, c.lam)
         if c.whiten_advantages:
-            adv = whiten(adv, mask)
+            adv = ops.whiten(adv, mask)
         batch = TrainBatch.from_rollouts(rollouts, advantages=adv, returns=returns, old_values=values)
         batch.metrics.update({"ppo/value_mean": (values.sum() / mask.sum()).item(),
                               "ppo/return_mean": (returns.sum() / mask.sum()).item()})
@@ -116,12 +98,12 @@ class PPO:
     def loss(self, logprobs, batch, ctx):
         c = self.config
         mask = batch["completion_mask"]
-        old = batch["old_logprobs"] if "old_logprobs" in batch else logprobs.detach()
-        pg, clipped = clipped_surrogate(logprobs, old, batch["advantages"], c.epsilon, c.epsilon)
-        if "is_weights" in batch:
-            pg = pg * batch["is_weights"]
-        vloss, vclipped = clipped_value_loss(batch["values"], batch["old_values"], batch["returns"], c.value_clip)
-        loss = aggregate(pg + c.vf_coef * vloss, mask, "token_mean", batch.totals)
+        old = ctx.old_logprobs if ctx.old_logprobs is not None else logprobs.detach()
+        pg, clipped = ops.clipped_surrogate(logprobs, old, batch["advantages"], c.epsilon, c.epsilon)
+        if ctx.is_weights is not None:
+            pg = pg * ctx.is_weights
+        vloss, vclipped = clipped_value_loss(ctx.values, batch["old_values"], batch["returns"], c.value_clip)
+        loss = ops.aggregate(pg + c.vf_coef * vloss, mask, "token_mean", batch.totals)
         n = batch.totals["tokens"]
         return loss, {"clip_frac": ((clipped * mask).sum() / n).item(),
                       "ppo/value_loss": ((vloss * mask).sum() / n).item(),

@@ -2,8 +2,17 @@
 
 The baseline of completion i is the mean reward of the *other* G − 1
 completions of its prompt: A_i = r_i − mean_{j≠i} r_j = G/(G−1) · (r_i − mean_g).
-No std scaling. The loss is the family's clipped surrogate (with μ = 1 the
-ratio is 1, so it is plain REINFORCE with this baseline) plus optional k3 KL.
+No std scaling. The loss is the family's clipped surrogate plus optional k3 KL,
+aggregated by ``loss_agg`` like every member of the family.
+
+What that means at the defaults (μ = 1, ``loss_agg: seq_mean``): the ratio is 1 in value, and
+each completion's token losses are averaged over its length, so completion i contributes
+−A_i · (1/|o_i|) Σ_t ∇logπ(o_it): a length-normalised REINFORCE with this baseline. The paper's
+REINFORCE (and TRL's RLOOTrainer, whose ratio and loss are per sequence) use the sequence
+log-likelihood Σ_t logπ(o_it) without the 1/|o_i|; ``loss_agg: constant_length`` gives that
+sum, divided by the constant ``rollout.max_tokens``. The default is kept at seq_mean on purpose:
+rloo then differs from grpo in exactly one thing, the baseline, which is the comparison a
+benchmark of advantage estimators wants.
 """
 from __future__ import annotations
 
@@ -12,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 import rlbench
-from rlbench.plugins.algorithms.grpo import GRPO, PolicyGradientConfig
+from rlbench.ops import PolicyGradient, PolicyGradientConfig, uniform_groups
 
 
 @rlbench.hookimpl
@@ -23,8 +32,7 @@ def rlbench_algorithms():
 def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     r = rewards.view(-1, group_size).float()  # [B, G]
     others = (r.sum(-1, keepdim=True) - r) / (group_size - 1)  # [B, G] mean of the other samples
-    zero = (r.max(-1).values - r.min(-1).values) == 0  # [B]
-    return (r - others).reshape(-1), zero
+    return (r - others).reshape(-1), uniform_groups(r, group_size)
 
 
 @dataclass
@@ -32,7 +40,7 @@ class RLOOConfig(PolicyGradientConfig):
     beta: float = 0.0
 
 
-class RLOO(GRPO):
+class RLOO(PolicyGradient):
     Config = RLOOConfig
 
     def advantages(self, rewards, group_size):

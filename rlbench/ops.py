@@ -1,0 +1,250 @@
+"""The maths that algorithms and the trainer share: pure functions over tensors, the adaptive KL
+controller (one number of state), and the clipped-surrogate family built from them.
+
+Plugins import this module and ``rlbench.types``, never each other. Shapes: N rows (completions),
+B prompt groups of G consecutive rows (group-major), C completion positions; ``mask`` [N, C] is
+1.0 on real completion tokens and 0.0 on padding.
+
+Conventions that frameworks choose differently, decided here with their sources:
+  * group std: unbiased (n − 1), as TRL's GRPOTrainer (``torch.std``); ``eps`` is added to the std
+    (TRL 1e-4, verl 1e-6; a config value of each algorithm).
+  * whitening (PPO, REINFORCE++): population variance, dividing by the number of real tokens n, as
+    REINFORCE++'s reference implementation (OpenRLHF's experience maker) and OpenAI baselines' PPO2
+    (numpy's ``std``, ddof 0); verl's ``masked_whiten`` and TRL divide by n − 1. Over n tokens the
+    two scales differ by √(n / (n − 1)): under 0.5% once a batch holds 100 tokens.
+  * KL estimators (Schulman, "Approximating KL Divergence", 2020), with d = logπ_ref − logπ:
+    k1 = −d, unbiased, signed: the per-token KL penalty inside the reward of PPO and REINFORCE++
+    (with π_old); k3 = e^d − d − 1 ≥ 0, low variance: GRPO's loss term and the trainer's ``kl``.
+  * "all rewards of a group are equal" is decided once, by ``uniform_groups`` (max − min == 0):
+    such a group carries no advantage (GRPO, RLOO), no preference pair (DPO) and is dropped by
+    dynamic sampling (DAPO).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from rlbench.types import AlgorithmBase, Needs, Rollouts, StepContext, TrainBatch
+
+LOSS_AGGS = ("seq_mean", "token_mean", "constant_length")
+
+
+# -- group statistics ----------------------------------------------------------------------
+
+def uniform_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Bool [B]: the group's G rewards are all equal (its std is exactly 0)."""
+    r = rewards.view(-1, group_size)  # [B, G]
+    return (r.max(-1).values - r.min(-1).values) == 0
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_std: bool = True,
+                     eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r − mean_g) / (std_g + eps) per group of ``group_size`` consecutive rows (``scale_std``
+    False: r − mean_g). Returns advantages [N] and ``uniform_groups`` [B]; a uniform group's
+    advantages are exactly 0."""
+    r = rewards.view(-1, group_size).float()  # [B, G]
+    mean = r.mean(-1, keepdim=True)  # [B, 1]
+    std = r.std(-1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)  # [B, 1] unbiased
+    zero = uniform_groups(r, group_size)  # [B]
+    adv = r - mean  # [B, G]
+    if scale_std:
+        adv = adv / (std + eps)
+    adv = torch.where(zero.unsqueeze(-1), torch.zeros_like(adv), adv)
+    return adv.reshape(-1), zero
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x − mean) / sqrt(var + eps) over the real tokens of the batch (population variance, see
+    the module docstring); 0 at padding."""
+    n = mask.sum()
+    mean = (x * mask).sum() / n
+    var = (((x - mean) * mask) ** 2).sum() / n
+    return (x - mean) / torch.sqrt(var + eps) * mask
+
+
+# -- KL estimators ---------------------------------------------------------------------------
+
+def k1_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """logπ − logπ_ref per token: unbiased, can be negative."""
+    return logp - ref_logp
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """e^d − d − 1 per token, d = logπ_ref − logπ: ≥ 0, and 0 only where the two are equal."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+class AdaptiveKL:
+    """β ← β · (1 + clip(KL/target − 1, −0.2, 0.2) / horizon), once per step (Ziegler et al. 2019);
+    ``target`` 0 keeps β fixed. A NaN/inf KL leaves β as it is."""
+
+    def __init__(self, beta: float, target: float, horizon: float):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float) -> float:
+        if self.target > 0 and math.isfinite(kl):
+            err = max(-0.2, min(0.2, kl / self.target - 1))
+            self.beta *= 1 + err / self.horizon
+        return self.beta
+
+
+# -- per-token rewards and returns -------------------------------------------------------------
+
+def kl_penalized_rewards(rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-token rewards [N, C]: −β·kl on every real token, plus the sequence reward [N] on the
+    last real token (the KL-in-reward construction of PPO for RLHF and REINFORCE++); 0 at padding."""
+    r = -beta * kl * mask  # [N, C]
+    last = (mask.sum(-1).long() - 1).clamp(min=0)  # [N]
+    r = r.scatter_add(1, last.unsqueeze(-1), rewards.float().unsqueeze(-1))
+    return r * mask
+
+
+def returns_to_go(token_rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ_{s ≥ t} r_s per token [N, C] (γ = 1); 0 at padding."""
+    return torch.flip(torch.cumsum(torch.flip(token_rewards, [1]), 1), [1]) * mask
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over right-padded tokens: advantages and returns [N, C].
+    δ_t = r_t + γV_{t+1} − V_t, A_t = δ_t + γλA_{t+1}, R_t = A_t + V_t; V after the last token is 0."""
+    N, C = rewards.shape
+    adv = torch.zeros_like(rewards)
+    next_adv = torch.zeros(N)
+    next_v = torch.zeros(N)
+    for t in reversed(range(C)):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        a = delta + gamma * lam * next_adv
+        adv[:, t] = a * m
+        next_adv = torch.where(m > 0, a, next_adv)  # padding passes the future through untouched
+        next_v = torch.where(m > 0, values[:, t], next_v)
+    return adv, (adv + values) * mask
+
+
+# -- surrogate and aggregation --------------------------------------------------------------------
+
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
+                      eps_low: float, eps_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token −min(ρA, clip(ρ, 1 − ε_low, 1 + ε_high)A), ρ = π_θ/π_old [N, C], and a float mask
+    of the tokens where the clipped branch was taken [N, C]. ``adv`` is [N] (per sequence) or [N, C]."""
+    ratio = torch.exp(logp - old_logp)  # [N, C]
+    a = adv.unsqueeze(-1) if adv.dim() == 1 else adv  # [N, 1] or [N, C]
+    unclipped = ratio * a
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * a
+    return -torch.minimum(unclipped, clipped), (clipped < unclipped).float()
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, totals: dict, max_tokens: int = 0) -> torch.Tensor:
+    """This micro-batch's share of the batch loss: summing the shares of all micro-batches gives
+    the loss of the whole optimizer batch exactly (the normalisers in ``totals`` are whole-batch).
+
+    ``seq_mean``: each completion's token mean, averaged over completions (DeepSeekMath), so a
+    completion's tokens weigh 1/length each; ``token_mean``: every token of the batch weighs the
+    same (DAPO); ``constant_length``: token sums divided by completions × ``max_tokens`` (Dr. GRPO)."""
+    if mode == "token_mean":
+        return (per_token * mask).sum() / totals["tokens"]
+    if mode == "constant_length":
+        return (per_token * mask).sum() / (totals["seqs"] * max_tokens)
+    per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [n]
+    return per_seq.sum() / totals["seqs"]
+
+
+# -- the clipped-surrogate family (grpo, dr_grpo, dapo, gspo, rloo, reinforce_pp) ---------------------
+
+@dataclass
+class PolicyGradientConfig:
+    """Options shared by the clipped-surrogate family."""
+
+    beta: float = 0.04  # KL coefficient (initial value when adaptive)
+    kl_target: float = 0.0  # > 0: adaptive β toward this per-token KL (Ziegler et al. controller)
+    kl_horizon: float = 10.0  # adaptive controller horizon, in steps
+    epsilon_low: float = 0.2  # clip range below 1
+    epsilon_high: float = 0.2  # clip range above 1 (DAPO raises it to 0.28)
+    loss_agg: str = "seq_mean"  # seq_mean (DeepSeekMath) | token_mean (DAPO) | constant_length (Dr. GRPO)
+    epochs: int = 1  # μ: passes over each rollout batch
+    mini_batches: int = 1  # optimizer steps per pass: the batch is shuffled and split (verl's ppo_mini_batch_size)
+
+    def validate(self):
+        if self.loss_agg not in LOSS_AGGS:
+            raise ValueError(f"loss_agg must be one of {', '.join(LOSS_AGGS)}; got {self.loss_agg!r}")
+        if self.beta < 0 or self.kl_target < 0 or self.epsilon_low < 0 or self.epsilon_high < 0:
+            raise ValueError("beta, kl_target and epsilons must be >= 0")
+        if self.epochs < 1 or self.mini_batches < 1:
+            raise ValueError("epochs and mini_batches must be >= 1")
+
+
+@dataclass
+class GroupRelativeConfig(PolicyGradientConfig):
+    """Plus GRPO's group-relative advantages."""
+
+    scale_std: bool = True  # divide by the group std (False = Dr. GRPO style)
+    std_eps: float = 1e-4  # added to the std; TRL 1e-4, verl 1e-6
+
+
+class PolicyGradient(AlgorithmBase):
+    """Group advantages shared by every token of a completion, the clipped surrogate (``surrogate``),
+    optionally × the trainer's truncated importance weights, plus β·k3 to the reference in the loss
+    (``kl_in_loss``), aggregated by ``loss_agg``. Variants override ``advantages`` (rloo),
+    ``surrogate`` (gspo) or ``prepare`` (reinforce_pp). With μ = 1 and one mini-batch the old
+    policy is the current one: ρ = 1 in value and its gradient is the policy gradient, so no
+    old-logprob pass is needed."""
+
+    Config = GroupRelativeConfig
+    kl_in_loss = True  # variants that put the KL into the reward (reinforce_pp) turn the loss term off
+
+    def __init__(self, config):
+        self.config = config
+        self.kl_ctl = AdaptiveKL(config.beta, config.kl_target, config.kl_horizon)
+
+    @classmethod
+    def needs(cls, config) -> Needs:
+        return Needs(reference=config.beta > 0 or config.kl_target > 0, group_size=2, epochs=config.epochs,
+                     old_logprobs=config.epochs > 1 or config.mini_batches > 1, mini_batches=config.mini_batches)
+
+    def advantages(self, rewards: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N] advantages and [B] uniform-group flags (GRPO's group-relative ones)."""
+        return group_advantages(rewards, group_size, self.config.scale_std, self.config.std_eps)
+
+    def prepare(self, rollouts: Rollouts, rewards: torch.Tensor, ctx: StepContext) -> TrainBatch:
+        adv, zero = self.advantages(rewards, rollouts.group_size)  # [N], [B]
+        batch = TrainBatch.from_rollouts(rollouts, advantages=adv)
+        batch.metrics.update({"grpo/zero_std_frac": zero.float().mean().item(),
+                              "grpo/zero_std_groups": float(zero.sum().item()),
+                              "grpo/adv_abs_mean": adv.abs().mean().item()})
+        return batch
+
+    def surrogate(self, logprobs: torch.Tensor, old: torch.Tensor, batch: TrainBatch):
+        """Per-token policy-gradient loss [n, C] and clipped mask [n, C]."""
+        c = self.config
+        return clipped_surrogate(logprobs, old, batch["advantages"], c.epsilon_low, c.epsilon_high)
+
+    def loss(self, logprobs: torch.Tensor, batch: TrainBatch, ctx: StepContext):
+        c = self.config
+        mask = batch["completion_mask"]  # [n, C]
+        old = ctx.old_logprobs if ctx.old_logprobs is not None else logprobs.detach()  # [n, C]
+        pg, clipped = self.surrogate(logprobs, old, batch)
+        if ctx.is_weights is not None:  # the trainer's truncated IS correction for sampler/trainer mismatch
+            pg = pg * ctx.is_weights
+        per_token = pg
+        beta = self.kl_ctl.beta
+        metrics = {}
+        if self.kl_in_loss and ctx.ref_logprobs is not None and beta > 0:
+            kl = k3_kl(logprobs, ctx.ref_logprobs)  # [n, C]
+            per_token = pg + beta * kl
+            metrics["grpo/kl_term"] = aggregate(kl.detach(), mask, c.loss_agg, batch.totals, ctx.max_tokens).item()
+        loss = aggregate(per_token, mask, c.loss_agg, batch.totals, ctx.max_tokens)
+        metrics["clip_frac"] = ((clipped * mask).sum() / batch.totals["tokens"]).item()
+        return loss, metrics
+
+    def after_step(self, metrics: dict) -> dict:
+        """Called once per optimizer step with the step's metrics (``kl`` included)."""
+        return {"grpo/beta": self.kl_ctl.update(metrics.get("kl", float("nan")))}
+
+    def state_dict(self) -> dict:
+        return {"beta": self.kl_ctl.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.kl_ctl.beta = state["beta"]
