@@ -83,9 +83,9 @@ def _cmd_eval(args) -> int:
     import torch
 
     from rlbench import manager, models
-    from rlbench.evaluation import evaluate
-
     from rlbench.config import ConfigError
+    from rlbench.evaluation import evaluate
+    from rlbench.sampler import build_engine
 
     for flag, value in (("--limit", args.limit), ("--samples", args.samples), ("--max-tokens", args.max_tokens)):
         if value < 1:  # an evaluation of nothing has no accuracy: say so instead of printing 0.000
@@ -96,7 +96,7 @@ def _cmd_eval(args) -> int:
     model, tok = models.load(cfg.model.name, dtype=dtype, seed=cfg.run.seed)
     model.to(device).eval()
     task = manager.get("task", cfg.names["task"])(cfg.task, tok)
-    engine = manager.get("engine", cfg.names["engine"])(cfg.engine, model, tok, device, seed=cfg.run.seed)
+    engine = build_engine(cfg, model, tok, device)
     try:
         rec, _ = evaluate(engine, task, split=args.split, limit=args.limit, samples=args.samples,
                           max_tokens=args.max_tokens, temperature=args.temperature, keep_completions=True)
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlbench.config import ConfigError
     from rlbench.manager import PluginError
     from rlbench.models import ModelError
-    from rlbench.trainer import TrainingError
+    from rlbench.faults import TrainingError
     from rlbench.tasks.sandbox import SandboxError
     from rlbench.types import DataError
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from rlbench import manager, models
 
 
 class ConfigError(ValueError):
@@ -53,8 +56,6 @@ class ModelConfig:
     reference_quantization: str = "none"  # none | 8bit | 4bit
 
     def validate(self):
-        from rlbench import models
-
         _positive(self, "tiny_layers", "tiny_hidden", "tiny_init_std", "lora_alpha")
         _at_least(self, 0, "lora_rank", "lora_dropout")
         if self.reference_quantization not in ("none", "8bit", "4bit"):
@@ -196,8 +197,6 @@ DEFAULT_PLUGINS = {"task": "arithmetic", "engine": "auto", "algorithm": "grpo"}
 
 def auto_engine() -> str:
     """``engine.name: auto``: vllm when it is installed, else hf."""
-    import importlib.util
-
     return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
 
 
@@ -315,8 +314,6 @@ def load_raw(path: str | Path) -> dict:
 
 def resolve(raw: dict, overrides: list[str] = ()) -> Config:
     """Validate a raw mapping (plus ``section.key=value`` overrides) into a Config."""
-    from rlbench import manager
-
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for a in overrides:
         _set_dotted(raw, a)

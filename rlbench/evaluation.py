@@ -14,6 +14,10 @@ import math
 import time
 from math import comb
 
+import torch
+
+from rlbench import dist
+from rlbench import logprobs as lpmod
 from rlbench.types import DataError, Prompt, Sampling
 
 
@@ -73,6 +77,36 @@ def evaluate(engine, task, *, split: str = "test", limit: int = 200, samples: in
     rec.update({k.replace("/", "_"): v for k, v in fitted.items()})
     rec["time"] = time.perf_counter() - t
     return rec, rollouts
+
+
+@torch.no_grad()
+def during_training(sampler, weights, reference, cfg, step: int, rank: int, world: int, device) -> dict:
+    """The trainer's held-out evaluation: greedy pass@1 on ``eval.n`` problems through ``evaluate``
+    (its engine, long-prompt policy and engine-fault recovery; sharded over ranks) plus, with
+    ``eval.kl``, the exact KL(policy ‖ reference) summed over the vocabulary on those completions,
+    the same measure for every algorithm."""
+    ev = cfg.eval
+    t = time.perf_counter()
+    rec, rollouts = evaluate(sampler.engine, sampler.task, split="test", limit=ev.n, samples=1,
+                             max_tokens=ev.max_tokens,
+                             fit_prompts=lambda ps, m: sampler.fit_prompts(ps, m, step, count=False),
+                             generate=lambda ps, n, smp: sampler.generate(ps, n, smp, step),
+                             shard=(rank, world) if world > 1 else None,
+                             gather=dist.gather_objects if world > 1 else None)
+    rec = {"step": step, **rec}
+    if ev.kl:
+        kl_sum, tokens = 0.0, 0.0
+        if rollouts is not None:
+            inputs = rollouts.model_inputs()
+            weights.model.eval()
+            kl = lpmod.exact_kl(weights.whole, reference, inputs["input_ids"].to(device),
+                                inputs["attention_mask"].to(device), rollouts.completion_mask.to(device),
+                                cfg.train.micro_batch_size, cfg.train.share_prompt_forward)  # [n, C]
+            kl_sum, tokens = kl.sum().item(), rollouts.completion_mask.sum().item()
+        kl_sum, tokens = dist.sum_floats([kl_sum, tokens])
+        rec["kl"] = kl_sum / max(1.0, tokens)
+    rec["time"] = time.perf_counter() - t
+    return rec
 
 
 def merge_raw(parts: list[dict]) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from rlbench import config as cfgmod
 from rlbench import models
@@ -19,8 +20,6 @@ class ExportError(Exception):
 
 
 def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> Path:
-    from safetensors.torch import load_file
-
     run_dir, out = Path(run_dir), Path(out)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():

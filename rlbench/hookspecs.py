@@ -25,7 +25,10 @@ from typing import Any, Mapping
 
 import pluggy
 
-API_VERSION = 1
+API_VERSION = 2
+# 2: what the trainer computes (reference / old logprobs, the critic's values, importance
+#    weights) reaches an algorithm's ``loss`` through ``ctx`` (the micro-batch's rows), no longer
+#    copied into the batch; batches carry ``row``; ``max_tokens`` is ``ctx.max_tokens`` only.
 
 hookspec = pluggy.HookspecMarker("rlbench")
 
@@ -49,11 +52,19 @@ def rlbench_algorithms() -> Mapping[str, Any]:
     * ``prepare(rollouts, rewards, ctx) -> TrainBatch``: ``rewards`` [N] are the
       summed task rewards; ``ctx.ref_logprobs`` / ``ctx.old_logprobs`` /
       ``ctx.values`` [N, C] are filled when needed. The batch's per-row tensors
-      (advantages, returns, …) follow ``TrainBatch.from_rollouts``.
+      (advantages, returns, …) follow ``TrainBatch.from_rollouts``, whose ``row``
+      index must stay with the rows if ``prepare`` selects or reorders them.
+      ``prepare`` sees one rank's shard of the step's prompts in a multi-process
+      run: a statistic over "the batch" (REINFORCE++'s and PPO's whitening) is per
+      rank; group statistics are unaffected, since a group never spans ranks.
     * ``loss(logprobs, batch, ctx) -> (loss, metrics)`` per micro-batch:
-      ``logprobs`` [n, C] carry the gradient; the loss is this micro-batch's
-      share normalised by ``batch.totals`` so that summing shares gives the
-      whole-batch loss; metrics are summed the same way.
+      ``logprobs`` [n, C] carry the gradient; ``ctx`` is the step's context for
+      exactly this micro-batch's rows (reference/old logprobs, the critic's current
+      values with their gradient, the importance weights of
+      ``rollout.is_correction``, ``max_tokens``): what the trainer computes reaches the
+      algorithm through ``ctx`` only, and ``batch`` holds only what ``prepare`` built.
+      The loss is this micro-batch's share normalised by ``batch.totals`` so that
+      summing shares gives the whole-batch loss; metrics are summed the same way.
     * ``after_step(metrics)``, ``state_dict()``, ``load_state_dict()``
       (defaults in ``rlbench.types.AlgorithmBase``).
     * only with ``Needs(offline=True)``: ``offline_rollouts(step, n, tokenizer,

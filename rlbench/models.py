@@ -14,10 +14,14 @@ there is no hub access on CI, so tests use local paths).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 EMBEDDED = "smollm2-135m-instruct"
 TINY = "tiny-random"
@@ -54,8 +58,6 @@ def save_whole(model, path) -> None:
     engine, its quantised reference). Tied tensors are written once, and ``config.json`` names the
     model class in ``architectures``, as ``save_pretrained`` does: tools that build a model from the
     directory's config (TRL's ``create_model_from_path``, vLLM, ``AutoConfig`` users) read it."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.config.architectures = [type(model).__name__]
@@ -79,8 +81,6 @@ def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _repair_architectures(directory: Path) -> None:
     """A conversion by an older rlbench wrote ``"architectures": null``; name the class it holds."""
-    import json
-
     path = directory / "config.json"
     config = json.loads(path.read_text())
     if config.get("architectures"):
@@ -114,8 +114,6 @@ def embedded_model_dir() -> Path:
         raise ModelError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
     model.tie_weights()
     model.generation_config.eos_token_id = [tok.convert_tokens_to_ids(CHAT_END)]
-    import shutil
-
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")  # several processes may convert at once
     save_whole(model, tmp)
     tok.save_pretrained(tmp)
@@ -220,8 +218,6 @@ def load(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, tiny_l
 
 def quantized_copy(model, mode: str, device):
     """A frozen bitsandbytes copy of ``model`` (8bit, or 4bit nf4), loaded from its saved weights."""
-    import tempfile
-
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     try:

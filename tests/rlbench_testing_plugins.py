@@ -1,11 +1,13 @@
 """Plugins for tests that run rlbench in other processes (``accelerate launch``, the CLI):
 they load this module with RLBENCH_PLUGINS=rlbench_testing_plugins and tests/ on PYTHONPATH.
 conftest registers the same task in-process."""
+import json
 from dataclasses import dataclass, field
 
 import rlbench
 from rlbench import dist
 from rlbench.plugins.algorithms.grpo import GRPO, GRPOConfig
+from rlbench.plugins.algorithms.reinforce_pp import ReinforcePP, ReinforcePPConfig
 from rlbench.types import Prompt
 
 
@@ -73,6 +75,28 @@ class RankNaNGRPO(GRPO):
         return loss, metrics
 
 
+@dataclass
+class RecordingReinforcePPConfig(ReinforcePPConfig):
+    record_file: str = ""  # each rank appends what prepare() saw and made to <record_file>.rank<r>
+
+
+class RecordingReinforcePP(ReinforcePP):
+    """REINFORCE++ that records, per rank and step, the rewards and completion lengths prepare()
+    saw and the advantages it made (real tokens, row by row)."""
+
+    Config = RecordingReinforcePPConfig
+
+    def prepare(self, rollouts, rewards, ctx):
+        batch = super().prepare(rollouts, rewards, ctx)
+        mask = rollouts.completion_mask.bool()
+        rec = {"step": ctx.step, "ids": [rollouts.prompts[g].id for g in rollouts.group.tolist()],
+               "rewards": rewards.tolist(), "lengths": mask.sum(-1).tolist(),
+               "advantages": [batch["advantages"][i][mask[i]].tolist() for i in range(rollouts.n)]}
+        with open(f"{self.config.record_file}.rank{dist.rank()}", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        return batch
+
+
 @rlbench.hookimpl
 def rlbench_algorithms():
-    return {"rank_nan_grpo": RankNaNGRPO}
+    return {"rank_nan_grpo": RankNaNGRPO, "recording_reinforce_pp": RecordingReinforcePP}

@@ -95,7 +95,7 @@ def no_embedded_package(tmp_path, capsys, monkeypatch):
 
 def other_hook_api(tmp_path, capsys, monkeypatch):
     class Future:
-        RLBENCH_API_VERSION = 2
+        RLBENCH_API_VERSION = 3
 
     return _raises(lambda: manager.register(Future(), name="x"))
 

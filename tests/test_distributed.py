@@ -112,3 +112,44 @@ def test_a_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
         assert again[-1][k] == one[-1][k]
     for k in ["loss", "grad_norm", "kl"]:
         assert _close(again[-1][k], one[-1][k]), (k, again[-1][k], one[-1][k])
+
+
+def _whitened(rewards: list[float], lengths: list[int]) -> list[list[float]]:
+    """REINFORCE++'s advantages with β = 0, computed independently: every real token of a
+    completion has its reward as return; (x − mean) / sqrt(var + 1e-8) over the tokens, population var."""
+    tokens = [r for r, n in zip(rewards, lengths) for _ in range(int(n))]
+    mean = sum(tokens) / len(tokens)
+    var = sum((t - mean) ** 2 for t in tokens) / len(tokens)
+    return [[(r - mean) / (var + 1e-8) ** 0.5] * int(n) for r, n in zip(rewards, lengths)]
+
+
+def test_batch_statistics_in_prepare_are_per_rank(tmp_path):
+    """The hookspec says prepare() sees one rank's shard: REINFORCE++'s whitening at 2 processes
+    is over each rank's tokens, not the global batch's (as verl, whose whitening runs per worker)."""
+    raw = {**RUN, "run": {"name": "w", "seed": 3}, "train": {**RUN["train"], "steps": 3, "checkpoint_every": 0},
+           "eval": {**RUN["eval"], "before": False, "after": False},
+           "rollout": {**RUN["rollout"], "prompts_per_step": 8, "group_size": 1}}
+    records = {}
+    for procs in (1, 2):
+        raw["algorithm"] = {"name": "recording_reinforce_pp", "beta": 0.0, "record_file": str(tmp_path / f"rec{procs}")}
+        cfg = tmp_path / f"run{procs}.yaml"
+        cfg.write_text(yaml.safe_dump(raw))
+        args = [str(cfg), "--out", str(tmp_path / f"out{procs}")]
+        if procs == 1:
+            _run([sys.executable, "-m", "rlbench.cli", "run", *args], tmp_path / "one.log")
+        else:
+            _launch_2(args, tmp_path / "two.log")
+        records[procs] = [rundir.read_jsonl(tmp_path / f"rec{procs}.rank{r}") for r in range(procs)]
+    one, (rank0, rank1) = records[1][0], records[2]
+    assert [r["step"] for r in one] == [r["step"] for r in rank0] == [r["step"] for r in rank1] == [1, 2, 3]
+    for shard in one + rank0 + rank1:  # every process whitened over exactly the rows it saw, every step
+        want = _whitened(shard["rewards"], shard["lengths"])
+        assert all(x == pytest.approx(y, abs=1e-5) for row, wrow in zip(shard["advantages"], want)
+                   for x, y in zip(row, wrow))
+    # step 1 (the same initial weights): the same completions (batch-invariant sampling), split in two shards …
+    g, a, b = one[0], rank0[0], rank1[0]
+    assert a["ids"] + b["ids"] == g["ids"] and a["rewards"] + b["rewards"] == g["rewards"]
+    assert a["lengths"] + b["lengths"] == g["lengths"]
+    # … whose statistics are not the global batch's, so rank 0's advantages differ from one process's
+    assert a["rewards"] != b["rewards"]
+    assert any(abs(x - y) > 1e-3 for row, grow in zip(a["advantages"], g["advantages"]) for x, y in zip(row, grow))

@@ -6,7 +6,8 @@ import torch
 
 from rlbench import rundir
 from rlbench.plugins.algorithms.dpo import DPO, DPOConfig, preference_pairs
-from rlbench.trainer import accumulate_gradients, start
+from rlbench.trainer import start
+from rlbench.update import accumulate_gradients
 from rlbench.types import StepContext, TrainBatch
 
 from conftest import tiny_config

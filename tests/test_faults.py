@@ -411,7 +411,7 @@ def test_long_prompts_truncated_or_refused_by_config(tmp_path, long_task, tokeni
     tr = start(cfg, tmp_path / "r")
     m: dict = {}
     prompts = tr.task.prompts("train", 2, seed=0)
-    fitted = tr.fit_prompts(prompts, m, step=1)
+    fitted = tr.sampler.fit_prompts(prompts, m, step=1)
     short_len = len(tokenizer(prompts[0].text, add_special_tokens=False)["input_ids"])
     assert short_len <= 40 and fitted[0] == prompts[0]
     ids = tokenizer(fitted[1].text, add_special_tokens=False)["input_ids"]

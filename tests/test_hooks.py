@@ -111,9 +111,13 @@ def test_hook_rlbench_rollout_engines(zoo):
     assert any(e.name == "zoo_engine" and e.source == "runtime:zoo" for e in manager.entries("engine"))
 
 
-def test_hook_rlbench_tasks(zoo):
+def test_hook_rlbench_tasks(zoo, tokenizer):
     cfg = tiny_config("task.name=zoo_task", "task.digits=1")
-    assert cfg.task.digits == 1
+    task = manager.get("task", cfg.names["task"])(cfg.task, tokenizer)  # built as a run builds it
+    problems = task.prompts("test", 5, seed=0)
+    assert len(problems) == 5 and all(p.text and 0 <= int(p.answer) <= 18 for p in problems)  # sums of 1-digit numbers
+    scores = task.score(problems[:2], [f"<answer>{problems[0].answer}</answer>", f"<answer>{int(problems[1].answer) + 1}</answer>"])
+    assert scores["accuracy"] == [1.0, 0.0]
 
 
 def test_hook_rlbench_loggers(zoo, tmp_path):

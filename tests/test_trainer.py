@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from rlbench import rundir
-from rlbench.trainer import Trainer, accumulate_gradients, start
+from rlbench.trainer import Trainer, start
+from rlbench.update import accumulate_gradients
 from rlbench.types import StepContext, TrainBatch
 
 from conftest import tiny_config

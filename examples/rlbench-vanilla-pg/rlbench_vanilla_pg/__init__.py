@@ -10,7 +10,7 @@ import torch
 import rlbench
 from rlbench.types import AlgorithmBase, Needs, TrainBatch
 
-RLBENCH_API_VERSION = 1  # the hook API this plugin was written for
+RLBENCH_API_VERSION = 2  # the hook API this plugin was written for
 
 
 @rlbench.hookimpl

@@ -1,0 +1,217 @@
+"""Rollouts and rewards for a step: prompts → long-prompt policy → engine (with fault recovery) →
+task rewards, and dynamic sampling's refill rounds. The one place that builds rollout engines.
+
+The step's B prompts are drawn from the train split by ``types.data_seed(run seed, step)``; rank r
+of W takes the contiguous shard [r·B/W, (r+1)·B/W) (whole groups: B must divide by W). With the
+algorithm's ``Needs.dynamic_sampling`` = k > 0 (DAPO) groups whose rewards are all equal are dropped
+and up to k extra rounds of fresh prompts are sampled until the shard is full of informative
+groups; if the rounds run out, the step trains on what it found (or on the last round when none
+was informative). Every generated token is counted, refill rounds included.
+
+Faults: prompts longer than the limit are skipped, truncated or refused (``rollout.long_prompts``);
+a generate call that runs out of memory is retried on the two halves of the batch, at most
+``rollout.generate_retries`` halvings deep; any other engine failure rebuilds the engine from the
+current policy once. NaN/inf rewards on any rank raise ``NonFiniteError`` on every rank.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from rlbench import dist, manager, ops
+from rlbench.faults import NonFiniteError, TrainingError, is_oom
+from rlbench.types import Rollouts, Sampling, data_seed, engine_seed
+
+
+def build_engine(cfg, model, tokenizer, device, step: int = 0):
+    """The configured rollout engine on ``model``'s weights, seeded by ``types.engine_seed``."""
+    cls = manager.get("engine", cfg.names["engine"])
+    return cls(cfg.engine, model, tokenizer, device, seed=engine_seed(cfg.run.seed, step))
+
+
+@dataclass
+class Sample:
+    """One step's rollouts on this rank."""
+
+    rollouts: Rollouts  # what is trained on (dynamic sampling: the kept groups)
+    rewards: torch.Tensor  # [N] summed task rewards of ``rollouts``
+    sampled: Rollouts  # everything generated this step (reward metrics and cost count all of it)
+    components: dict[str, torch.Tensor]  # reward components of ``sampled``, each [N_sampled]
+    metrics: dict[str, float] = field(default_factory=dict)  # prompts/skipped, sampling/rounds, …
+    offline: bool = False  # read from a file, not generated
+
+    @property
+    def generated_tokens(self) -> float:
+        return 0.0 if self.offline else float(self.sampled.lengths().sum().item())
+
+
+class Sampler:
+    """Owns the engine. ``weights`` gives the policy's current weights to the engine:
+    ``engine_copy()`` to build one from, ``sync(engine)`` after every update."""
+
+    def __init__(self, cfg, task, tokenizer, needs, weights, meter, device, rank: int, world: int,
+                 offline_rollouts=None):
+        self.cfg, self.task, self.tok, self.needs, self.weights, self.meter = cfg, task, tokenizer, needs, weights, meter
+        self.device, self.rank, self.world = device, rank, world
+        self.offline_rollouts = offline_rollouts  # Needs.offline: the algorithm supplies each step's data
+        self.sampling = Sampling(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_tokens)
+        self.engine = build_engine(cfg, weights.engine_copy(), tokenizer, device)
+
+    # -- the engine ---------------------------------------------------------------------------
+    def sync(self) -> None:
+        """The engine now serves the policy's current weights."""
+        self.weights.sync(self.engine)
+
+    def offload(self) -> None:
+        """Let the engine free memory for the training phase, where it can (vLLM's sleep mode)."""
+        offload = getattr(self.engine, "offload", None)
+        if offload:
+            offload()
+
+    def close(self) -> None:
+        """Release the engine (vLLM's memory and temporary model directory)."""
+        close = getattr(self.engine, "close", None)
+        if close:
+            close()
+
+    def restart(self, step: int) -> None:
+        """Close the engine and build a new one from the current policy weights."""
+        try:
+            self.close()
+        except Exception as e:  # noqa: BLE001 - a dead engine may fail to close; the new one matters
+            print(f"rlbench: closing the failed engine raised {type(e).__name__}: {e}", file=sys.stderr)
+        self.engine = build_engine(self.cfg, self.weights.engine_copy(), self.tok, self.device, step)
+
+    def generate(self, prompts: list, n: int, sampling: Sampling, step: int, depth: int = 0) -> Rollouts:
+        """``engine.generate`` with recovery (see the module docstring)."""
+        retries = self.cfg.rollout.generate_retries
+        try:
+            return self.engine.generate(prompts, n, sampling)
+        except (KeyboardInterrupt, TrainingError):
+            raise
+        except Exception as e:  # noqa: BLE001 - any engine failure gets one recovery path
+            name = self.cfg.names["engine"]
+            if is_oom(e) and depth < retries and len(prompts) > 1:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.meter.count("engine/retries", 1)
+                print(f"rlbench: engine {name} ran out of memory on {len(prompts)} prompts at step {step}; "
+                      f"retrying in halves", file=sys.stderr)
+                half = (len(prompts) + 1) // 2
+                return Rollouts.cat([self.generate(prompts[:half], n, sampling, step, depth + 1),
+                                     self.generate(prompts[half:], n, sampling, step, depth + 1)])
+            if not is_oom(e) and depth == 0 and retries > 0:
+                self.meter.count("engine/restarts", 1)
+                print(f"rlbench: engine {name} failed at step {step} ({type(e).__name__}: {e}); restarting it "
+                      f"from the current policy", file=sys.stderr)
+                self.restart(step)
+                try:
+                    return self.engine.generate(prompts, n, sampling)
+                except Exception as e2:  # noqa: BLE001
+                    raise TrainingError(f"rollout engine {name!r} failed at step {step} and again after a restart "
+                                        f"from the current policy: {type(e2).__name__}: {e2}") from e2
+            raise TrainingError(
+                f"rollout engine {name!r} failed at step {step} on {len(prompts)} prompts × {n} samples"
+                + (f" after {depth} halvings of the batch" if depth else "") + f": {type(e).__name__}: {e}"
+                + (" (lower rollout.prompts_per_step / group_size, the engine's batch or memory settings)"
+                   if is_oom(e) else "")) from e
+
+    # -- prompts ----------------------------------------------------------------------------------
+    def prompt_limit(self, max_tokens: int) -> int:
+        """Longest prompt (tokens) that leaves room for a completion of ``max_tokens`` in the context."""
+        if self.cfg.rollout.max_prompt_tokens:
+            return self.cfg.rollout.max_prompt_tokens
+        ctx = self.weights.context_length() or 10**9
+        engine_len = getattr(self.cfg.engine, "max_model_len", None)
+        if engine_len:
+            ctx = min(ctx, engine_len)
+        return max(1, ctx - max_tokens)
+
+    def fit_prompts(self, prompts: list, metrics: dict, step: int, count: bool = True) -> list:
+        """Apply ``rollout.long_prompts`` to prompts over ``prompt_limit`` tokens: drop them
+        (skip), keep their last tokens (truncate, as TRL's max_prompt_length) or fail (error).
+        Counts go into ``metrics`` (prompts/skipped, prompts/truncated) and, for training prompts
+        (``count``), the run counters."""
+        limit = self.prompt_limit(self.cfg.rollout.max_tokens if count else self.cfg.eval.max_tokens)
+        mode = self.cfg.rollout.long_prompts
+        out, skipped, truncated = [], 0, 0
+        for p in prompts:
+            ids = self.tok(p.text, add_special_tokens=False)["input_ids"]
+            if len(ids) <= limit:
+                out.append(p)
+            elif mode == "error":
+                raise TrainingError(f"prompt {p.id!r} at step {step} has {len(ids)} tokens, more than the limit of "
+                                    f"{limit} (rollout.max_prompt_tokens, or the context minus rollout.max_tokens); "
+                                    f"set rollout.long_prompts to skip or truncate")
+            elif mode == "skip":
+                skipped += 1
+            else:
+                out.append(dataclasses.replace(p, text=self.tok.decode(ids[-limit:]), meta={**p.meta, "truncated": True}))
+                truncated += 1
+        if skipped or truncated:
+            metrics["prompts/skipped"] = metrics.get("prompts/skipped", 0.0) + skipped
+            metrics["prompts/truncated"] = metrics.get("prompts/truncated", 0.0) + truncated
+            if count:  # training prompts only; evaluation records its own
+                self.meter.count("prompts/skipped", skipped)
+                self.meter.count("prompts/truncated", truncated)
+        if not out:
+            raise TrainingError(f"every prompt of step {step} is longer than {limit} tokens (rollout.max_prompt_tokens, "
+                                f"or the context minus rollout.max_tokens) and rollout.long_prompts is skip")
+        return out
+
+    # -- one step's sample --------------------------------------------------------------------------
+    def sample(self, step: int) -> Sample:
+        if self.offline_rollouts is not None:  # offline data (DPO from a pairs file): no sampling, no task reward
+            with self.meter.timed("rollout"):
+                rollouts, rewards = self.offline_rollouts(step, self.cfg.rollout.prompts_per_step, self.tok,
+                                                          self.cfg.rollout.max_tokens)
+            return Sample(rollouts, rewards, rollouts, {}, offline=True)
+        cfg, G = self.cfg, self.cfg.rollout.group_size
+        B = cfg.rollout.prompts_per_step
+        b = B // self.world  # this rank's prompts
+        parts, kept_parts, metrics = [], [], {}
+        kept, bad = 0, None
+        for rnd in range(1 + self.needs.dynamic_sampling):
+            seed = data_seed(cfg.run.seed, step, rnd)
+            shard = self.task.prompts("train", B, seed=seed)[self.rank * b:(self.rank + 1) * b]
+            prompts = self.fit_prompts(shard, metrics, step)
+            sampling = dataclasses.replace(self.sampling, seed=seed) if cfg.rollout.batch_invariant_sampling \
+                else self.sampling
+            with self.meter.timed("rollout"):
+                ro = self.generate(prompts, G, sampling, step)
+            with self.meter.timed("reward"):
+                expanded = [prompts[g] for g in ro.group.tolist()]
+                comp = {k: torch.tensor(v, dtype=torch.float32) for k, v in self.task.score(expanded, ro.texts).items()}
+            rewards = torch.stack(list(comp.values())).sum(0)  # [N]
+            if not torch.isfinite(rewards).all():
+                self.meter.count("tokens/generated", float(ro.lengths().sum().item()))
+                counts = {k: int((~torch.isfinite(v)).sum()) for k, v in comp.items() if not torch.isfinite(v).all()}
+                bad = (f"components {counts}", {"prompts": [p.text for p in prompts], "texts": ro.texts,
+                                                "group": ro.group, "rewards": comp, "completion_ids": ro.completion_ids})
+                break
+            parts.append((ro, comp, rewards))
+            if not self.needs.dynamic_sampling:
+                break
+            informative = (~ops.uniform_groups(rewards, G)).nonzero().view(-1).tolist()
+            take = informative[:b - kept]
+            if take:
+                kept_parts.append((ro.select_groups(take), rewards.view(-1, G)[take].reshape(-1)))
+                kept += len(take)
+            if kept >= b:
+                break
+        if dist.any_true(bad is not None):
+            detail, payload = bad if bad is not None else ("on another rank", {})
+            raise NonFiniteError("rewards", step, detail, payload)
+        sampled = Rollouts.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        components = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
+        if not self.needs.dynamic_sampling:
+            return Sample(sampled, parts[0][2], sampled, components, metrics)
+        metrics.update({"sampling/rounds": float(len(parts)), "sampling/kept_groups": float(kept),
+                        "sampling/dropped_groups": float(sum(len(p[0].prompts) for p in parts) - kept)})
+        if not kept_parts:  # every group uniform in every round: train on the last one (only a KL term moves)
+            return Sample(parts[-1][0], parts[-1][2], sampled, components, metrics)
+        rollouts = Rollouts.cat([k[0] for k in kept_parts]) if len(kept_parts) > 1 else kept_parts[0][0]
+        return Sample(rollouts, torch.cat([k[1] for k in kept_parts]), sampled, components, metrics)
