@@ -17,7 +17,7 @@ completions, the same for every algorithm) runs before, every ``eval.every`` ste
 
 Where the rest lives: run setup (models, reference, optimizer, schedule) in rlbench/setup.py,
 sampling and engine faults in rlbench/sampler.py, the update and its steppers in
-rlbench/update.py, checkpoints in rlbench/checkpoints.py, counters and cost.json in
+rlbench/update.py (gradient accumulation in rlbench/accumulate.py), checkpoints in rlbench/checkpoints.py, counters and cost.json in
 rlbench/cost.py, the fault types and signals in rlbench/faults.py, the metrics line in
 rlbench/step_metrics.py.
 

@@ -5,7 +5,7 @@ An update is ``Needs.epochs`` μ passes over the batch, each split into ``Needs.
 mini-batches (a fresh seeded shuffle per epoch, preference pairs kept whole), one optimizer step
 per mini-batch. A mini-batch's loss normalisers are summed over ranks first, so every rank's loss
 is its share of the global mini-batch's; its micro-batches accumulate gradients
-(``accumulate_gradients``: a micro-batch's loss shares sum to the mini-batch loss exactly). Then a
+(rlbench/accumulate.py: a micro-batch's loss shares sum to the mini-batch loss exactly). Then a
 stepper reduces and steps: ``PlainStepper`` sums the gradients over ranks once, clips and steps
 AdamW; ``ZeroStepper`` hands that to DeepSpeed (rlbench/zero.py). The first update of a step is
 checked against the sampler (the stale-weight check); a non-finite loss or gradient norm raises
@@ -20,112 +20,11 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 
-from rlbench import dist, ops
+from rlbench import dist
 from rlbench import logprobs as lpmod
+from rlbench.accumulate import accumulate_gradients, mini_batches, split_micro_batches
 from rlbench.faults import NonFiniteError, batch_payload, stale_weights
 from rlbench.types import StepContext, TrainBatch, shuffle_seed
-
-
-def split_micro_batches(batch: TrainBatch, micro_batch_size: int, pairs: bool = False,
-                        share_prompts: bool = True) -> list[TrainBatch]:
-    """The micro-batches ``accumulate_gradients`` runs, in order."""
-    if pairs:  # keep (chosen, rejected) rows together: original order, an even micro-batch size
-        return list(batch.split(max(2, micro_batch_size - micro_batch_size % 2)))
-    if share_prompts:  # a group's rows together (one prompt forward each), similar prompt lengths together
-        return list(batch.sorted_by_length(prompt_only=True).split(micro_batch_size))
-    return list(batch.sorted_by_length().split(micro_batch_size))  # similar lengths together: less padding
-
-
-def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: int, ctx: StepContext,
-                         backward=None, is_cap: float | None = None, pairs: bool = False,
-                         critic=None, share_prompts: bool = True, pad_to: int | None = None,
-                         sampler_logprobs: torch.Tensor | None = None) -> dict[str, float]:
-    """Forward + backward over micro-batches; gradients accumulate in ``.grad``.
-
-    ``ctx`` holds the step's per-row tensors for the rollouts rows that ``batch["row"]`` indexes
-    (``TrainBatch.rows``); each micro-batch's loss gets the context of its own rows
-    (``StepContext.select``), plus the critic's current values (``critic``) and, with ``is_cap``,
-    the truncated importance weights min(π_θ/π_sampler, is_cap) as ``ctx.is_weights``. Returns the
-    batch's loss and the algorithm's metrics (summed shares), the trainer's own ``kl`` (mean k3 to
-    the reference over completion tokens, when reference logprobs are present), ``entropy``, and,
-    given ``sampler_logprobs`` [rows, C] (the engine's, aligned like ``ctx``), the sync drift: the
-    largest and mean |trainer − sampler| logprob of the sampled tokens (``sync/logprob_drift``,
-    ``sync/logprob_drift_mean``). A micro-batch whose loss is NaN/inf gets no backward and is
-    counted as ``nonfinite_loss`` (the caller skips the update).
-
-    ``pad_to`` (DeepSpeed, where every backward is a collective): every micro-batch gets a
-    backward, non-finite ones included (``backward`` decides what to do with them), and the last
-    micro-batch is run again with a zero loss until ``pad_to`` backwards were made, so all ranks
-    make the same number."""
-    backward = backward or (lambda loss: loss.backward())
-    totals: dict[str, float] = {"loss": 0.0}
-    kl_sum = ent_sum = drift_sum = is_sum = 0.0
-    drift_max = 0.0
-    if "row" not in batch:  # a batch built by hand: rows 0..N−1 of the context
-        batch = TrainBatch({**batch.tensors, "row": batch.rows()}, batch.totals, batch.metrics)
-    micro_batches = split_micro_batches(batch, micro_batch_size, pairs, share_prompts)
-    n_real = len(micro_batches)
-    micro_batches += micro_batches[-1:] * max(0, (pad_to or 0) - n_real)
-    for j, micro in enumerate(micro_batches):
-        micro = micro.trimmed()
-        C = micro["completion_mask"].shape[1]
-        mctx = ctx.select(micro["row"], C)
-        logp, ent = lpmod.token_logprobs(model, micro["input_ids"], micro["attention_mask"], C, with_entropy=True,
-                                         share_prompts=share_prompts)
-        mask = micro["completion_mask"]
-        if sampler_logprobs is not None:
-            sampler = sampler_logprobs[micro["row"].to(sampler_logprobs.device)][:, :C].to(logp.device)  # [n, C]
-            gap = (logp.detach() - sampler) * mask  # [n, C]
-            drift_max = max(drift_max, gap.abs().max().item())
-            drift_sum += gap.abs().sum().item()
-            if is_cap is not None:
-                mctx.is_weights = torch.exp(gap).clamp(max=is_cap) * mask  # [n, C]
-                is_sum += mctx.is_weights.sum().item()
-        if critic is not None:  # the value model's predictions, with gradient, for the algorithm's value loss
-            mctx.values = critic(micro["input_ids"], micro["attention_mask"], C)  # [n, C]
-        loss, metrics = algorithm.loss(logp, micro, mctx)
-        if j >= n_real:  # padding: a backward that adds nothing
-            backward(loss * 0.0)
-            continue
-        if not torch.isfinite(loss):  # no backward (or DeepSpeed's); the trainer skips the update (on every rank)
-            totals["nonfinite_loss"] = totals.get("nonfinite_loss", 0.0) + 1.0
-            totals.setdefault("nonfinite_value", loss.item())
-            if pad_to is not None:
-                backward(loss)
-            continue
-        backward(loss)
-        totals["loss"] += loss.item()
-        for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + v
-        ent_sum += (ent * mask).sum().item()
-        if mctx.ref_logprobs is not None:
-            kl_sum += (ops.k3_kl(logp.detach(), mctx.ref_logprobs) * mask).sum().item()
-    totals["entropy"] = ent_sum / batch.totals["tokens"]
-    if sampler_logprobs is not None:
-        totals["sync/logprob_drift"] = drift_max
-        totals["sync/logprob_drift_mean"] = drift_sum / batch.totals["tokens"]
-        if is_cap is not None:
-            totals["is/weight_mean"] = is_sum / batch.totals["tokens"]
-    if ctx.ref_logprobs is not None:
-        totals["kl"] = kl_sum / batch.totals["tokens"]
-    return totals
-
-
-def mini_batches(batch: TrainBatch, mini: int, seed: int, pairs: bool = False):
-    """The whole batch, or (``mini`` = M > 1) a shuffle of it by ``seed`` split into M parts, each
-    with its own loss normalisers; preference pairs stay whole."""
-    if mini <= 1 or batch.size < 2:
-        yield batch
-        return
-    g = torch.Generator().manual_seed(seed)
-    if pairs:
-        order = torch.randperm(batch.size // 2, generator=g)  # [P]
-        order = torch.stack([2 * order, 2 * order + 1], -1).reshape(-1)  # [2P] chosen, rejected, …
-        chunks = [c.reshape(-1) for c in order.view(-1, 2).tensor_split(mini) if len(c)]
-    else:
-        chunks = [c for c in torch.randperm(batch.size, generator=g).tensor_split(mini) if len(c)]
-    for rows in chunks:
-        yield batch.select(rows.to(batch["input_ids"].device))
 
 
 # -- reductions over ranks ---------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 from rlbench import rundir
 from rlbench.plugins.algorithms.dpo import DPO, DPOConfig, preference_pairs
 from rlbench.trainer import start
-from rlbench.update import accumulate_gradients
+from rlbench.accumulate import accumulate_gradients
 from rlbench.types import StepContext, TrainBatch
 
 from conftest import tiny_config

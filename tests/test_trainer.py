@@ -5,7 +5,7 @@ import torch
 
 from rlbench import rundir
 from rlbench.trainer import Trainer, start
-from rlbench.update import accumulate_gradients
+from rlbench.accumulate import accumulate_gradients
 from rlbench.types import StepContext, TrainBatch
 
 from conftest import tiny_config
