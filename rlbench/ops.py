@@ -147,6 +147,8 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, totals: di
     if mode == "token_mean":
         return (per_token * mask).sum() / totals["tokens"]
     if mode == "constant_length":
+        if max_tokens <= 0:
+            raise ValueError("aggregate: constant_length needs max_tokens > 0 (the completion budget)")
         return (per_token * mask).sum() / (totals["seqs"] * max_tokens)
     per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [n]
     return per_seq.sum() / totals["seqs"]

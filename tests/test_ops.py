@@ -83,3 +83,26 @@ def test_gae_with_gamma_and_lambda_below_one_and_padding_in_the_middle_of_the_ba
     assert ret[0].tolist() == pytest.approx([0.675, 1.0, 0.0])
     # row 1: δ2 = 2 − 1 = 1; δ1 = 0.9 − 1 = −0.1 → A1 = −0.1 + 0.45 = 0.35; δ0 = −0.1 → A0 = −0.1 + 0.45·0.35
     assert adv[1].tolist() == pytest.approx([-0.1 + 0.45 * 0.35, 0.35, 1.0])
+
+
+def test_whiten_of_equal_values_is_zero_not_nan():
+    w = ops.whiten(torch.full((2, 3), 0.7), torch.tensor([[1.0, 1, 0], [1, 0, 0]]))
+    assert torch.equal(w, torch.zeros(2, 3))
+
+
+def test_constant_length_needs_the_budget():
+    with pytest.raises(ValueError) as e:
+        ops.aggregate(torch.ones(1, 2), torch.ones(1, 2), "constant_length", {"seqs": 1.0, "tokens": 2.0})
+    assert str(e.value) == "aggregate: constant_length needs max_tokens > 0 (the completion budget)"
+    assert ops.aggregate(torch.ones(1, 2), torch.ones(1, 2), "token_mean", {"seqs": 1.0, "tokens": 2.0}).item() == 1.0
+
+
+def test_group_advantages_of_pairs_by_hand():
+    # groups of two: mean 0.5 / 2.0, unbiased std sqrt(0.5) / 0 (uniform), eps 0
+    adv, uniform = ops.group_advantages(torch.tensor([0.0, 1.0, 2.0, 2.0]), 2, eps=0.0)
+    s = 0.5 / math.sqrt(0.5)
+    assert adv.tolist() == pytest.approx([-s, s, 0.0, 0.0])
+    assert uniform.tolist() == [False, True]
+    # without std scaling (Dr. GRPO): r - mean
+    adv, _ = ops.group_advantages(torch.tensor([0.0, 1.0, 3.0, 7.0]), 2, scale_std=False)
+    assert adv.tolist() == pytest.approx([-0.5, 0.5, -2.0, 2.0])

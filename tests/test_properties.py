@@ -64,6 +64,11 @@ def _case(seed: int, groups: int, group_size: int, C: int, pairs: bool):
                       values=torch.randn(N, C, generator=g) * mask)
     logp = ((-1.5 + 0.3 * torch.randn(N, C, generator=g)) * mask).requires_grad_(True)
     current_values = (torch.randn(N, C, generator=g) * mask).requires_grad_(True)
+    # Completion 0 is never clipped (its ratio is exactly 1) and its group's rewards differ, so the
+    # policy gradient is never zero by chance: every other token may sit outside the clip range.
+    ctx.old_logprobs[0] = logp.detach()[0]
+    if not pairs:
+        rewards[0], rewards[1] = 0.0, 1.0
     return ro, rewards, ctx, logp, current_values
 
 
