@@ -28,20 +28,22 @@ def split_micro_batches(batch: TrainBatch, micro_batch_size: int, pairs: bool = 
 
 
 def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: int, ctx: StepContext,
-                         backward=None, is_cap: float | None = None, pairs: bool = False,
+                         backward=None, correction: ops.Correction | None = None, pairs: bool = False,
                          critic=None, share_prompts: bool = True, pad_to: int | None = None,
                          sampler_logprobs: torch.Tensor | None = None) -> dict[str, float]:
     """Forward + backward over micro-batches; gradients accumulate in ``.grad``.
 
     ``ctx`` holds the step's per-row tensors for the rollouts rows that ``batch["row"]`` indexes
     (``TrainBatch.rows``); each micro-batch's loss gets the context of its own rows
-    (``StepContext.select``), plus the critic's current values (``critic``) and, with ``is_cap``,
-    the truncated importance weights min(π_θ/π_sampler, is_cap) as ``ctx.is_weights``. Returns the
+    (``StepContext.select``), plus the critic's current values (``critic``) and, with a
+    ``correction``, the off-policy weights of ``ops.behavior_weights`` against ``sampler_logprobs``
+    as ``ctx.is_weights`` (``is/weight_mean``, ``is/masked_frac``). Returns the
     batch's loss and the algorithm's metrics (summed shares), the trainer's own ``kl`` (mean k3 to
     the reference over completion tokens, when reference logprobs are present), ``entropy``, and,
     given ``sampler_logprobs`` [rows, C] (the engine's, aligned like ``ctx``), the sync drift: the
     largest and mean |trainer − sampler| logprob of the sampled tokens (``sync/logprob_drift``,
-    ``sync/logprob_drift_mean``). A micro-batch whose loss is NaN/inf gets no backward and is
+    ``sync/logprob_drift_mean``) and the k3 estimate of KL(sampler ‖ trainer) per token
+    (``behavior_kl``). A micro-batch whose loss is NaN/inf gets no backward and is
     counted as ``nonfinite_loss`` (the caller skips the update).
 
     ``pad_to`` (DeepSpeed, where every backward is a collective): every micro-batch gets a
@@ -50,7 +52,7 @@ def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: 
     make the same number."""
     backward = backward or (lambda loss: loss.backward())
     totals: dict[str, float] = {"loss": 0.0}
-    kl_sum = ent_sum = drift_sum = is_sum = 0.0
+    kl_sum = ent_sum = drift_sum = is_sum = masked_sum = behavior_kl_sum = 0.0
     drift_max = 0.0
     if "row" not in batch:  # a batch built by hand: rows 0..N−1 of the context
         batch = TrainBatch({**batch.tensors, "row": batch.rows()}, batch.totals, batch.metrics)
@@ -69,9 +71,12 @@ def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: 
             gap = (logp.detach() - sampler) * mask  # [n, C]
             drift_max = max(drift_max, gap.abs().max().item())
             drift_sum += gap.abs().sum().item()
-            if is_cap is not None:
-                mctx.is_weights = torch.exp(gap).clamp(max=is_cap) * mask  # [n, C]
+            behavior_kl_sum += (ops.k3_kl(sampler, logp.detach()) * mask).sum().item()  # KL(behaviour ‖ π_θ)
+            if correction is not None:  # decoupled: the proximal policy's logprobs, else the current ones
+                now = mctx.old_logprobs.to(logp.device) if correction.mode == "decoupled" else logp
+                mctx.is_weights, masked = correction.weights(now, sampler, mask)  # [n, C]
                 is_sum += mctx.is_weights.sum().item()
+                masked_sum += masked.sum().item()
         if critic is not None:  # the value model's predictions, with gradient, for the algorithm's value loss
             mctx.values = critic(micro["input_ids"], micro["attention_mask"], C)  # [n, C]
         loss, metrics = algorithm.loss(logp, micro, mctx)
@@ -95,8 +100,11 @@ def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: 
     if sampler_logprobs is not None:
         totals["sync/logprob_drift"] = drift_max
         totals["sync/logprob_drift_mean"] = drift_sum / batch.totals["tokens"]
-        if is_cap is not None:
+        totals["behavior_kl"] = behavior_kl_sum / batch.totals["tokens"]
+        if correction is not None:
             totals["is/weight_mean"] = is_sum / batch.totals["tokens"]
+            if correction.mode != "truncate":
+                totals["is/masked_frac"] = masked_sum / batch.totals["tokens"]
     if ctx.ref_logprobs is not None:
         totals["kl"] = kl_sum / batch.totals["tokens"]
     return totals

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from rlbench import manager, models
+from rlbench.ops import IS_CORRECTIONS
 
 
 class ConfigError(ValueError):
@@ -29,6 +30,7 @@ class ConfigError(ValueError):
 class RunConfig:
     name: str = "run"  # run directory name under --out (default runs/)
     seed: int = 0  # seeds data order, sampling and init (tiny-random)
+    variant: str = ""  # a suite's variant label (matrix.variant); reports group by algorithm and variant
 
 
 @dataclass
@@ -77,10 +79,18 @@ class RolloutConfig:
     # (max |Δ|, nats). Above this the run stops. 0 = auto: 1e-3 on CPU float32 (a synced engine
     # matches to ~1e-5), 2.0 on GPU (bf16 kernels differ between engine and trainer).
     max_logprob_drift: float = 0.0
-    # Truncated importance sampling for the remaining sampler/trainer mismatch:
-    # per-token weight min(π_θ/π_sampler, is_cap) on the policy-gradient term. Off by default.
-    is_correction: bool = False
+    # Off-policy correction on the policy-gradient term, against the logprobs of the weights that
+    # generated the tokens (rlbench.ops.behavior_weights): "truncate" (true): min(π_θ/π_behav,
+    # is_cap) per token; "mask": π_θ/π_behav, 0 outside [is_low, is_cap] (is_level token or
+    # sequence); "decoupled" (AReaL): clip against the proximal policy, weight π_prox/π_behav, 0
+    # above is_cap. Off ("none", false) by default: on-policy, the only mismatch is the engine's.
+    is_correction: Any = "none"
     is_cap: float = 2.0
+    is_low: float = 0.0  # mask: the lower bound; 0 = 1 / is_cap
+    is_level: str = "token"  # mask: token | sequence
+    # Asynchronous rollouts: the batch trained at step t is generated from the weights of k updates
+    # earlier, while step t - 1 trains (rlbench/async_rollouts.py). 0: synchronous, the default.
+    off_policy_steps: int = 0
     # Prompts longer than max_prompt_tokens (0 = the model's context minus max_tokens, so a
     # completion always fits) are skipped (default: truncating would cut the system prompt
     # or the problem), or kept as their last max_prompt_tokens tokens with "truncate", or are
@@ -102,6 +112,17 @@ class RolloutConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.is_cap < 1:
             raise ValueError(f"is_cap must be >= 1, got {self.is_cap}")
+        if isinstance(self.is_correction, bool):  # the older boolean form: true = truncate
+            self.is_correction = "truncate" if self.is_correction else "none"
+        if self.is_correction not in IS_CORRECTIONS:
+            raise ValueError(f"is_correction must be one of {', '.join(IS_CORRECTIONS)} (or true / false); "
+                             f"got {self.is_correction!r}")
+        if self.is_level not in ("token", "sequence"):
+            raise ValueError(f"is_level must be token or sequence, got {self.is_level!r}")
+        if not 0 <= self.is_low <= 1:
+            raise ValueError(f"is_low must be in [0, 1] (0 = 1 / is_cap), got {self.is_low}")
+        if self.off_policy_steps < 0:
+            raise ValueError(f"off_policy_steps must be >= 0, got {self.off_policy_steps}")
         if self.long_prompts not in ("skip", "truncate", "error"):
             raise ValueError(f"long_prompts must be skip, truncate or error, got {self.long_prompts!r}")
 

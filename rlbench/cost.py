@@ -72,6 +72,11 @@ class CostMeter:
         """Add to a shared counter (summed over ranks at the next ``flush``)."""
         self._pending[key] = self._pending.get(key, 0.0) + float(value)
 
+    @property
+    def pending(self) -> dict[str, float]:
+        """This rank's increments of the shared counters since the last ``flush``."""
+        return dict(self._pending)
+
     def flush(self) -> None:
         keys = [k for k in self.counters if k.startswith(SHARED)]  # the same order on every rank
         totals = dist.sum_floats([self._pending.get(k, 0.0) for k in keys])

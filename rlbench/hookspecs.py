@@ -61,7 +61,8 @@ def rlbench_algorithms() -> Mapping[str, Any]:
       ``logprobs`` [n, C] carry the gradient; ``ctx`` is the step's context for
       exactly this micro-batch's rows (reference/old logprobs, the critic's current
       values with their gradient, the importance weights of
-      ``rollout.is_correction``, ``max_tokens``): what the trainer computes reaches the
+      ``rollout.is_correction``, the behaviour logprobs of the weights that generated the
+      tokens, ``max_tokens``): what the trainer computes reaches the
       algorithm through ``ctx`` only, and ``batch`` holds only what ``prepare`` built.
       The loss is this micro-batch's share normalised by ``batch.totals`` so that
       summing shares gives the whole-batch loss; metrics are summed the same way.

@@ -137,6 +137,53 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Ten
     return -torch.minimum(unclipped, clipped), (clipped < unclipped).float()
 
 
+IS_CORRECTIONS = ("none", "truncate", "mask", "decoupled")
+
+
+def behavior_weights(logp: torch.Tensor, behavior: torch.Tensor, mask: torch.Tensor, mode: str, cap: float,
+                     low: float = 0.0, level: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
+    """Off-policy weights on the policy-gradient term (no gradient) [n, C] and a float mask of the
+    tokens they zeroed [n, C]; ρ = exp(logp − behavior) per token, behavior = the logprobs of the
+    policy that generated the tokens:
+
+      * ``truncate``: min(ρ, cap) (truncated IS; Yao et al., "Your efficient RL framework secretly
+        brings you off-policy RL training", 2025; verl's rollout TIS);
+      * ``mask``: ρ where low ≤ ρ ≤ cap, else 0 (masked IS, verl's rollout_is_mode mask);
+        ``level`` sequence: the sequence's ρ_seq = exp(Σ_t log ρ_t) decides and weighs every
+        token of it;
+      * ``decoupled``: ``logp`` is the proximal policy's (the weights before this step) and the
+        weight is the behaviour→proximal ratio, 0 where it exceeds cap (AReaL, Fu et al. 2025,
+        arXiv 2505.24298, its ``behav_imp_weight_cap``); the surrogate clips π_θ/π_proximal.
+    Zeroed tokens still count in the loss normalisers (whole-batch totals, fixed in ``prepare``)."""
+    log_ratio = (logp.detach() - behavior) * mask  # [n, C]
+    if mode == "truncate":
+        return torch.exp(log_ratio).clamp(max=cap) * mask, torch.zeros_like(mask)
+    if mode == "mask" and level == "sequence":
+        ratio = torch.exp(log_ratio.sum(-1, keepdim=True)).expand_as(mask)  # [n, C]
+    else:
+        ratio = torch.exp(log_ratio)  # [n, C]
+    keep = ratio <= cap
+    if mode == "mask":
+        keep = keep & (ratio >= low)
+    elif mode != "decoupled":
+        raise ValueError(f"behavior_weights: mode must be one of {', '.join(IS_CORRECTIONS[1:])}; got {mode!r}")
+    keep = keep.float() * mask
+    return ratio * keep, mask - keep
+
+
+@dataclass(frozen=True)
+class Correction:
+    """``rollout.is_correction`` and its bounds, for ``behavior_weights``."""
+
+    mode: str
+    cap: float
+    low: float = 0.0  # 0: 1 / cap
+    level: str = "token"
+
+    def weights(self, logp: torch.Tensor, behavior: torch.Tensor, mask: torch.Tensor):
+        return behavior_weights(logp, behavior, mask, self.mode, self.cap, self.low or 1.0 / self.cap, self.level)
+
+
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, totals: dict, max_tokens: int = 0) -> torch.Tensor:
     """This micro-batch's share of the batch loss: summing the shares of all micro-batches gives
     the loss of the whole optimizer batch exactly (the normalisers in ``totals`` are whole-batch).
@@ -190,7 +237,7 @@ class PolicyGradient(AlgorithmBase):
     """Group advantages shared by every token of a completion, the clipped surrogate (``surrogate``),
     optionally × the trainer's truncated importance weights, plus β·k3 to the reference in the loss
     (``kl_in_loss``), aggregated by ``loss_agg``. Variants override ``advantages`` (rloo),
-    ``surrogate`` (gspo) or ``prepare`` (reinforce_pp). With μ = 1 and one mini-batch the old
+    ``surrogate`` (gspo, cispo) or ``prepare`` (reinforce_pp). With μ = 1 and one mini-batch the old
     policy is the current one: ρ = 1 in value and its gradient is the policy gradient, so no
     old-logprob pass is needed."""
 
@@ -218,7 +265,7 @@ class PolicyGradient(AlgorithmBase):
                               "grpo/adv_abs_mean": adv.abs().mean().item()})
         return batch
 
-    def surrogate(self, logprobs: torch.Tensor, old: torch.Tensor, batch: TrainBatch):
+    def surrogate(self, logprobs: torch.Tensor, old: torch.Tensor, batch: TrainBatch, ctx: StepContext):
         """Per-token policy-gradient loss [n, C] and clipped mask [n, C]."""
         c = self.config
         return clipped_surrogate(logprobs, old, batch["advantages"], c.epsilon_low, c.epsilon_high)
@@ -227,7 +274,7 @@ class PolicyGradient(AlgorithmBase):
         c = self.config
         mask = batch["completion_mask"]  # [n, C]
         old = ctx.old_logprobs if ctx.old_logprobs is not None else logprobs.detach()  # [n, C]
-        pg, clipped = self.surrogate(logprobs, old, batch)
+        pg, clipped = self.surrogate(logprobs, old, batch, ctx)
         if ctx.is_weights is not None:  # the trainer's truncated IS correction for sampler/trainer mismatch
             pg = pg * ctx.is_weights
         per_token = pg

@@ -73,7 +73,8 @@ def load_run(run_dir: Path, suite: str | None = None, status: str | None = None)
     peak = cost.get("peak_device_memory_gb") or cost.get("peak_host_memory_gb")
     row = {
         "suite": suite, "run": run_dir.name, "status": status or ("complete" if cost else "incomplete"),
-        "algorithm": cfg["algorithm"]["name"], "task": cfg["task"]["name"], "model": cfg["model"]["name"],
+        "algorithm": cfg["algorithm"]["name"] + (f"-{variant}" if (variant := cfg["run"].get("variant")) else ""),
+        "task": cfg["task"]["name"], "model": cfg["model"]["name"],
         "seed": cfg["run"]["seed"], "steps": metrics[-1]["step"] if metrics else 0,
         "accuracy_before": before["accuracy"] if before else None, "accuracy_after": after["accuracy"] if after else None,
         "accuracy_delta": (after["accuracy"] - before["accuracy"]) if before and after else None,
@@ -155,8 +156,8 @@ def infra_differences(run_a: dict, run_b: dict) -> list[str]:
 
     ca = {k: v for k, v in run_a["config"].items() if k != "algorithm"}
     cb = {k: v for k, v in run_b["config"].items() if k != "algorithm"}
-    ca["run"] = {k: v for k, v in ca.get("run", {}).items() if k not in ("name", "seed")}
-    cb["run"] = {k: v for k, v in cb.get("run", {}).items() if k not in ("name", "seed")}
+    ca["run"] = {k: v for k, v in ca.get("run", {}).items() if k not in ("name", "seed", "variant")}
+    cb["run"] = {k: v for k, v in cb.get("run", {}).items() if k not in ("name", "seed", "variant")}
     walk(ca, cb, "config")
     walk({k: run_a["manifest"].get(k) for k in MANIFEST_KEYS}, {k: run_b["manifest"].get(k) for k in MANIFEST_KEYS},
          "manifest")

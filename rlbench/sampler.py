@@ -15,6 +15,7 @@ current policy once. NaN/inf rewards on any rank raise ``NonFiniteError`` on eve
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from dataclasses import dataclass, field
@@ -42,6 +43,11 @@ class Sample:
     components: dict[str, torch.Tensor]  # reward components of ``sampled``, each [N_sampled]
     metrics: dict[str, float] = field(default_factory=dict)  # prompts/skipped, sampling/rounds, …
     offline: bool = False  # read from a file, not generated
+    # asynchronous rollouts (rlbench/async_rollouts.py): the step it is for, the weights' version
+    # that generated it, and the seconds and counts the worker measured while generating it
+    step: int = 0
+    version: int = -1
+    costs: dict = field(default_factory=dict)
 
     @property
     def generated_tokens(self) -> float:
@@ -61,9 +67,18 @@ class Sampler:
         self.engine = build_engine(cfg, weights.engine_copy(), tokenizer, device)
 
     # -- the engine ---------------------------------------------------------------------------
-    def sync(self) -> None:
-        """The engine now serves the policy's current weights."""
-        self.weights.sync(self.engine)
+    def sync(self, changed: bool = True) -> None:
+        """The engine now serves the policy's current weights (``changed``: an update was applied)."""
+        if changed:
+            self.weights.sync(self.engine)
+
+    def pending(self, step_done: int) -> list:
+        """Batches generated ahead for the next steps (none: the sampler is synchronous)."""
+        return []
+
+    def evaluation(self):
+        """A context giving the sampler for a held-out evaluation (here: itself, already current)."""
+        return contextlib.nullcontext(self)
 
     def offload(self) -> None:
         """Let the engine free memory for the training phase, where it can (vLLM's sleep mode)."""

@@ -10,6 +10,8 @@ A suite file (``configs/suites/*.yaml``)::
       task: [arithmetic]                               # a name or a full task section
       seed: [0, 1]
       model: [tiny-random]                             # optional
+      variant: [{label: k0, set: []}, {label: k1, set: ["rollout.off_policy_steps=1"]}]  # optional:
+                                     # labelled overrides, a factor of their own (the report shows algo-label)
     set: ["rollout.max_tokens=8"]  # overrides applied to every run
     baseline: grpo                 # the report's reference algorithm
     keep_checkpoints: 1            # checkpoints a complete run keeps (newest first; 0 = none)
@@ -43,7 +45,7 @@ import yaml
 from rlbench import config as cfgmod
 
 SUITE_KEYS = {"name", "base", "budget", "matrix", "set", "baseline", "description", "keep_checkpoints"}
-MATRIX_KEYS = {"algorithm", "task", "seed", "model"}
+MATRIX_KEYS = {"algorithm", "task", "seed", "model", "variant"}
 BUDGET_KEYS = {"steps", "max_generated_tokens"}
 
 
@@ -73,6 +75,11 @@ def load(path: str | Path) -> dict:
     matrix = spec["matrix"]
     if not isinstance(matrix, dict) or set(matrix) - MATRIX_KEYS or "algorithm" not in matrix:
         raise cfgmod.ConfigError(f"suite {path}: matrix needs 'algorithm' and may have {sorted(MATRIX_KEYS)}")
+    for v in matrix.get("variant") or []:
+        if not (isinstance(v, dict) and isinstance(v.get("label"), str) and v["label"]
+                and isinstance(v.get("set", []), list) and set(v) <= {"label", "set"}):
+            raise cfgmod.ConfigError(f"suite {path}: each matrix.variant entry is {{label: NAME, set: [SECTION.KEY=VALUE, …]}}, "
+                                     f"got {v!r}")
     budget = spec.get("budget") or {}
     if set(budget) - BUDGET_KEYS:
         raise cfgmod.ConfigError(f"suite {path}: budget may set {sorted(BUDGET_KEYS)}, not {sorted(set(budget) - BUDGET_KEYS)}")
@@ -87,9 +94,9 @@ def expand(spec: dict) -> list[tuple[str, cfgmod.Config]]:
     m = spec["matrix"]
     # seed outermost: a suite stopped early still holds every algorithm for the seeds it finished
     axes = [m.get("seed") or [base.get("run", {}).get("seed", 0)], m.get("model") or [None], m.get("task") or [None],
-            m["algorithm"]]
+            m["algorithm"], m.get("variant") or [None]]
     runs, names = [], set()
-    for seed, model, task, algo in itertools.product(*axes):
+    for seed, model, task, algo, variant in itertools.product(*axes):
         raw = json.loads(json.dumps(base))  # deep copy
         parts = [_label(algo)]
         raw["algorithm"] = {"name": algo} if isinstance(algo, str) else {k: v for k, v in algo.items() if k != "label"}
@@ -101,17 +108,21 @@ def expand(spec: dict) -> list[tuple[str, cfgmod.Config]]:
         if model is not None:
             raw.setdefault("model", {})["name"] = model
             parts.append(Path(str(model)).name)
+        if variant is not None:
+            parts.append(_label(variant))
         parts.append(f"s{seed}")
         name = "-".join(parts)
         if name in names:
             raise cfgmod.ConfigError(f"suite {spec['name']}: two runs would be named {name!r}; give entries a label")
         names.add(name)
         raw.setdefault("run", {}).update({"name": name, "seed": seed})
+        if variant is not None:
+            raw["run"]["variant"] = variant["label"]
         raw.setdefault("logging", {})["progress"] = False
         train = raw.setdefault("train", {})
         for k, v in (spec.get("budget") or {}).items():
             train[k] = v
-        runs.append((name, cfgmod.resolve(raw, list(spec.get("set") or []))))
+        runs.append((name, cfgmod.resolve(raw, list(spec.get("set") or []) + list((variant or {}).get("set") or []))))
     return runs
 
 

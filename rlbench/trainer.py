@@ -12,6 +12,9 @@ One step (``Trainer.step``), its phases in order:
      not change the loss or gradient), clipping, AdamW, warmup + cosine; the first update checks
      that the sampler served the trained weights;
   5. ``Sampler.sync``: the engine serves the new weights.
+With ``rollout.off_policy_steps`` k > 0 the sampler is ``AsyncRollouts`` (rlbench/async_rollouts.py):
+phase 1 takes the batch a background worker generated from the weights of k updates earlier while
+the previous steps trained, and phase 5 pushes the new weights to it as the next version.
 Held-out evaluation (greedy pass@1 and the exact KL to the reference on the policy's own greedy
 completions, the same for every algorithm) runs before, every ``eval.every`` steps and after.
 
@@ -38,12 +41,14 @@ import hashlib
 import json
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from rlbench import async_rollouts, dist, manager, rundir, setup, step_metrics
 from rlbench import config as cfgmod
-from rlbench import dist, manager, rundir, setup, step_metrics
 from rlbench.checkpoints import Checkpoints, restore
 from rlbench.cost import CostMeter
 from rlbench.evaluation import during_training
@@ -67,8 +72,6 @@ class Trainer:
         self.n_params, self.n_critic, self.model_hash = s.n_params, s.n_critic, s.model_hash
         self.meter = CostMeter(cfg.train.max_generated_tokens)
         self.meter.add_time("load", s.load_seconds, step=False)
-        self.sampler = Sampler(cfg, s.task, s.tokenizer, s.needs, s.weights, self.meter, s.device, s.rank, s.world,
-                               offline_rollouts=s.algorithm.offline_rollouts if s.needs.offline else None)
         stepper = ZeroStepper(s.zero, cfg.train.micro_batch_size, s.needs.pairs, cfg.train.share_prompt_forward) \
             if s.zero else PlainStepper(s.accelerator, s.model, s.optimizer, s.critic, cfg.train.max_grad_norm)
         self.updater = Updater(cfg, s.needs, s.algorithm, s.model, s.optimizer, s.scheduler, s.critic, s.reference,
@@ -77,8 +80,17 @@ class Trainer:
         self.faults = FaultLog(self.run_dir, s.rank, s.world)
         self.signals = StopSignals()
         self.step_done = 0
-        if resume:
-            self._resume()
+        self._timeline_lock = threading.Lock()
+        pending = self._resume() if resume else []  # the engine is built next, from the restored weights
+        asynchronous = cfg.rollout.off_policy_steps > 0  # a worker owns the engine (rlbench/async_rollouts.py)
+        if asynchronous:
+            async_rollouts.check_supported(cfg, s)
+        served = async_rollouts.Version.copy_of(s.weights, self.step_done) if asynchronous else s.weights
+        self.sampler = Sampler(cfg, s.task, s.tokenizer, s.needs, served, self.meter, s.device, s.rank, s.world,
+                               offline_rollouts=s.algorithm.offline_rollouts if s.needs.offline else None)
+        if asynchronous:
+            self.sampler = async_rollouts.AsyncRollouts(self.sampler, s.weights, cfg, s.max_drift, pending,
+                                                        timeline=self.timeline if self.is_main else None)
         self.ref_quant = setup.reference_quantization_error(cfg, s, self.sampler.engine, self.run_dir, resume)
         self.loggers = [manager.get("logger", name)(self.run_dir, cfg) for name in cfg.logging.loggers] \
             if self.is_main else []
@@ -170,7 +182,9 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]  # the rate this step's (first) update uses
             with meter.timed("train"):
                 self.sampler.offload()
+                started = time.time()
                 train_metrics = self.updater.update(batch, ctx.to(self.device), step, sample.rollouts, sample.rewards)
+                self.timeline("update", step, started, time.time())
             with meter.timed("sync"):  # every optimizer step: the next rollouts use the new weights
                 self.sampler.sync()
         except NonFiniteError as e:  # raised on every rank alike (the decision is agreed on)
@@ -203,8 +217,8 @@ class Trainer:
 
     def _skipped(self, step: int, e: NonFiniteError) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
-        if self.updater.applied:  # an earlier mini-batch of this step was applied: the engine needs it
-            self.sampler.sync()
+        # an earlier mini-batch of this step was applied: the engine needs it (asynchronous: a version per step)
+        self.sampler.sync(changed=bool(self.updater.applied))
         self.meter.flush()
         self.meter.counters["nonfinite/skipped"] += 1
         self.faults.skipped(step, e, self.updater.applied)
@@ -232,14 +246,24 @@ class Trainer:
             lg.log(step, metrics)
         manager.hook().rlbench_on_step_end(step=step, metrics=metrics)
 
+    def timeline(self, phase: str, step: int, start: float, end: float, **extra) -> None:
+        """A line of timeline.jsonl (asynchronous runs: when each batch was generated and each
+        update ran, wall-clock seconds)."""
+        if not (self.is_main and self.cfg.rollout.off_policy_steps):
+            return
+        with self._timeline_lock:
+            rundir.append_jsonl(self.run_dir / "timeline.jsonl",
+                                {"phase": phase, "step": step, "start": start, "end": end, **extra})
+
     def _close_loggers(self) -> None:
         for lg in self.loggers:
             lg.close()
 
     def evaluate(self, step: int) -> dict:
         """Held-out evaluation (``rlbench.evaluation.during_training``), written to eval.jsonl."""
-        rec = during_training(self.sampler, self.weights, self.reference, self.cfg, step, self.rank, self.world,
-                              self.device)
+        with self.sampler.evaluation() as sampler:  # asynchronous: the engine between two batches, current weights
+            rec = during_training(sampler, self.weights, self.reference, self.cfg, step, self.rank, self.world,
+                                  self.device)
         if self.ref_quant:
             rec["ref_quant_error"] = self.ref_quant["mean_abs_logprob_error"]
         self.meter.add_time("eval", rec["time"], step=False)
@@ -261,22 +285,25 @@ class Trainer:
             step, model_state=self.weights.state_dict, critic_state=lambda: critic.state_dict() if critic else None,
             state=lambda: {"optimizer": None if self.zero else self.optimizer.state_dict(),
                            "scheduler": self.scheduler.state_dict(), "algorithm": self.algorithm.state_dict(),
-                           **self.meter.state_dict(), "nonfinite_streak": self.faults.streak},
+                           **self.meter.state_dict(), "nonfinite_streak": self.faults.streak,
+                           "pending_rollouts": self.sampler.pending(step)},
             zero=self.zero, refresh=self.weights.refresh)
 
-    def _resume(self) -> None:
-        """Continue from the newest checkpoint that loads; records written after it are dropped."""
+    def _resume(self) -> list:
+        """Continue from the newest checkpoint that loads; records written after it are dropped.
+        Returns the batches it holds for the next steps (asynchronous rollouts)."""
         loaded = self.checkpoints.newest_loadable(self.critic is not None, self.zero.signature() if self.zero else None)
         if loaded is None:
             self.checkpoints.drop_records_after(0)
-            return
+            return []
         restore(loaded, policy=self.policy, optimizer=self.optimizer, scheduler=self.scheduler, algorithm=self.algorithm,
                 critic=self.accelerator.unwrap_model(self.critic) if self.critic is not None else None, zero=self.zero)
         self.meter.load_state_dict(loaded.state)
         self.faults.streak = loaded.state.get("nonfinite_streak", 0)
         self.step_done = loaded.state["step"]
-        self.sampler.sync()
+        self.weights.refresh()  # ZeRO-3: the whole copy the engine is built from
         self.checkpoints.drop_records_after(self.step_done)
+        return loaded.state.get("pending_rollouts") or []
 
     def close(self) -> None:
         """Release the engine (vLLM's memory and temporary model directory)."""

@@ -225,7 +225,10 @@ class StepContext:
     ``Needs`` ask for them (``ref_logprobs`` also whenever ``eval.kl`` is on); ``values`` are the
     critic's predictions: before the update in ``prepare`` (no gradient), the current ones with
     their gradient in ``loss`` (a value loss trains the critic through them); ``is_weights`` (loss
-    only) are the truncated importance weights min(π_θ/π_sampler, cap) of ``rollout.is_correction``;
+    only) are the off-policy weights of ``rollout.is_correction`` (``ops.behavior_weights``:
+    truncated, masked or decoupled importance weights against the behaviour policy);
+    ``behavior_logprobs`` are the engine's logprobs of the sampled tokens, from the weights that
+    generated them (with ``rollout.off_policy_steps`` k > 0, k updates older than the trainer's);
     ``max_tokens`` is the completion budget (a constant length normaliser, as Dr. GRPO uses)."""
 
     step: int
@@ -234,21 +237,22 @@ class StepContext:
     old_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
     is_weights: torch.Tensor | None = None
+    behavior_logprobs: torch.Tensor | None = None
     max_tokens: int = 0
+
+    _ROW_TENSORS = ("ref_logprobs", "old_logprobs", "values", "is_weights", "behavior_logprobs")
 
     def select(self, rows: torch.Tensor, columns: int) -> "StepContext":
         """This context for the rollouts rows ``rows`` and their first ``columns`` completion
         positions (a micro-batch's view)."""
         def pick(t):
             return None if t is None else t[rows.to(t.device)][:, :columns]
-        return dataclasses.replace(self, ref_logprobs=pick(self.ref_logprobs), old_logprobs=pick(self.old_logprobs),
-                                   values=pick(self.values), is_weights=pick(self.is_weights))
+        return dataclasses.replace(self, **{k: pick(getattr(self, k)) for k in self._ROW_TENSORS})
 
     def to(self, device: torch.device | str) -> "StepContext":
         def move(t):
             return None if t is None else t.to(device)
-        return dataclasses.replace(self, ref_logprobs=move(self.ref_logprobs), old_logprobs=move(self.old_logprobs),
-                                   values=move(self.values), is_weights=move(self.is_weights))
+        return dataclasses.replace(self, **{k: move(getattr(self, k)) for k in self._ROW_TENSORS})
 
 
 class AlgorithmBase:
@@ -329,6 +333,12 @@ def engine_seed(run_seed: int, step: int) -> int:
     """The seed a rollout engine is built with: the run seed at the start; an engine rebuilt at
     step ``step`` (after a failure) gets a fresh stream instead of replaying the first step's."""
     return run_seed if step == 0 else data_seed(run_seed, step, round_=7)
+
+
+def batch_seed(run_seed: int, step: int) -> int:
+    """The seed torch's generator gets before step ``step``'s batch is sampled with
+    asynchronous rollouts (rlbench/async_rollouts.py): the samples depend on (seed, step) only."""
+    return prompt_seed(run_seed, f"batch:{step}")
 
 
 def prompt_seed(seed: int, prompt_id: str) -> int:

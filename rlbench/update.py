@@ -20,7 +20,7 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 
-from rlbench import dist
+from rlbench import dist, ops
 from rlbench import logprobs as lpmod
 from rlbench.accumulate import accumulate_gradients, mini_batches, split_micro_batches
 from rlbench.faults import NonFiniteError, batch_payload, stale_weights
@@ -126,11 +126,18 @@ class Updater:
         self.reference, self.weights, self.stepper, self.meter = reference, weights, stepper, meter
         self.max_drift, self.device = max_drift, device
         self.applied = 0  # optimizer steps applied in the current step
+        r = cfg.rollout
+        self.correction = ops.Correction(r.is_correction, r.is_cap, r.is_low, r.is_level) \
+            if r.is_correction != "none" else None
+        # asynchronous rollouts: the batch comes from older weights by design, so the sampler is
+        # checked at every push instead (rlbench/async_rollouts.py)
+        self.on_policy = r.off_policy_steps == 0
 
     @torch.no_grad()
     def score(self, rollouts, ctx: StepContext) -> None:
         """Fill ``ctx`` before ``prepare``: reference logprobs (the algorithm's, or ``eval.kl``'s
-        logged KL), old-policy logprobs (μ > 1 or mini-batches), the critic's values [N, C]."""
+        logged KL), old-policy logprobs (μ > 1, mini-batches, or the proximal policy of the
+        decoupled correction), the critic's values, the engine's behaviour logprobs [N, C]."""
         cfg, mb = self.cfg, self.cfg.train.micro_batch_size
         inputs = {k: v.to(self.device) for k, v in rollouts.model_inputs().items()}
         C, tokens = rollouts.completion_ids.shape[1], inputs["attention_mask"].sum().item()
@@ -138,7 +145,8 @@ class Updater:
             ctx.ref_logprobs = lpmod.batched_logprobs(self.reference, inputs["input_ids"], inputs["attention_mask"], C,
                                                       mb, cfg.train.share_prompt_forward).cpu()  # [N, C]
             self.meter.count("tokens/reference", tokens)
-        if self.needs.old_logprobs:
+        ctx.behavior_logprobs = rollouts.logprobs
+        if self.needs.old_logprobs or cfg.rollout.is_correction == "decoupled":
             self.meter.count("tokens/old_logprobs", tokens)
             self.model.eval()
             ctx.old_logprobs = lpmod.batched_logprobs(self.weights.whole, inputs["input_ids"], inputs["attention_mask"],
@@ -167,11 +175,16 @@ class Updater:
                 with self.stepper.no_sync():  # gradients are reduced over ranks once, by the stepper
                     m = accumulate_gradients(self.model, self.algorithm, mb, cfg.train.micro_batch_size, ctx,
                                              backward=backward,
-                                             is_cap=cfg.rollout.is_cap if cfg.rollout.is_correction else None,
+                                             correction=self.correction,
                                              pairs=needs.pairs, critic=self.critic,
                                              share_prompts=cfg.train.share_prompt_forward, pad_to=pad_to,
                                              sampler_logprobs=rollouts.logprobs)
                 m = reduce_train_metrics(m)
+                behavior_kl = m.pop("behavior_kl", None)
+                if not self.on_policy:  # the trainer-sampler gap is the lag here, not a sync fault
+                    m["offpolicy/behavior_kl"] = behavior_kl or 0.0
+                    m["offpolicy/logprob_gap_max"] = m.pop("sync/logprob_drift", 0.0)
+                    m["offpolicy/logprob_gap_mean"] = m.pop("sync/logprob_drift_mean", 0.0)
                 if epoch == 0 and i == 0 and m.get("sync/logprob_drift", 0.0) > self.max_drift:
                     self.optimizer.zero_grad(set_to_none=True)  # the first update must start from the sampling weights
                     raise stale_weights(step, m["sync/logprob_drift"], m["sync/logprob_drift_mean"], self.max_drift)

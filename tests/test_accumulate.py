@@ -102,7 +102,8 @@ def test_accumulate_gradients_metrics_and_context_by_an_independent_computation(
     weights = torch.exp(gap).clamp(max=1.5) * mask
     spy = Spy()
     calls = []
-    m = accumulate_gradients(model, spy, b, 2, ctx, backward=lambda loss: calls.append(loss.item()), is_cap=1.5,
+    m = accumulate_gradients(model, spy, b, 2, ctx, backward=lambda loss: calls.append(loss.item()),
+                             correction=ops.Correction("truncate", 1.5),
                              sampler_logprobs=sampler)
     assert [c["rows"] for c in spy.calls] == [[5, 2], [1, 0], [3, 4]] and len(calls) == 3
     for c in spy.calls:  # each micro-batch got its own rows' context, trimmed to its columns

@@ -33,6 +33,7 @@ ALGORITHMS = {  # name: config overrides that make every term of the loss active
     "rloo": {"beta": 0.1, "epochs": 2},
     "reinforce_pp": {"beta": 0.1, "epochs": 2},
     "ppo": {"beta": 0.1, "epochs": 2},
+    "cispo": {"beta": 0.05, "epsilon_low": 0.5, "epsilon_high": 0.1, "epochs": 2},
     "dpo": {"beta": 0.2},
 }
 

@@ -198,3 +198,26 @@ def test_aha_rate_counts_phrases(tmp_path):
     assert out == {"aha/rate": 0.5, "aha/rate_correct": 0.5}
     saved = rundir.read_jsonl(tmp_path / "aha.jsonl")
     assert [s["phrase"] for s in saved] == ["Wait", "I made an error"] and saved[0]["step"] == 3
+
+
+def test_variants_are_a_factor_of_their_own(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"""
+name: v
+base: {ROOT / "configs" / "smoke.yaml"}
+matrix:
+  algorithm: [grpo, cispo]
+  variant: [{{label: k0, set: []}}, {{label: k2, set: ["rollout.off_policy_steps=2", "rollout.is_correction=mask"]}}]
+  seed: [3]
+set: ["rollout.max_tokens=5"]
+""")
+    runs = dict(suite.expand(suite.load(spec)))
+    assert list(runs) == ["grpo-arithmetic-k0-s3", "grpo-arithmetic-k2-s3", "cispo-arithmetic-k0-s3",
+                          "cispo-arithmetic-k2-s3"]
+    k2 = runs["cispo-arithmetic-k2-s3"]
+    assert (k2.rollout.off_policy_steps, k2.rollout.is_correction, k2.rollout.max_tokens, k2.run.variant) == \
+        (2, "mask", 5, "k2")
+    assert runs["grpo-arithmetic-k0-s3"].rollout.off_policy_steps == 0
+    spec.write_text(spec.read_text().replace("{label: k0, set: []}", "{set: []}"))
+    with pytest.raises(ValueError, match="each matrix.variant entry is"):
+        suite.load(spec)

@@ -45,7 +45,7 @@ class GSPOConfig(GroupRelativeConfig):
 class GSPO(PolicyGradient):
     Config = GSPOConfig
 
-    def surrogate(self, logprobs, old, batch):
+    def surrogate(self, logprobs, old, batch, ctx):
         c = self.config
         mask = batch["completion_mask"]
         per_seq, clipped = sequence_surrogate(logprobs, old, batch["advantages"], mask, c.epsilon_low, c.epsilon_high)
