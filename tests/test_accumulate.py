@@ -180,3 +180,46 @@ def test_nonfinite_losses_and_padding_backwards(tokenizer):
     calls = []
     accumulate_gradients(model, Spy(), b, 2, StepContext(step=1), pad_to=3, backward=lambda loss: calls.append(loss.item()))
     assert len(calls) == 3 and 0.0 not in calls  # nothing to pad
+
+
+@pytest.mark.parametrize("correction", [ops.Correction("mask", 1.5, 0.6), ops.Correction("mask", 1.5, 0.6, "sequence"),
+                                        ops.Correction("decoupled", 1.2), ops.Correction("truncate", 1.1)])
+def test_off_policy_corrections_and_behaviour_kl_by_an_independent_computation(tokenizer, correction):
+    b = _batch()
+    N, C = 6, 5
+    model = models.tiny_random(tokenizer, seed=0)
+    with torch.no_grad():
+        logp_all, _ = lpmod.token_logprobs(model, b["input_ids"], b["attention_mask"], C, share_prompts=False)
+    rows, mask = b["row"], b["completion_mask"]
+    by_row = {int(r): i for i, r in enumerate(rows)}
+    tokens = mask.sum()
+    g = torch.Generator().manual_seed(4)
+    sampler, old = torch.zeros(N, C), torch.zeros(N, C)  # rollouts rows; near the policy, so some weights survive
+    sampler[rows] = (logp_all + 0.4 * torch.randn(N, C, generator=g)) * mask
+    old[rows] = (logp_all + 0.4 * torch.randn(N, C, generator=g)) * mask
+    # decoupled: the proximal (old) logprobs against the behaviour ones; otherwise the current ones
+    now = old[rows] if correction.mode == "decoupled" else logp_all
+    ratio = torch.exp((now - sampler[rows]) * mask)  # [6, 5]
+    if correction.level == "sequence":
+        ratio = torch.exp(((now - sampler[rows]) * mask).sum(-1, keepdim=True)).expand(-1, C)
+    if correction.mode == "truncate":
+        want, zeroed = ratio.clamp(max=correction.cap) * mask, torch.zeros_like(mask)
+    else:
+        low = correction.low if correction.mode == "mask" else 0.0
+        keep = ((ratio <= correction.cap) & (ratio >= low)).float() * mask
+        want, zeroed = ratio * keep, mask - keep
+    spy = Spy()
+    m = accumulate_gradients(model, spy, b, 2, StepContext(step=1, old_logprobs=old), backward=lambda loss: None,
+                             correction=correction, sampler_logprobs=sampler)
+    for c in spy.calls:
+        i = [by_row[x] for x in c["rows"]]
+        assert torch.allclose(c["ctx"].is_weights, want[i][:, :c["C"]], atol=1e-5)
+    assert m["is/weight_mean"] == pytest.approx((want.sum() / tokens).item(), rel=1e-5)
+    if correction.mode == "truncate":
+        assert "is/masked_frac" not in m
+    else:
+        assert 0 < zeroed.sum() < tokens  # the case really masks some tokens and keeps others
+        assert m["is/masked_frac"] == pytest.approx((zeroed.sum() / tokens).item(), rel=1e-6)
+    # k3 of KL(sampler ‖ trainer): e^d − d − 1, d = logπ_θ − logπ_sampler, per real token
+    d = (logp_all - sampler[rows]) * mask
+    assert m["behavior_kl"] == pytest.approx(((torch.exp(d) - d - 1) * mask).sum().item() / tokens.item(), rel=1e-5)

@@ -154,16 +154,16 @@ def test_lora_run_syncs_merged_weights_to_vllm(tmp_path, first_char_task):
 
 def test_asynchronous_rollouts_verify_every_push_to_vllm(tmp_path, first_char_task):
     """k = 1: the worker thread owns the vLLM engine; every push is checked on the probe prompts."""
-    cfg = tiny_config(*FAST, "train.steps=5", "rollout.off_policy_steps=1", engine={"name": "vllm", "kv_cache_gb": 1},
+    cfg = tiny_config(*FAST, "train.steps=4", "rollout.off_policy_steps=1", engine={"name": "vllm", "kv_cache_gb": 1},
                       task={"name": "first_char"})
     tr = start(cfg, tmp_path / "a")
     tr.run()
     tr.close()
     lines = rundir.read_jsonl(tmp_path / "a" / "metrics.jsonl")
-    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5]
-    assert [r["offpolicy/lag"] for r in lines] == [0.0, 1.0, 1.0, 1.0, 1.0]
-    # the engine's first version is checked before batch 1, versions 1..3 as they are pushed, before
-    # batches 3..5 (batch 2 reuses version 0): engine and trainer agree every time
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    assert [r["offpolicy/lag"] for r in lines] == [0.0, 1.0, 1.0, 1.0]
+    # the engine's first version is checked before batch 1, versions 1..2 as they are pushed, before
+    # batches 3..4 (batch 2 reuses version 0): engine and trainer agree every time
     probes = [r.get("sync/probe_drift") for r in lines]
     assert probes[1] is None and all(p is not None and p < 1e-4 for p in probes[:1] + probes[2:]), probes
     assert lines[-1]["offpolicy/behavior_kl"] > 0  # the lag is real: the trainer moved on

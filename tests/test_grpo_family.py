@@ -59,7 +59,7 @@ def test_reinforce_pp_returns_with_kl_in_reward_and_whitening():
     assert w[1, 2].item() == 0.0
 
 
-@pytest.mark.parametrize("name", ["dr_grpo", "rloo", "gspo", "reinforce_pp"])
+@pytest.mark.parametrize("name", ["dr_grpo", "rloo", "gspo", "reinforce_pp", "cispo"])
 def test_each_family_member_learns_a_trivial_reward(tmp_path, first_char_task, name):
     # β = 0 as in GRPO's learnability test: with this large learning rate the tiny model's per-token KL reaches
     # several nats within a few steps, and a KL term (in the loss or, for reinforce_pp, in the reward) is

@@ -60,6 +60,21 @@ def test_masked_weights_drop_tokens_outside_the_bounds():
     assert w[0, 1].item() == pytest.approx(math.exp(-1.0)) and w[1, 1].item() == 0.0  # 0.37 ≥ 0.25; 7.4 > 4
 
 
+def test_bounds_are_inclusive_and_defaults_are_token_level_with_no_lower_bound():
+    same = torch.tensor([[-1.0, -2.0]])
+    w, zeroed = ops.behavior_weights(same, same, torch.ones(1, 2), "mask", cap=1.0, low=1.0)  # ρ = 1 = both bounds
+    assert w.tolist() == [[1.0, 1.0]] and zeroed.sum() == 0
+    w, _ = ops.behavior_weights(LOGP, BEHAV, MASK, "mask", cap=2.0)  # no low given: 0, so 0.3679 stays
+    assert w[0, 1].item() == pytest.approx(math.exp(-1.0))
+    # Correction: low 0 means 1 / cap (0.25 here, so 0.135 is dropped), and its level reaches the weights
+    tiny = torch.tensor([[-2.0, 0.0]]), torch.tensor([[0.0, 0.0]]), torch.ones(1, 2)
+    assert ops.Correction("mask", 4.0).weights(*tiny)[0].tolist() == [[0.0, 1.0]]
+    seq = ops.Correction("mask", 2.0, 0.5, "sequence").weights(LOGP, BEHAV, MASK)[0]
+    assert _close(seq, [[math.exp(-0.5)] * 3, [0.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match=r"^behavior_weights: mode must be one of truncate, mask, decoupled; got 'x'$"):
+        ops.behavior_weights(LOGP, BEHAV, MASK, "x", cap=2.0)
+
+
 def test_decoupled_weights_are_the_behaviour_to_proximal_ratio_capped_by_masking():
     prox = LOGP  # the proximal policy's logprobs take the place of the current ones
     w, zeroed = ops.behavior_weights(prox, BEHAV, MASK, "decoupled", cap=5.0)
@@ -113,19 +128,14 @@ def test_cispo_loss_and_gradient_by_hand():
     assert torch.allclose(logp.grad, -(wt * adv.unsqueeze(-1) * MASK) / 5, atol=1e-7)
     assert (logp.grad[MASK.bool()] != 0).all()
     assert m["clip_frac"] == pytest.approx(3 / 5)
+    # per-token advantages [n, C] (PPO-style) are used as they are
+    from rlbench.plugins.algorithms.cispo import cispo_surrogate
+    adv2 = torch.tensor([[1.0, -1.0, 2.0], [0.5, 3.0, 0.0]])
+    per, _ = cispo_surrogate(LOGP, BEHAV, adv2, 0.5, 0.2)
+    assert torch.allclose(per * MASK, -wt * adv2 * LOGP * MASK)
     # without behaviour logprobs the old ones are the behaviour policy; with neither the weight is 1
     loss2, _ = algo.loss(LOGP, batch, StepContext(step=1))
     assert loss2.item() == pytest.approx((-(2.0 * LOGP[0]).sum() - (-1.0 * LOGP[1, :2]).sum()).item() / 5, rel=1e-6)
-
-
-def test_cispo_learns_a_trivial_reward(tmp_path, first_char_task):
-    cfg = tiny_config("train.steps=30", "train.lr=3e-3", "model.tiny_init_std=0.3", "rollout.max_tokens=2",
-                      "rollout.prompts_per_step=4", "rollout.group_size=8", "train.min_lr_ratio=1.0", "eval.kl=false",
-                      algorithm={"name": "cispo"}, task={"name": "first_char"})
-    start(cfg, tmp_path / "cispo").run()
-    rewards = [r["reward/mean"] for r in rundir.read_jsonl(tmp_path / "cispo" / "metrics.jsonl")]
-    assert sum(rewards[:3]) / 3 < 0.7
-    assert max(sum(rewards[i:i + 3]) / 3 for i in range(len(rewards) - 2)) >= 0.9, rewards
 
 
 # -- asynchronous rollouts ------------------------------------------------------------------------------
@@ -235,7 +245,8 @@ def test_a_push_that_does_nothing_stops_the_run_within_one_step(tmp_path, first_
 
 def test_sigkill_and_resume_of_an_asynchronous_run_matches_an_uninterrupted_one(tmp_path):
     from test_faults import KILL_RUN, _comparable, _launch, _steps, _write_config
-    raw = {**KILL_RUN, "rollout": {**KILL_RUN["rollout"], "off_policy_steps": 1}}
+    raw = {**KILL_RUN, "rollout": {**KILL_RUN["rollout"], "off_policy_steps": 1},
+           "train": {**KILL_RUN["train"], "steps": 6}, "eval": {**KILL_RUN["eval"], "every": 0}}
     cfg = _write_config(tmp_path / "run.yaml", raw)
     ref = _launch([str(cfg), "--out", str(tmp_path / "ref")], tmp_path / "ref.log")
     assert ref.wait(timeout=600) == 0, (tmp_path / "ref.log").read_text()[-3000:]
@@ -243,7 +254,7 @@ def test_sigkill_and_resume_of_an_asynchronous_run_matches_an_uninterrupted_one(
     rng = random.Random(11)
     proc = _launch([str(cfg), "--out", str(tmp_path / "killed")], tmp_path / "killed.log")
     kills = 0
-    while kills < 2:
+    while kills < 1:  # mid-step, at a random point after a step was logged
         seen = len(_steps(run_dir))
         deadline = time.time() + 300
         while proc.poll() is None and time.time() < deadline and len(_steps(run_dir)) <= seen:
@@ -256,11 +267,11 @@ def test_sigkill_and_resume_of_an_asynchronous_run_matches_an_uninterrupted_one(
         kills += 1
         proc = _launch(["--resume", str(run_dir)], tmp_path / "killed.log")
     assert proc.wait(timeout=600) == 0, (tmp_path / "killed.log").read_text()[-3000:]
-    assert kills == 2
-    assert _steps(run_dir) == list(range(1, 9))
+    assert kills == 1
+    assert _steps(run_dir) == list(range(1, 7))
     a, b = rundir.read_jsonl(tmp_path / "ref" / "k" / "metrics.jsonl"), rundir.read_jsonl(run_dir / "metrics.jsonl")
     assert _comparable(b) == _comparable(a)
-    assert [m["offpolicy/lag"] for m in b] == [0.0] + [1.0] * 7
+    assert [m["offpolicy/lag"] for m in b] == [0.0] + [1.0] * 5
 
 
 def test_unsupported_asynchronous_setups_are_refused(tmp_path):

@@ -36,20 +36,20 @@ def smoke(tmp_path_factory):
 
 def test_smoke_suite_and_report(smoke, tmp_path):
     runs = suite.expand(suite.load(ROOT / "configs/suites/smoke.yaml"))
-    assert len(runs) == 16 and {json.loads(json.dumps(c.to_dict()))["algorithm"]["name"] for _, c in runs} == {
-        "grpo", "ppo", "dpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"}
+    assert len(runs) == 18 and {json.loads(json.dumps(c.to_dict()))["algorithm"]["name"] for _, c in runs} == {
+        "grpo", "ppo", "dpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp", "cispo"}
     status = json.loads((smoke / "status.json").read_text())["runs"]
-    assert len(status) == 16 and all(v["status"] == "complete" for v in status.values())
+    assert len(status) == 18 and all(v["status"] == "complete" for v in status.values())
 
     out = tmp_path / "report"
     r = _cli("report", str(smoke), "--out", str(out))
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader(open(out / "summary.csv")))
-    assert set(COLUMNS) <= set(rows[0]) and len(rows) == 16
+    assert set(COLUMNS) <= set(rows[0]) and len(rows) == 18
     assert {r["run"] for r in rows} == set(status) and all(r["suite"] == "smoke" for r in rows)
     assert all(int(r["steps"]) == 3 and float(r["tokens_generated"]) > 0 for r in rows)
     agg = list(csv.DictReader(open(out / "aggregate.csv")))
-    assert len(agg) == 8
+    assert len(agg) == 9
     for a in agg:  # a mean and a 95% interval around it, over the 2 seeds
         assert float(a["accuracy_after_ci_low"]) <= float(a["accuracy_after_mean"]) <= float(a["accuracy_after_ci_high"])
     md = (out / "report.md").read_text()
