@@ -243,6 +243,7 @@ def test_a_push_that_does_nothing_stops_the_run_within_one_step(tmp_path, first_
     resumed.close()
 
 
+@pytest.mark.slow  # 45 s; the synchronous SIGKILL test (test_faults.py) runs in the default suite
 def test_sigkill_and_resume_of_an_asynchronous_run_matches_an_uninterrupted_one(tmp_path):
     from test_faults import KILL_RUN, _comparable, _launch, _steps, _write_config
     raw = {**KILL_RUN, "rollout": {**KILL_RUN["rollout"], "off_policy_steps": 1},

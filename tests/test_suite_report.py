@@ -29,7 +29,8 @@ def _cli(*args, **kw):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("suites")
-    r = _cli("suite", "run", "configs/suites/smoke.yaml", "--out", str(out), timeout=1800)
+    # two runs at a time: each is a process of its own, mostly start-up on this 2-core machine
+    r = _cli("suite", "run", "configs/suites/smoke.yaml", "--out", str(out), "--jobs", "2", timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     return out / "smoke"
 
