@@ -1,7 +1,14 @@
 import os
 
-import pytest
-import torch
+# One MKL code path on every x86 machine (conditional numerical reproducibility), set before torch
+# loads MKL: the equivalence tests compare computations whose float32 reductions differ in order,
+# and on an AVX-512 machine MKL's default path rounds differently from the AVX2 one their
+# tolerances were measured on (seen on an AMD EPYC: ZeRO-2 vs 1 process grad_norm off by 1.5e-4
+# relative after 4 steps). Subprocesses (accelerate launch, suites) inherit it.
+os.environ.setdefault("MKL_CBWR", "AVX2")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
