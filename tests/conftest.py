@@ -2,9 +2,10 @@ import os
 
 # One MKL code path on every x86 machine (conditional numerical reproducibility), set before torch
 # loads MKL: the equivalence tests compare computations whose float32 reductions differ in order,
-# and on an AVX-512 machine MKL's default path rounds differently from the AVX2 one their
-# tolerances were measured on (seen on an AMD EPYC: ZeRO-2 vs 1 process grad_norm off by 1.5e-4
-# relative after 4 steps). Subprocesses (accelerate launch, suites) inherit it.
+# and MKL's default path on some CPUs rounds differently from the AVX2 one their
+# tolerances were measured on (seen on an AMD EPYC with AVX2, where MKL picks another path by
+# default: ZeRO-2 vs 1 process grad_norm off by 1.5e-4 relative after 4 steps). Subprocesses
+# (accelerate launch, suites) inherit it.
 os.environ.setdefault("MKL_CBWR", "AVX2")
 
 import pytest  # noqa: E402
