@@ -1,4 +1,4 @@
-"""Command line: ``rlbench run | suite | report | eval | reward | plugins | export``."""
+"""Command line: ``rlbench run | suite | report | eval | probe | reward | plugins | export``."""
 from __future__ import annotations
 
 import argparse
@@ -121,6 +121,20 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_probe(args) -> int:
+    from rlbench import config as cfgmod
+    from rlbench import probe
+
+    if args.prompts < 1:
+        raise cfgmod.ConfigError(f"rlbench probe: --prompts must be >= 1, got {args.prompts}")
+    cfg = cfgmod.load(args.config, args.set or [])
+    rec = probe.run(cfg, args.prompts)
+    if args.output:
+        Path(args.output).write_text(json.dumps(rec, indent=2))
+    print(json.dumps(rec, indent=2) if args.json else probe.table(rec))
+    return 0
+
+
 def _cmd_reward(args) -> int:
     from rlbench import manager, models
     from rlbench.evaluation import score_rows
@@ -168,8 +182,8 @@ def _cmd_report(args) -> int:
     from rlbench.report import build
 
     command = "rlbench report " + " ".join(args.dirs) + f" --out {args.out}" + (
-        f" --baseline {args.baseline}" if args.baseline else "")
-    res = build(args.dirs, args.out, baseline=args.baseline, title=args.title, command=command)
+        f" --baseline {args.baseline}" if args.baseline else "") + (f" --mde {args.mde:g}" if args.mde else "")
+    res = build(args.dirs, args.out, baseline=args.baseline, title=args.title, command=command, mde=args.mde)
     print(f"{len(res['summary'])} runs; report in {args.out}/report.md, report.html, summary.csv, aggregate.csv"
           + (f"; {len(res['flags'])} infrastructure differences flagged" if res["flags"] else ""))
     return 0
@@ -206,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", required=True, help="report directory, e.g. reports/NAME")
     rp.add_argument("--baseline", help="algorithm the others are tested against (default grpo)")
     rp.add_argument("--title")
+    rp.add_argument("--mde", type=float, help="a difference to size the seeds for (e.g. 0.02): seeds needed to detect it")
     rp.set_defaults(func=_cmd_report)
 
     ev = sub.add_parser("eval", help="accuracy / pass@k of a model on a task's held-out split")
@@ -220,6 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", action="append", metavar="[task.]KEY=VALUE", help="a task (or engine) option")
     ev.add_argument("--output", help="JSON file (default eval-TASK-SPLIT.json)")
     ev.set_defaults(func=_cmd_eval)
+
+    pr = sub.add_parser("probe", help="is the task learnable from this config? base accuracy, groups with no signal, verdict")
+    pr.add_argument("config", help="YAML config file (its model, engine, task and sampling settings are used)")
+    pr.add_argument("--prompts", type=int, default=32, help="train prompts to sample (default 32)")
+    pr.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    pr.add_argument("--json", action="store_true", help="print the record as JSON instead of the table")
+    pr.add_argument("--output", help="also write the record to this JSON file")
+    pr.set_defaults(func=_cmd_probe)
 
     rw = sub.add_parser("reward", help="score completions from a JSONL file with a task's reward function")
     rw.add_argument("task")

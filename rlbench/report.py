@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from rlbench import rundir
+from rlbench import compare, rundir
 
 SUMMARY_COLUMNS = ["suite", "run", "status", "algorithm", "task", "model", "seed", "steps", "accuracy_before",
                    "accuracy_after", "accuracy_delta", "accuracy_stderr_after", "kl_final", "kl_train_mean",
@@ -166,13 +166,16 @@ def infra_differences(run_a: dict, run_b: dict) -> list[str]:
 
 # -- building the report -----------------------------------------------------------------------
 
-def build(paths, out: str | Path, baseline: str | None = None, title: str | None = None, command: str | None = None):
+def build(paths, out: str | Path, baseline: str | None = None, title: str | None = None, command: str | None = None,
+          mde: float | None = None):
     import pandas as pd
 
     out = Path(out)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    runs = []
+    runs, probes = [], {}
     for suite, d in find_runs(paths):
+        for f in sorted((d.parent.parent / "probes").glob("*.json")) if suite else []:
+            probes.setdefault(f"{suite}/{f.stem}", json.loads(f.read_text()))
         st = None
         status_file = d.parent.parent / "status.json"
         if suite and status_file.is_file():
@@ -219,12 +222,14 @@ def build(paths, out: str | Path, baseline: str | None = None, title: str | None
     agg = pd.DataFrame(agg_rows)
     agg.to_csv(out / "aggregate.csv", index=False)
     pairs = pd.DataFrame(paired_rows)
+    power = compare.seed_comparisons(summary, baseline, mde=mde)
+    pd.DataFrame(power).to_csv(out / "power.csv", index=False)
     plots = _plots(runs, summary, out / "plots")
     md = _markdown(title or f"rlbench report: {', '.join(map(str, paths))}", command, summary, agg, pairs, flags, plots,
-                   baseline)
+                   baseline, power, probes)
     (out / "report.md").write_text(md)
     (out / "report.html").write_text(_html(md, out))
-    return {"summary": summary, "aggregate": agg, "paired": pairs, "flags": flags, "plots": plots}
+    return {"summary": summary, "aggregate": agg, "paired": pairs, "flags": flags, "plots": plots, "power": power}
 
 
 def _series(runs, key):
@@ -295,12 +300,21 @@ def _fmt(df):
     return df.to_markdown(index=False, floatfmt=".4g") if len(df) else "(none)"
 
 
-def _markdown(title, command, summary, agg, pairs, flags, plots, baseline) -> str:
+def _markdown(title, command, summary, agg, pairs, flags, plots, baseline, power=(), probes=None) -> str:
     import pandas as pd
 
     lines = [f"# {title}", ""]
     if command:
         lines += ["Regenerate with:", "", "```bash", command, "```", ""]
+    if power:
+        lines += ["## The answer", "", compare.answer_paragraph(power, baseline), ""] + [f"- {r['sentence']}" for r in power] + [""]
+    if probes:
+        cols = ["task", "model", "prompts", "group_size", "accuracy_sampled", "accuracy_greedy", "uniform_groups",
+                "signal_prompts_per_step", "truncated_frac", "verdict"]
+        lines += ["## Learnability probe (base model, before training)", "",
+                  "`rlbench probe` of each task with the suite's settings: `uniform_groups` is the share of groups "
+                  "whose rewards are all equal (no group-relative signal).", "",
+                  _fmt(pd.DataFrame([{c: p.get(c) for c in cols} for p in probes.values()])), ""]
     lines += ["Accuracy is greedy pass@1 on the task's fixed held-out problems; intervals are 95% bootstrap "
               "intervals over seeds (wide with few seeds); `p_improvement` is P(algorithm > "
               f"{baseline}) over seed pairs; `mcnemar_p` pairs the two algorithms' final answers on the same problems.",
@@ -309,6 +323,9 @@ def _markdown(title, command, summary, agg, pairs, flags, plots, baseline) -> st
             "accuracy_after_iqm", "accuracy_delta_mean", "accuracy_delta_ci_low", "accuracy_delta_ci_high",
             "kl_final_mean", "wall_seconds_mean", "tokens_generated_mean", f"p_improvement_vs_{baseline}"]
     lines += [_fmt(agg[[c for c in show if c in agg]]), "", f"## Paired tests against `{baseline}`", "", _fmt(pairs), ""]
+    if power:
+        lines += ["Per-seed paired t-test of the final accuracy (runs matched by seed) with its power at α = 0.05, "
+                  "power 0.8 (power.csv):", "", _fmt(pd.DataFrame(power).drop(columns=["sentence"])), ""]
     lines += ["## Identical infrastructure", ""]
     if flags:
         lines += ["These comparisons differ in more than the algorithm (and seed):", "", _fmt(pd.DataFrame(flags)), ""]

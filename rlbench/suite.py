@@ -15,10 +15,12 @@ A suite file (``configs/suites/*.yaml``)::
     set: ["rollout.max_tokens=8"]  # overrides applied to every run
     baseline: grpo                 # the report's reference algorithm
     keep_checkpoints: 1            # checkpoints a complete run keeps (newest first; 0 = none)
+    probe: {prompts: 32}           # the learnability probe of each task, once, before the runs (false: none)
 
 ``rlbench suite run SUITE --out DIR`` writes ``DIR/NAME/``: ``suite.yaml`` (a
 copy), ``configs/RUN.yaml`` (each run's resolved config), ``runs/RUN/`` (run
-directories) and ``status.json``. Runs go one after another (``--jobs N``:
+directories), ``probes/TASK.json`` (``rlbench probe`` of each task with the first run's config;
+a failed probe is reported and the suite goes on) and ``status.json``. Runs go one after another (``--jobs N``:
 N at a time), each in its own process, so a crash or an out-of-memory kill
 takes only that run down: it is recorded as failed with the end of its error
 output and the suite goes on (seen here: a full disk failed one run's checkpoint
@@ -44,7 +46,7 @@ import yaml
 
 from rlbench import config as cfgmod
 
-SUITE_KEYS = {"name", "base", "budget", "matrix", "set", "baseline", "description", "keep_checkpoints"}
+SUITE_KEYS = {"name", "base", "budget", "matrix", "set", "baseline", "description", "keep_checkpoints", "probe"}
 MATRIX_KEYS = {"algorithm", "task", "seed", "model", "variant"}
 BUDGET_KEYS = {"steps", "max_generated_tokens"}
 
@@ -83,6 +85,11 @@ def load(path: str | Path) -> dict:
     budget = spec.get("budget") or {}
     if set(budget) - BUDGET_KEYS:
         raise cfgmod.ConfigError(f"suite {path}: budget may set {sorted(BUDGET_KEYS)}, not {sorted(set(budget) - BUDGET_KEYS)}")
+    probe = spec.get("probe", {"prompts": 32})
+    if probe is not False and not (isinstance(probe, dict) and set(probe) <= {"prompts"}
+                                   and isinstance(probe.get("prompts", 32), int) and probe.get("prompts", 32) >= 1):
+        raise cfgmod.ConfigError(f"suite {path}: probe is false or {{prompts: N}} with N >= 1, got {probe!r}")
+    spec["probe"] = probe
     spec["base"] = str((path.parent / spec["base"]).resolve())
     spec["path"] = str(path.resolve())
     return spec
@@ -202,6 +209,26 @@ def run_one(name: str, cfg: cfgmod.Config, root: Path, status: Status, env: dict
     return "failed"
 
 
+def probe_tasks(runs, root: Path, prompts: int, echo=print) -> None:
+    """``rlbench probe`` once per task (the first run's config; the model too, when the matrix
+    has several), each in its own process, into ``probes/``; a probe already there is kept."""
+    seen = set()
+    for name, cfg in runs:
+        key = cfg.names["task"] + ("" if cfg.model.name == runs[0][1].model.name else f"-{Path(cfg.model.name).name}")
+        if key in seen:
+            continue
+        seen.add(key)
+        out = root / "probes" / f"{key}.json"
+        if out.is_file():
+            continue
+        out.parent.mkdir(exist_ok=True)
+        cmd = [sys.executable, "-m", "rlbench.cli", "probe", str(root / "configs" / f"{name}.yaml"), "--prompts",
+               str(prompts), "--output", str(out)]
+        with open(root / "logs" / f"probe-{key}.log", "w") as f:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+        echo(f"  probe {key}: " + ("written" if rc == 0 else f"failed (exit {rc}; logs/probe-{key}.log)"))
+
+
 def run_suite(path: str | Path, out: str | Path = "runs/suites", jobs: int = 1, echo=print) -> dict:
     spec = load(path)
     runs = expand(spec)
@@ -215,6 +242,9 @@ def run_suite(path: str | Path, out: str | Path = "runs/suites", jobs: int = 1, 
         if not status.get(name):
             status.set(name, status="pending")
     echo(f"suite {spec['name']}: {len(runs)} runs in {root}")
+    (root / "logs").mkdir(exist_ok=True)
+    if spec["probe"] is not False:
+        probe_tasks(runs, root, int(spec["probe"].get("prompts", 32)), echo)
 
     def go(item):
         name, cfg = item

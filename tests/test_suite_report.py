@@ -43,7 +43,7 @@ def test_smoke_suite_and_report(smoke, tmp_path):
     assert len(status) == 18 and all(v["status"] == "complete" for v in status.values())
 
     out = tmp_path / "report"
-    r = _cli("report", str(smoke), "--out", str(out))
+    r = _cli("report", str(smoke), "--out", str(out), "--mde", "0.05")
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert set(COLUMNS) <= set(rows[0]) and len(rows) == 18
@@ -55,6 +55,27 @@ def test_smoke_suite_and_report(smoke, tmp_path):
         assert float(a["accuracy_after_ci_low"]) <= float(a["accuracy_after_mean"]) <= float(a["accuracy_after_ci_high"])
     md = (out / "report.md").read_text()
     assert "## Paired tests against `grpo`" in md and "differs only in the algorithm section" in md
+    # power: a paired t-test per algorithm on the per-seed final accuracies, recomputed here from summary.csv
+    from scipy import stats
+
+    power = list(csv.DictReader(open(out / "power.csv")))
+    assert {p["algorithm"] for p in power} == {a["algorithm"] for a in agg} - {"grpo"}
+    acc = {(r["algorithm"], r["seed"]): float(r["accuracy_after"]) for r in rows}
+    for p in power:
+        mine = [acc[(p["algorithm"], s)] for s in ("0", "1")]
+        base = [acc[("grpo", s)] for s in ("0", "1")]
+        assert int(p["paired_seeds"]) == 2 and float(p["mean_diff"]) == pytest.approx((mine[0] + mine[1] - base[0] - base[1]) / 2)
+        if len({a - b for a, b in zip(mine, base)}) == 2:  # the two differences differ: a t-test exists
+            assert float(p["t_test_p"]) == pytest.approx(stats.ttest_rel(mine, base).pvalue)
+            assert float(p["seeds_for_0.05"]) >= 2
+    # the task's learnability probe, run once before the runs, is shown beside the results
+    probe = json.loads((smoke / "probes" / "arithmetic.json").read_text())
+    groups = probe["group_rewards"]
+    assert probe["uniform_groups"] == pytest.approx(sum(len(set(g)) == 1 for g in groups) / len(groups))
+    assert "## Learnability probe" in md and probe["verdict"].split(":")[0] in md
+    answer = md.split("## The answer", 1)[1].split("##", 1)[0]
+    assert md.index("## The answer") < md.index("## Per algorithm and task") and "Against `grpo`" in answer
+    assert "--mde 0.05" in md.split("```bash")[1]
     assert "rlbench report" in md.split("```bash")[1]  # the command that regenerates it
     for plot in ("reward_mean_vs_step.png", "kl_vs_step.png", "completion_len_mean_vs_step.png", "accuracy_vs_cost.png"):
         assert (out / "plots" / plot).stat().st_size > 5000
@@ -219,6 +240,9 @@ set: ["rollout.max_tokens=5"]
     assert (k2.rollout.off_policy_steps, k2.rollout.is_correction, k2.rollout.max_tokens, k2.run.variant) == \
         (2, "mask", 5, "k2")
     assert runs["grpo-arithmetic-k0-s3"].rollout.off_policy_steps == 0
-    spec.write_text(spec.read_text().replace("{label: k0, set: []}", "{set: []}"))
+    spec.write_text(spec.read_text() + "probe: {prompts: 0}\n")
+    with pytest.raises(ValueError, match="probe is false or"):
+        suite.load(spec)
+    spec.write_text(spec.read_text().replace("probe: {prompts: 0}\n", "").replace("{label: k0, set: []}", "{set: []}"))
     with pytest.raises(ValueError, match="each matrix.variant entry is"):
         suite.load(spec)

@@ -1,0 +1,236 @@
+"""Statistics that turn a comparison into an answer: how sure are we, and at what compute?
+
+* ``paired_power``: a paired t-test of per-seed differences (algorithm − baseline, matched by
+  seed), the minimum detectable difference at the present number of seeds (two-sided α = 0.05,
+  power 0.8, from the observed spread of the differences) and the seeds needed to detect the
+  observed difference and a user-set one. The t-test is scipy's, the power function statsmodels'
+  ``TTestPower`` (one-sample t on the differences; Cohen's d_z = mean / sd), inverted by bisection
+  (its own ``solve_power`` returns NaN when its root finder fails, as it does for small effects).
+* ``fit_saturating``: ScaleRL's accuracy-vs-compute curve (Khatri et al. 2025, arXiv 2510.13786),
+  R(C) = R0 + (A − R0) / (1 + (C_mid / C)^B), with R0 the accuracy before training (C = 0)
+  held fixed, A the asymptote, B the efficiency (steepness), C_mid the compute at half of the
+  gain; fitted by scipy's bounded least squares (``curve_fit``, trust-region reflective) in
+  log C_mid. ``bootstrap_fit`` refits on seed resamples for percentile intervals and says in
+  words when the points cannot identify the curve.
+
+Not covered: the power analysis assumes normally distributed per-seed differences (with 3–5
+seeds nothing can check that); the fit's intervals are over seeds only, not over evaluation
+problems, and nothing here corrects for multiple comparisons.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+ALPHA, POWER = 0.05, 0.8
+
+
+# -- statistical power of a paired comparison ----------------------------------------------------
+
+def _power(effect: float, n: int, alpha: float) -> float:
+    """Power of the two-sided one-sample t-test on n differences at Cohen's d_z ``effect`` (statsmodels)."""
+    from statsmodels.stats.power import TTestPower
+
+    return float(TTestPower().power(effect_size=abs(effect), nobs=n, alpha=alpha, alternative="two-sided"))
+
+
+def _seeds_needed(effect: float, alpha: float, power: float, cap: int = 1_000_000) -> float:
+    """The fewest seeds (paired differences, ≥ 2) whose t-test reaches ``power`` at ``effect``; inf
+    beyond ``cap``. Power grows with n, so a doubling search then bisection finds it exactly."""
+    if effect == 0 or not math.isfinite(effect):
+        return math.inf if effect == 0 else 2.0
+    lo, hi = 1, 2  # power(lo) < target <= power(hi), with n = 1 counting as no power
+    while _power(effect, hi, alpha) < power:
+        lo, hi = hi, hi * 2
+        if hi > cap:
+            return math.inf
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _power(effect, mid, alpha) < power else (lo, mid)
+    return float(hi)
+
+
+def _detectable(n: int, alpha: float, power: float) -> float:
+    """The d_z that the t-test on n differences detects with ``power`` (bisection on statsmodels' power)."""
+    lo, hi = 0.0, 1.0
+    while _power(hi, n, alpha) < power:
+        hi *= 2
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _power(mid, n, alpha) < power else (lo, mid)
+    return hi
+
+
+def paired_power(diffs, alpha: float = ALPHA, power: float = POWER, mde: float | None = None) -> dict:
+    """Paired per-seed differences → mean, sd, t, p, minimum detectable difference, seeds needed."""
+    from scipy import stats
+
+    d = np.asarray([x for x in diffs if x is not None and math.isfinite(x)], dtype=float)
+    n = len(d)
+    out = {"n": n, "mean_diff": float(d.mean()) if n else math.nan, "sd_diff": math.nan, "t": math.nan,
+           "p": math.nan, "mdd": math.nan, "seeds_for_observed": math.nan, "seeds_for_mde": math.nan,
+           "mde": mde, "alpha": alpha, "power": power}
+    if n < 2:
+        return out
+    sd = float(d.std(ddof=1))
+    out["sd_diff"] = sd
+    if sd == 0:  # every seed moved by exactly the same amount: no spread to test or size against
+        return out
+    res = stats.ttest_1samp(d, 0.0)
+    out["t"], out["p"] = float(res.statistic), float(res.pvalue)
+    out["mdd"] = _detectable(n, alpha, power) * sd
+    out["seeds_for_observed"] = _seeds_needed(out["mean_diff"] / sd, alpha, power)
+    if mde:
+        out["seeds_for_mde"] = _seeds_needed(mde / sd, alpha, power)
+    return out
+
+
+def power_sentence(name: str, baseline: str, rec: dict) -> str:
+    """One plain-words sentence on a comparison's significance and power."""
+    n, m = rec["n"], rec["mean_diff"]
+    if n < 2:
+        return f"{name} vs {baseline}: {n} paired seed(s), no test possible (needs ≥ 2)."
+    if rec["sd_diff"] == 0:
+        return (f"{name} vs {baseline}: {m:+.3f} on each of {n} paired seeds, no spread between seeds, so no "
+                f"t-test or power estimate (more seeds or more evaluation problems would give one).")
+    head = f"{name} vs {baseline}: {m:+.3f} over {n} paired seeds (p = {rec['p']:.3g})"
+    if rec["p"] < rec["alpha"]:
+        return head + " — significant."
+    need = rec["seeds_for_observed"]
+    need_s = "more seeds than is practical" if not math.isfinite(need) else f"about {int(need)} seeds"
+    s = (f"{head} — not significant; with {n} seeds only differences of ±{rec['mdd']:.3f} or more are "
+         f"detectable (power {rec['power']:.0%}), and a difference of {abs(m):.3f} would need {need_s}")
+    if rec.get("mde"):
+        need_mde = rec["seeds_for_mde"]
+        s += (f"; a difference of {rec['mde']:.3f} would need "
+              + ("more seeds than is practical" if not math.isfinite(need_mde) else f"about {int(need_mde)} seeds"))
+    return s + "."
+
+
+# -- saturating accuracy-vs-compute fits -----------------------------------------------------------
+
+def saturating(C, A: float, B: float, C_mid: float, R0: float):
+    """R(C) = R0 + (A − R0) / (1 + (C_mid / C)^B); R(0) = R0."""
+    C = np.asarray(C, dtype=float)
+    with np.errstate(divide="ignore", over="ignore"):
+        frac = 1.0 / (1.0 + np.power(C_mid / np.where(C > 0, C, np.nan), B))
+    return R0 + (A - R0) * np.nan_to_num(frac, nan=0.0)
+
+
+def fit_saturating(C, R, R0: float) -> dict | None:
+    """Least-squares A, B, C_mid on the points with C > 0 (R0 fixed); None when the fit fails."""
+    from scipy.optimize import curve_fit
+
+    C, R = np.asarray(C, dtype=float), np.asarray(R, dtype=float)
+    keep = C > 0
+    C, R = C[keep], R[keep]
+    if len(C) < 3:
+        return None
+    lo_c, hi_c = math.log(C.min()) - 3.0, math.log(C.max()) + 3.0  # C_mid within e³ of the observed range
+
+    def f(c, A, B, log_cmid):
+        return saturating(c, A, B, math.exp(log_cmid), R0)
+
+    A0 = float(min(1.0, max(R.max(), R0 + 1e-3)))
+    p0 = [A0, 1.0, float(np.log(np.median(C)))]
+    try:
+        (A, B, lc), _ = curve_fit(f, C, R, p0=p0, bounds=([0.0, 0.05, lo_c], [1.0, 10.0, hi_c]), maxfev=20_000)
+    except (RuntimeError, ValueError):
+        return None
+    return {"A": float(A), "B": float(B), "C_mid": float(math.exp(lc)), "R0": float(R0),
+            "rmse": float(np.sqrt(np.mean((f(C, A, B, lc) - R) ** 2)))}
+
+
+def bootstrap_fit(C, curves, n: int = 200, seed: int = 0, flat: float = 0.02) -> dict:
+    """Fit the mean curve over seeds (``curves``: [seeds][points] accuracies at compute ``C``,
+    C[0] = 0 gives R0) and refit on ``n`` seed resamples. ``identifiable`` is False, with the
+    reason in ``why``, when fewer than 3 points have C > 0, the mean curve moves by less than
+    ``flat`` over the budget, the fit fails, or a 95% interval spans more than the parameter's
+    range (A: the unit interval, B: its bounds 0.05–10, C_mid: beyond the observed compute)."""
+    C = np.asarray(C, dtype=float)
+    Y = np.asarray(curves, dtype=float)  # [S, P]
+    out: dict = {"identifiable": False, "why": None, "points": int((C > 0).sum()), "seeds": int(Y.shape[0])}
+    if (C > 0).sum() < 3:
+        out["why"] = f"only {(C > 0).sum()} point(s) after the start; the curve has 3 parameters"
+        return out
+    mean = Y.mean(0)
+    R0 = float(mean[0]) if C[0] == 0 else float(mean.min())
+    if float(mean.max() - mean.min()) < flat:
+        out["why"] = f"flat: the mean accuracy moves by {mean.max() - mean.min():.3f} (< {flat}) over the budget"
+        return out
+    point = fit_saturating(C, mean, R0)
+    if point is None:
+        out["why"] = "the least-squares fit did not converge"
+        return out
+    out.update(point)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n):
+        pick = rng.integers(0, Y.shape[0], Y.shape[0])
+        m = Y[pick].mean(0)
+        fb = fit_saturating(C, m, float(m[0]) if C[0] == 0 else float(m.min()))
+        if fb is not None:
+            boots.append(fb)
+    if len(boots) < n // 2:
+        out["why"] = f"only {len(boots)} of {n} bootstrap refits converged"
+        return out
+    for k in ("A", "B", "C_mid"):
+        vals = np.array([b[k] for b in boots])
+        out[f"{k}_ci"] = [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))]
+    pos = C[C > 0]
+    spans = {"A": (out["A_ci"][1] - out["A_ci"][0]) >= 1.0,
+             "B": out["B_ci"][0] <= 0.05 * 1.01 and out["B_ci"][1] >= 10 * 0.99,
+             "C_mid": out["C_mid_ci"][0] < pos.min() / math.e or out["C_mid_ci"][1] > pos.max() * math.e}
+    wide = [k for k, v in spans.items() if v]
+    if wide:
+        out["why"] = (f"the seeds disagree too much: the 95% interval of {', '.join(wide)} spans "
+                      f"{'its whole range' if wide != ['C_mid'] else 'beyond the observed compute'}")
+        return out
+    out["identifiable"] = True
+    return out
+
+
+def seed_comparisons(summary, baseline: str, metric: str = "accuracy_after", mde: float | None = None) -> list[dict]:
+    """Per task × algorithm: ``paired_power`` of ``metric`` against ``baseline``, runs matched by seed
+    (a report's summary table: columns task, algorithm, seed, ``metric``)."""
+    rows = []
+    for (task, algo), g in summary.groupby(["task", "algorithm"], sort=False):
+        if algo == baseline:
+            continue
+        base = summary[(summary["task"] == task) & (summary["algorithm"] == baseline)]
+        by_seed = {s: v for s, v in zip(base["seed"], base[metric]) if v is not None and v == v}
+        diffs = [v - by_seed[s] for s, v in zip(g["seed"], g[metric]) if s in by_seed and v is not None and v == v]
+        rec = paired_power(diffs, mde=mde)
+        if rec["n"] < 2 or rec["sd_diff"] == 0:
+            answer = "no test"
+        elif rec["p"] < rec["alpha"]:
+            answer = "significant"
+        else:
+            answer = "not significant"
+        rows.append({"task": task, "algorithm": algo, "baseline": baseline, "paired_seeds": rec["n"],
+                     "mean_diff": rec["mean_diff"], "sd_diff": rec["sd_diff"], "t_test_p": rec["p"],
+                     "min_detectable_diff": rec["mdd"], "seeds_for_observed_diff": rec["seeds_for_observed"],
+                     **({f"seeds_for_{mde:g}": rec["seeds_for_mde"]} if mde else {}), "answer": answer,
+                     "sentence": power_sentence(f"{algo} ({task})", baseline, rec)})
+    return rows
+
+
+def answer_paragraph(power: list[dict], baseline: str) -> str:
+    """The report's first paragraph: which comparisons are significant, which are not, which are underpowered."""
+    sig = [r["algorithm"] for r in power if r["answer"] == "significant"]
+    nots = [r for r in power if r["answer"] == "not significant"]
+    parts = [f"Against `{baseline}` (final held-out accuracy, seeds paired): "
+             + (f"significant at α = 0.05 for {', '.join(sig)}; " if sig else "no comparison is significant at α = 0.05; ")]
+    if nots:
+        lo = min(r["min_detectable_diff"] for r in nots)
+        hi = max(r["min_detectable_diff"] for r in nots)
+        span = f"±{lo:.3f}" if f"{lo:.3f}" == f"{hi:.3f}" else f"±{lo:.3f} to ±{hi:.3f}"
+        parts.append(f"not significant for {', '.join(r['algorithm'] for r in nots)} — at these seed counts only "
+                     f"differences of about {span} or more are detectable, so a smaller true difference can be "
+                     f"neither shown nor ruled out (each line below says how many seeds its observed difference "
+                     f"would need).")
+    untested = [r["algorithm"] for r in power if r["answer"] == "no test"]
+    if untested:
+        parts.append(f" No test (fewer than 2 paired seeds, or the same difference on every seed): {', '.join(untested)}.")
+    return "".join(parts)

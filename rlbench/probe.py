@@ -1,0 +1,143 @@
+"""The learnability probe: before spending compute, does this config's task give a
+group-relative algorithm anything to learn from with this model?
+
+``rlbench probe CONFIG`` loads the run's own model, engine and task, samples the run's group
+size G of completions (its temperature, top_p and max_tokens) for N prompts of the train split,
+plus one greedy completion each, and reports:
+
+* base accuracy, sampled and greedy (the task's ``accuracy`` component ≥ 1);
+* the share of groups whose summed rewards are all equal: their advantages are exactly 0, so they
+  carry no GRPO / RLOO / Dr. GRPO signal (``ops.uniform_groups``, the trainer's own test), and the
+  expected number of the step's ``prompts_per_step`` groups that do carry signal;
+* format rate, truncation rate (finish reason ``length``), mean completion length;
+* for binary accuracy, the predicted signal share at other group sizes, 1 − mean_i(p_i^G + (1 − p_i)^G)
+  with p_i each prompt's sampled accuracy (a uniform group under accuracy alone; a varying
+  format reward can only add signal);
+* a one-line verdict with the knob to turn: a harder task when it is saturated, an easier task (or
+  a longer budget when completions are cut off) when it is flat, a larger group when few groups
+  carry signal.
+
+Not covered: the probe samples the base model once, so it says nothing about how fast the signal
+moves once training starts; the prompts are the train split's first N under seed 0 (not the
+run's step draws) and are not passed through ``rollout.long_prompts``; dynamic sampling and
+offline algorithms (DPO from a pairs file) are not modelled.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from rlbench import manager, models, ops
+from rlbench.evaluation import evaluate
+from rlbench.faults import TrainingError
+from rlbench.sampler import build_engine
+
+SATURATED = 0.9  # sampled accuracy above this: little left to learn
+FLAT = 0.02  # sampled accuracy below this: almost no reward to follow
+TRUNCATED = 0.3  # share of completions cut off by max_tokens above this: the budget is the problem
+ENOUGH_SIGNAL = 0.5  # share of groups with unequal rewards a step should have
+
+
+def run(cfg, prompts: int = 32) -> dict:
+    """Probe ``cfg`` (a resolved config) on ``prompts`` train prompts; the record of ``summarize``."""
+    t = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = models.resolve_dtype(cfg.model.dtype, device)
+    model, tok = models.load(cfg.model.name, seed=cfg.run.seed, dtype=dtype, tiny_layers=cfg.model.tiny_layers,
+                             tiny_hidden=cfg.model.tiny_hidden, tiny_init_std=cfg.model.tiny_init_std)
+    model.to(device).eval()
+    task = manager.get("task", cfg.names["task"])(cfg.task, tok)
+    engine = build_engine(cfg, model, tok, device)  # vLLM: seeded by types.engine_seed
+    torch.manual_seed(cfg.run.seed)  # the hf engine samples from torch's global RNG: the same probe twice
+    ro = cfg.rollout
+    try:
+        sampled, _ = evaluate(engine, task, split="train", limit=prompts, samples=ro.group_size,
+                              max_tokens=ro.max_tokens, temperature=ro.temperature, top_p=ro.top_p,
+                              keep_completions=True)
+        greedy, _ = evaluate(engine, task, split="train", limit=prompts, samples=1, max_tokens=ro.max_tokens)
+    finally:
+        close = getattr(engine, "close", None)
+        if close:
+            close()
+    rec = summarize(sampled, greedy, ro.group_size, ro.prompts_per_step, ro.max_tokens)
+    rec.update(model=cfg.model.name, task=cfg.names["task"], engine=cfg.names["engine"],
+               temperature=ro.temperature, seconds=time.perf_counter() - t)
+    return rec
+
+
+def summarize(sampled: dict, greedy: dict, group_size: int, prompts_per_step: int, max_tokens: int = 0) -> dict:
+    """The probe's figures from two evaluation records (``evaluation.evaluate``): ``sampled`` with
+    ``group_size`` samples per prompt and its completions kept, ``greedy`` with one."""
+    G = group_size
+    by_id: dict[str, list[dict]] = {}
+    for c in sampled["completions"]:
+        by_id.setdefault(c["id"], []).append(c)
+    components = [k for k in sampled["completions"][0] if k not in ("id", "text")] if sampled["completions"] else []
+    totals = torch.tensor([[sum(float(c[k]) for k in components) for c in by_id[i]] for i in sampled["ids"]
+                           if len(by_id.get(i, [])) == G], dtype=torch.float32)  # [P, G]
+    if totals.numel() == 0:
+        raise TrainingError("probe: no prompt got its group of completions back from the engine")
+    uniform = ops.uniform_groups(totals.reshape(-1), G).float().mean().item()
+    p = torch.tensor([c / G for c in sampled["correct"]], dtype=torch.float64)  # [P] per-prompt accuracy
+    binary = all(float(c["accuracy"]) in (0.0, 1.0) for c in sampled["completions"]) if "accuracy" in components else False
+    predicted = {str(g): 1.0 - float((p ** g + (1 - p) ** g).mean()) for g in (2, 4, 8, 16, 32, 64)} if binary else {}
+    rec = {
+        "prompts": sampled["n"], "group_size": G, "max_tokens": max_tokens,
+        "accuracy_sampled": sampled["accuracy"], "accuracy_sampled_ci95": sampled["ci95"],
+        "accuracy_greedy": greedy["accuracy"],
+        "uniform_groups": uniform, "signal_groups": 1.0 - uniform,
+        "signal_prompts_per_step": (1.0 - uniform) * prompts_per_step, "prompts_per_step": prompts_per_step,
+        "format_rate": sampled["format_rate"], "truncated_frac": sampled["truncated_frac"],
+        "completion_len": sampled["completion_len"], "predicted_signal_by_group_size": predicted,
+        "group_rewards": totals.tolist(),  # [P][G] summed rewards, prompt by prompt
+    }
+    rec["verdict"] = verdict(rec)
+    return rec
+
+
+def verdict(rec: dict) -> str:
+    """One line: is there a signal, and if not, which knob to turn."""
+    acc, G = rec["accuracy_sampled"], rec["group_size"]
+    signal = rec["signal_groups"]
+    if acc >= SATURATED:
+        return (f"saturated: the base model already solves {acc:.0%} of the samples; use a harder task "
+                f"(or a smaller model), or the curves will be flat at the top")
+    if rec["truncated_frac"] >= TRUNCATED:
+        return (f"budget-bound: {rec['truncated_frac']:.0%} of completions hit rollout.max_tokens "
+                f"({rec['max_tokens']}); raise it before reading accuracy")
+    if acc <= FLAT:
+        hint = "; greedy does better, so lower rollout.temperature" if rec["accuracy_greedy"] > 2 * acc + 0.02 else ""
+        return (f"flat: {acc:.1%} of samples are correct, almost no reward to follow; use an easier task "
+                f"or a larger model{hint}")
+    if signal < ENOUGH_SIGNAL:
+        bigger = [int(g) for g, s in rec["predicted_signal_by_group_size"].items() if int(g) > G and s >= ENOUGH_SIGNAL]
+        knob = (f"raise rollout.group_size to {bigger[0]} (predicted {rec['predicted_signal_by_group_size'][str(bigger[0])]:.0%} "
+                f"of groups with signal)" if bigger else "raise rollout.temperature or use an easier task")
+        return f"weak signal: only {signal:.0%} of groups have unequal rewards at G={G}; {knob}"
+    return (f"learnable: {signal:.0%} of groups carry signal (~{rec['signal_prompts_per_step']:.1f} of "
+            f"{rec['prompts_per_step']} prompts per step) at base accuracy {acc:.0%}")
+
+
+def table(rec: dict) -> str:
+    """The probe record as aligned text lines."""
+    lo, hi = rec["accuracy_sampled_ci95"]
+    rows = [
+        ("model / task / engine", f"{rec.get('model')} / {rec.get('task')} / {rec.get('engine')}"),
+        ("prompts × group size", f"{rec['prompts']} × {rec['group_size']}"),
+        ("accuracy, sampled", f"{rec['accuracy_sampled']:.3f} (95% CI {lo:.3f}-{hi:.3f})"),
+        ("accuracy, greedy", f"{rec['accuracy_greedy']:.3f}"),
+        ("groups with all rewards equal", f"{rec['uniform_groups']:.3f} (no group-relative signal)"),
+        ("prompts per step with signal", f"{rec['signal_prompts_per_step']:.1f} of {rec['prompts_per_step']}"),
+        ("format rate", f"{rec['format_rate']:.3f}"),
+        ("truncated (hit max_tokens)", f"{rec['truncated_frac']:.3f}"),
+        ("mean completion length", f"{rec['completion_len']:.1f} tokens"),
+    ]
+    if rec["predicted_signal_by_group_size"]:
+        rows.append(("signal share by group size", ", ".join(f"G={g}: {s:.2f}" for g, s in
+                                                          rec["predicted_signal_by_group_size"].items())))
+    if "seconds" in rec and math.isfinite(rec["seconds"]):
+        rows.append(("probe time", f"{rec['seconds']:.0f} s"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows) + f"\nverdict: {rec['verdict']}"
