@@ -8,7 +8,9 @@ plus one greedy completion each, and reports:
 * base accuracy, sampled and greedy (the task's ``accuracy`` component ≥ 1);
 * the share of groups whose summed rewards are all equal: their advantages are exactly 0, so they
   carry no GRPO / RLOO / Dr. GRPO signal (``ops.uniform_groups``, the trainer's own test), and the
-  expected number of the step's ``prompts_per_step`` groups that do carry signal;
+  expected number of the step's ``prompts_per_step`` groups that do carry signal; the same for
+  accuracy alone, since a group that differs only in its format reward teaches format, not answers
+  (the verdict reads this one);
 * format rate, truncation rate (finish reason ``length``), mean completion length;
 * for binary accuracy, the predicted signal share at other group sizes, 1 − mean_i(p_i^G + (1 − p_i)^G)
   with p_i each prompt's sampled accuracy (a uniform group under accuracy alone; a varying
@@ -53,7 +55,7 @@ def run(cfg, prompts: int = 32) -> dict:
     torch.manual_seed(cfg.run.seed)  # the hf engine samples from torch's global RNG: the same probe twice
     ro = cfg.rollout
     try:
-        sampled, _ = evaluate(engine, task, split="train", limit=prompts, samples=ro.group_size,
+        sampled, rollouts = evaluate(engine, task, split="train", limit=prompts, samples=ro.group_size,
                               max_tokens=ro.max_tokens, temperature=ro.temperature, top_p=ro.top_p,
                               keep_completions=True)
         greedy, _ = evaluate(engine, task, split="train", limit=prompts, samples=1, max_tokens=ro.max_tokens)
@@ -61,34 +63,45 @@ def run(cfg, prompts: int = 32) -> dict:
         close = getattr(engine, "close", None)
         if close:
             close()
-    rec = summarize(sampled, greedy, ro.group_size, ro.prompts_per_step, ro.max_tokens)
+    rec = summarize(sampled, greedy, ro.group_size, ro.prompts_per_step, ro.max_tokens,
+                    groups=rollouts.group.tolist() if rollouts is not None else [])
     rec.update(model=cfg.model.name, task=cfg.names["task"], engine=cfg.names["engine"],
                temperature=ro.temperature, seconds=time.perf_counter() - t)
     return rec
 
 
-def summarize(sampled: dict, greedy: dict, group_size: int, prompts_per_step: int, max_tokens: int = 0) -> dict:
+def summarize(sampled: dict, greedy: dict, group_size: int, prompts_per_step: int, max_tokens: int = 0,
+              groups: list[int] | None = None) -> dict:
     """The probe's figures from two evaluation records (``evaluation.evaluate``): ``sampled`` with
-    ``group_size`` samples per prompt and its completions kept, ``greedy`` with one."""
+    ``group_size`` samples per prompt and its completions kept, ``greedy`` with one. ``groups``: the
+    prompt index of each completion (the rollouts' ``group``; a task may draw the same problem twice,
+    so ids alone do not say which completions form a group); default: by id."""
     G = group_size
-    by_id: dict[str, list[dict]] = {}
-    for c in sampled["completions"]:
-        by_id.setdefault(c["id"], []).append(c)
-    components = [k for k in sampled["completions"][0] if k not in ("id", "text")] if sampled["completions"] else []
-    totals = torch.tensor([[sum(float(c[k]) for k in components) for c in by_id[i]] for i in sampled["ids"]
-                           if len(by_id.get(i, [])) == G], dtype=torch.float32)  # [P, G]
-    if totals.numel() == 0:
+    comps = sampled["completions"]
+    keys = groups if groups is not None else [sampled["ids"].index(c["id"]) for c in comps]
+    by_prompt: dict[int, list[dict]] = {}
+    for k, c in zip(keys, comps):
+        by_prompt.setdefault(k, []).append(c)
+    full = [by_prompt[k] for k in sorted(by_prompt) if len(by_prompt[k]) == G]
+    if not full:
         raise TrainingError("probe: no prompt got its group of completions back from the engine")
+    components = [k for k in comps[0] if k not in ("id", "text")]
+    totals = torch.tensor([[sum(float(c[k]) for k in components) for c in g] for g in full])  # [P, G]
     uniform = ops.uniform_groups(totals.reshape(-1), G).float().mean().item()
-    p = torch.tensor([c / G for c in sampled["correct"]], dtype=torch.float64)  # [P] per-prompt accuracy
-    binary = all(float(c["accuracy"]) in (0.0, 1.0) for c in sampled["completions"]) if "accuracy" in components else False
+    acc = torch.tensor([[float(c.get("accuracy", 0.0)) for c in g] for g in full])  # [P, G]
+    acc_uniform = ops.uniform_groups(acc.reshape(-1), G).float().mean().item()
+    p = (acc >= 1.0).double().mean(-1)  # [P] per-prompt accuracy
+    binary = bool(((acc == 0) | (acc == 1)).all()) and "accuracy" in components
     predicted = {str(g): 1.0 - float((p ** g + (1 - p) ** g).mean()) for g in (2, 4, 8, 16, 32, 64)} if binary else {}
     rec = {
-        "prompts": sampled["n"], "group_size": G, "max_tokens": max_tokens,
+        "prompts": len(full), "group_size": G, "max_tokens": max_tokens,
         "accuracy_sampled": sampled["accuracy"], "accuracy_sampled_ci95": sampled["ci95"],
         "accuracy_greedy": greedy["accuracy"],
+        # what the trainer sees (summed rewards) and what is about the answer (accuracy alone)
         "uniform_groups": uniform, "signal_groups": 1.0 - uniform,
-        "signal_prompts_per_step": (1.0 - uniform) * prompts_per_step, "prompts_per_step": prompts_per_step,
+        "accuracy_signal_groups": 1.0 - acc_uniform,
+        "signal_prompts_per_step": (1.0 - uniform) * prompts_per_step,
+        "accuracy_signal_prompts_per_step": (1.0 - acc_uniform) * prompts_per_step, "prompts_per_step": prompts_per_step,
         "format_rate": sampled["format_rate"], "truncated_frac": sampled["truncated_frac"],
         "completion_len": sampled["completion_len"], "predicted_signal_by_group_size": predicted,
         "group_rewards": totals.tolist(),  # [P][G] summed rewards, prompt by prompt
@@ -98,9 +111,9 @@ def summarize(sampled: dict, greedy: dict, group_size: int, prompts_per_step: in
 
 
 def verdict(rec: dict) -> str:
-    """One line: is there a signal, and if not, which knob to turn."""
+    """One line: is there a signal about the answer, and if not, which knob to turn."""
     acc, G = rec["accuracy_sampled"], rec["group_size"]
-    signal = rec["signal_groups"]
+    signal, total = rec["accuracy_signal_groups"], rec["signal_groups"]
     if acc >= SATURATED:
         return (f"saturated: the base model already solves {acc:.0%} of the samples; use a harder task "
                 f"(or a smaller model), or the curves will be flat at the top")
@@ -111,13 +124,14 @@ def verdict(rec: dict) -> str:
         hint = "; greedy does better, so lower rollout.temperature" if rec["accuracy_greedy"] > 2 * acc + 0.02 else ""
         return (f"flat: {acc:.1%} of samples are correct, almost no reward to follow; use an easier task "
                 f"or a larger model{hint}")
+    fmt = (f" ({total - signal:.0%} more differ in the format reward only)" if total - signal >= 0.05 else "")
     if signal < ENOUGH_SIGNAL:
         bigger = [int(g) for g, s in rec["predicted_signal_by_group_size"].items() if int(g) > G and s >= ENOUGH_SIGNAL]
         knob = (f"raise rollout.group_size to {bigger[0]} (predicted {rec['predicted_signal_by_group_size'][str(bigger[0])]:.0%} "
                 f"of groups with signal)" if bigger else "raise rollout.temperature or use an easier task")
-        return f"weak signal: only {signal:.0%} of groups have unequal rewards at G={G}; {knob}"
-    return (f"learnable: {signal:.0%} of groups carry signal (~{rec['signal_prompts_per_step']:.1f} of "
-            f"{rec['prompts_per_step']} prompts per step) at base accuracy {acc:.0%}")
+        return f"weak signal: only {signal:.0%} of groups differ in accuracy at G={G}{fmt}; {knob}"
+    return (f"learnable: {signal:.0%} of groups differ in accuracy (~{rec['accuracy_signal_prompts_per_step']:.1f} of "
+            f"{rec['prompts_per_step']} prompts per step){fmt} at base accuracy {acc:.0%}")
 
 
 def table(rec: dict) -> str:
@@ -129,7 +143,9 @@ def table(rec: dict) -> str:
         ("accuracy, sampled", f"{rec['accuracy_sampled']:.3f} (95% CI {lo:.3f}-{hi:.3f})"),
         ("accuracy, greedy", f"{rec['accuracy_greedy']:.3f}"),
         ("groups with all rewards equal", f"{rec['uniform_groups']:.3f} (no group-relative signal)"),
-        ("prompts per step with signal", f"{rec['signal_prompts_per_step']:.1f} of {rec['prompts_per_step']}"),
+        ("groups differing in accuracy", f"{rec['accuracy_signal_groups']:.3f} (the rest of the signal is format)"),
+        ("prompts per step with signal", f"{rec['signal_prompts_per_step']:.1f} of {rec['prompts_per_step']} "
+                                         f"({rec['accuracy_signal_prompts_per_step']:.1f} in accuracy)"),
         ("format rate", f"{rec['format_rate']:.3f}"),
         ("truncated (hit max_tokens)", f"{rec['truncated_frac']:.3f}"),
         ("mean completion length", f"{rec['completion_len']:.1f} tokens"),

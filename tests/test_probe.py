@@ -38,10 +38,21 @@ def test_summary_counts_groups_without_signal_by_hand():
     rec = probe.summarize(_record(groups), greedy, group_size=3, prompts_per_step=8)
     assert rec["uniform_groups"] == pytest.approx(2 / 4)
     assert rec["signal_prompts_per_step"] == pytest.approx(4.0)
+    assert rec["accuracy_signal_groups"] == pytest.approx(1 / 4)  # group 3 differs in format only
+    assert rec["accuracy_signal_prompts_per_step"] == pytest.approx(2.0)
     assert rec["accuracy_sampled"] == pytest.approx((1 + 1 / 3 + 0 + 0) / 4)
     # accuracy-only prediction at G = 2 with p = (1, 1/3, 0, 0): 1 - mean(p² + (1-p)²) = 1 - (3 + 5/9) / 4
     assert rec["predicted_signal_by_group_size"]["2"] == pytest.approx(1 - (3 + 5 / 9) / 4)
-    assert rec["verdict"].startswith("learnable: 50% of groups")
+    # p = (1, 1/3, 0, 0): at any G at most a quarter of the groups differ in accuracy
+    assert rec["verdict"].startswith("weak signal: only 25% of groups differ in accuracy at G=3 (25% more differ "
+                                     "in the format reward only); raise rollout.temperature")
+    # the same problem drawn twice: the rollouts' group indices, not the ids, say which completions belong together
+    twice = _record([[(1.0, 0.0), (0.0, 0.0)], [(1.0, 0.0), (1.0, 0.0)]])
+    twice["ids"] = ["p0", "p0"]
+    for c in twice["completions"]:
+        c["id"] = "p0"
+    rec2 = probe.summarize(twice, greedy, group_size=2, prompts_per_step=2, groups=[0, 0, 1, 1])
+    assert rec2["prompts"] == 2 and rec2["uniform_groups"] == pytest.approx(0.5)
     assert rec["group_rewards"][2] == pytest.approx([0.1, 0.0, 0.0])
 
 
@@ -50,11 +61,13 @@ def test_verdicts_name_the_knob():
     rec = probe.summarize(_record(hard), {"accuracy": 0.0}, group_size=4, prompts_per_step=8)
     assert rec["uniform_groups"] == pytest.approx(7 / 8)
     # p = (1/4, 0 × 7): signal share at G is (1 - 0.25^G - 0.75^G) / 8, never ≥ 0.5: no group size helps
-    assert rec["verdict"].startswith("weak signal: only 12% of groups") and "temperature or use an easier task" in rec["verdict"]
+    assert rec["verdict"].startswith("weak signal: only 12% of groups differ in accuracy")
+    assert "temperature or use an easier task" in rec["verdict"]
     half = [[(1.0, 0.0), (0.0, 0.0)], [(1.0, 0.0), (1.0, 0.0)], [(0.0, 0.0), (0.0, 0.0)], [(1.0, 0.0), (0.0, 0.0)]]
     rec = probe.summarize(_record(half), {"accuracy": 0.5}, group_size=2, prompts_per_step=4)
     # p = (1/2, 1, 0, 1/2): signal at G=4 is (1 - 2/16) * 2/4 = 0.4375, at G=8 (1 - 2/256) / 2 = 0.496, G=16 0.49998...
     assert rec["predicted_signal_by_group_size"]["4"] == pytest.approx((1 - 2 / 16) / 2)
+    assert rec["verdict"].startswith("learnable: 50% of groups differ in accuracy (~2.0 of 4 prompts per step) at")
     saturated = [[(1.0, 0.1)] * 4] * 9 + [[(1.0, 0.1), (0.0, 0.1), (1.0, 0.1), (1.0, 0.1)]]
     rec = probe.summarize(_record(saturated), {"accuracy": 1.0}, group_size=4, prompts_per_step=8)
     assert rec["verdict"].startswith("saturated")
