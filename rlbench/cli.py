@@ -80,30 +80,17 @@ def _eval_config(task: str, model: str, sets: list[str], engine: str | None = No
 
 
 def _cmd_eval(args) -> int:
-    import torch
-
-    from rlbench import manager, models
     from rlbench.config import ConfigError
     from rlbench.evaluation import evaluate
-    from rlbench.sampler import build_engine
+    from rlbench.sampler import standalone
 
     for flag, value in (("--limit", args.limit), ("--samples", args.samples), ("--max-tokens", args.max_tokens)):
         if value < 1:  # an evaluation of nothing has no accuracy: say so instead of printing 0.000
             raise ConfigError(f"rlbench eval: {flag} must be >= 1, got {value}")
     cfg = _eval_config(args.task, args.model, args.set or [], args.engine)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = models.resolve_dtype(cfg.model.dtype, device)
-    model, tok = models.load(cfg.model.name, dtype=dtype, seed=cfg.run.seed)
-    model.to(device).eval()
-    task = manager.get("task", cfg.names["task"])(cfg.task, tok)
-    engine = build_engine(cfg, model, tok, device)
-    try:
+    with standalone(cfg) as (engine, task):
         rec, _ = evaluate(engine, task, split=args.split, limit=args.limit, samples=args.samples,
                           max_tokens=args.max_tokens, temperature=args.temperature, keep_completions=True)
-    finally:
-        close = getattr(engine, "close", None)
-        if close:
-            close()
     if rec["n"] == 0:  # the split is empty, or every prompt was too long
         raise ConfigError(f"rlbench eval: no problems to evaluate in the {args.split!r} split of task "
                           f"{cfg.names['task']!r}")

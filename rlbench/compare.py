@@ -97,14 +97,14 @@ def power_sentence(name: str, baseline: str, rec: dict) -> str:
     head = f"{name} vs {baseline}: {m:+.3f} over {n} paired seeds (p = {rec['p']:.3g})"
     if rec["p"] < rec["alpha"]:
         return head + " — significant."
-    need = rec["seeds_for_observed"]
-    need_s = "more seeds than is practical" if not math.isfinite(need) else f"about {int(need)} seeds"
+    def seeds(need: float) -> str:
+        return f"about {int(need)} seeds" if math.isfinite(need) else "more seeds than is practical"
+
     s = (f"{head} — not significant; with {n} seeds only differences of ±{rec['mdd']:.3f} or more are "
-         f"detectable (power {rec['power']:.0%}), and a difference of {abs(m):.3f} would need {need_s}")
+         f"detectable (power {rec['power']:.0%}), and a difference of {abs(m):.3f} would need "
+         f"{seeds(rec['seeds_for_observed'])}")
     if rec.get("mde"):
-        need_mde = rec["seeds_for_mde"]
-        s += (f"; a difference of {rec['mde']:.3f} would need "
-              + ("more seeds than is practical" if not math.isfinite(need_mde) else f"about {int(need_mde)} seeds"))
+        s += f"; a difference of {rec['mde']:.3f} would need {seeds(rec['seeds_for_mde'])}"
     return s + "."
 
 
@@ -154,8 +154,11 @@ def bootstrap_fit(C, curves, n: int = 200, seed: int = 0, flat: float = 0.02) ->
     if (C > 0).sum() < 3:
         out["why"] = f"only {(C > 0).sum()} point(s) after the start; the curve has 3 parameters"
         return out
+    def start(curve) -> float:  # R0: the accuracy at C = 0, else the lowest point
+        return float(curve[0]) if C[0] == 0 else float(curve.min())
+
     mean = Y.mean(0)
-    R0 = float(mean[0]) if C[0] == 0 else float(mean.min())
+    R0 = start(mean)
     if float(mean.max() - mean.min()) < flat:
         out["why"] = f"flat: the mean accuracy moves by {mean.max() - mean.min():.3f} (< {flat}) over the budget"
         return out
@@ -169,7 +172,7 @@ def bootstrap_fit(C, curves, n: int = 200, seed: int = 0, flat: float = 0.02) ->
     for _ in range(n):
         pick = rng.integers(0, Y.shape[0], Y.shape[0])
         m = Y[pick].mean(0)
-        fb = fit_saturating(C, m, float(m[0]) if C[0] == 0 else float(m.min()))
+        fb = fit_saturating(C, m, start(m))
         if fb is not None:
             boots.append(fb)
     if len(boots) < n // 2:

@@ -31,10 +31,10 @@ import time
 
 import torch
 
-from rlbench import manager, models, ops
+from rlbench import ops
 from rlbench.evaluation import evaluate
 from rlbench.faults import TrainingError
-from rlbench.sampler import build_engine
+from rlbench.sampler import standalone
 
 SATURATED = 0.9  # sampled accuracy above this: little left to learn
 FLAT = 0.02  # sampled accuracy below this: almost no reward to follow
@@ -45,24 +45,13 @@ ENOUGH_SIGNAL = 0.5  # share of groups with unequal rewards a step should have
 def run(cfg, prompts: int = 32) -> dict:
     """Probe ``cfg`` (a resolved config) on ``prompts`` train prompts; the record of ``summarize``."""
     t = time.perf_counter()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = models.resolve_dtype(cfg.model.dtype, device)
-    model, tok = models.load(cfg.model.name, seed=cfg.run.seed, dtype=dtype, tiny_layers=cfg.model.tiny_layers,
-                             tiny_hidden=cfg.model.tiny_hidden, tiny_init_std=cfg.model.tiny_init_std)
-    model.to(device).eval()
-    task = manager.get("task", cfg.names["task"])(cfg.task, tok)
-    engine = build_engine(cfg, model, tok, device)  # vLLM: seeded by types.engine_seed
-    torch.manual_seed(cfg.run.seed)  # the hf engine samples from torch's global RNG: the same probe twice
     ro = cfg.rollout
-    try:
+    with standalone(cfg) as (engine, task):  # vLLM: seeded by types.engine_seed
+        torch.manual_seed(cfg.run.seed)  # the hf engine samples from torch's global RNG: the same probe twice
         sampled, rollouts = evaluate(engine, task, split="train", limit=prompts, samples=ro.group_size,
-                              max_tokens=ro.max_tokens, temperature=ro.temperature, top_p=ro.top_p,
-                              keep_completions=True)
+                                     max_tokens=ro.max_tokens, temperature=ro.temperature, top_p=ro.top_p,
+                                     keep_completions=True)
         greedy, _ = evaluate(engine, task, split="train", limit=prompts, samples=1, max_tokens=ro.max_tokens)
-    finally:
-        close = getattr(engine, "close", None)
-        if close:
-            close()
     rec = summarize(sampled, greedy, ro.group_size, ro.prompts_per_step, ro.max_tokens,
                     groups=rollouts.group.tolist() if rollouts is not None else [])
     rec.update(model=cfg.model.name, task=cfg.names["task"], engine=cfg.names["engine"],

@@ -172,10 +172,12 @@ def build(paths, out: str | Path, baseline: str | None = None, title: str | None
 
     out = Path(out)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    runs, probes = [], {}
+    runs, probes, roots = [], {}, set()
     for suite, d in find_runs(paths):
-        for f in sorted((d.parent.parent / "probes").glob("*.json")) if suite else []:
-            probes.setdefault(f"{suite}/{f.stem}", json.loads(f.read_text()))
+        if suite and d.parent.parent not in roots:  # each suite's probes/, once
+            roots.add(d.parent.parent)
+            for f in sorted((d.parent.parent / "probes").glob("*.json")):
+                probes[f"{suite}/{f.stem}"] = json.loads(f.read_text())
         st = None
         status_file = d.parent.parent / "status.json"
         if suite and status_file.is_file():

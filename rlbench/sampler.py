@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlbench import dist, manager, ops
+from rlbench import dist, manager, models, ops
 from rlbench.faults import NonFiniteError, TrainingError, is_oom
 from rlbench.types import Rollouts, Sampling, data_seed, engine_seed
 
@@ -31,6 +31,30 @@ def build_engine(cfg, model, tokenizer, device, step: int = 0):
     """The configured rollout engine on ``model``'s weights, seeded by ``types.engine_seed``."""
     cls = manager.get("engine", cfg.names["engine"])
     return cls(cfg.engine, model, tokenizer, device, seed=engine_seed(cfg.run.seed, step))
+
+
+def close_engine(engine) -> None:
+    """Release an engine that holds resources (vLLM's memory and temporary model directory)."""
+    close = getattr(engine, "close", None)
+    if close:
+        close()
+
+
+@contextlib.contextmanager
+def standalone(cfg):
+    """(engine, task) on the config's untrained model, outside a run (``rlbench eval``, ``rlbench
+    probe``); the engine is closed on exit."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = models.resolve_dtype(cfg.model.dtype, device)
+    model, tok = models.load(cfg.model.name, seed=cfg.run.seed, dtype=dtype, tiny_layers=cfg.model.tiny_layers,
+                             tiny_hidden=cfg.model.tiny_hidden, tiny_init_std=cfg.model.tiny_init_std)
+    model.to(device).eval()
+    task = manager.get("task", cfg.names["task"])(cfg.task, tok)
+    engine = build_engine(cfg, model, tok, device)
+    try:
+        yield engine, task
+    finally:
+        close_engine(engine)
 
 
 @dataclass
@@ -88,9 +112,7 @@ class Sampler:
 
     def close(self) -> None:
         """Release the engine (vLLM's memory and temporary model directory)."""
-        close = getattr(self.engine, "close", None)
-        if close:
-            close()
+        close_engine(self.engine)
 
     def restart(self, step: int) -> None:
         """Close the engine and build a new one from the current policy weights."""
