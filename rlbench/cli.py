@@ -169,8 +169,9 @@ def _cmd_report(args) -> int:
     from rlbench.report import build
 
     command = "rlbench report " + " ".join(args.dirs) + f" --out {args.out}" + (
-        f" --baseline {args.baseline}" if args.baseline else "") + (f" --mde {args.mde:g}" if args.mde else "")
-    res = build(args.dirs, args.out, baseline=args.baseline, title=args.title, command=command, mde=args.mde)
+        f" --baseline {args.baseline}" if args.baseline else "") + (f" --mde {args.mde:g}" if args.mde else "") + (
+        f" --x {args.x}" if args.x != "flops" else "")
+    res = build(args.dirs, args.out, baseline=args.baseline, title=args.title, command=command, mde=args.mde, x=args.x)
     print(f"{len(res['summary'])} runs; report in {args.out}/report.md, report.html, summary.csv, aggregate.csv"
           + (f"; {len(res['flags'])} infrastructure differences flagged" if res["flags"] else ""))
     return 0
@@ -208,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--baseline", help="algorithm the others are tested against (default grpo)")
     rp.add_argument("--title")
     rp.add_argument("--mde", type=float, help="a difference to size the seeds for (e.g. 0.02): seeds needed to detect it")
+    rp.add_argument("--x", default="flops", choices=["flops", "tokens", "device_hours", "wall_seconds"],
+                    help="compute axis of the accuracy-vs-compute curves (default flops)")
     rp.set_defaults(func=_cmd_report)
 
     ev = sub.add_parser("eval", help="accuracy / pass@k of a model on a task's held-out split")

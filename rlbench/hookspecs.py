@@ -83,7 +83,10 @@ def rlbench_rollout_engines() -> Mapping[str, Any]:
     implements ``generate(prompts, n, sampling) -> Rollouts`` (completions
     group-major, raw-model logprobs of the sampled tokens) and ``sync(model)``
     (serve the policy's current weights). Optional: ``offload()`` / ``reload()``
-    around the training phase, ``close()``. The name ``auto`` is reserved: it
+    around the training phase, ``close()``, a ``determinism`` attribute (``"bitwise"``: the same
+    seed gives the same tokens bit for bit on a CPU; ``"seeded"``: seeded, but kernels or batching
+    may change the bits; absent: ``"none"``), which the manifest's determinism tier starts from, and ``supports_batch_invariance(device) -> bool``
+    (whether it honours ``Sampling.seed`` per prompt there; absent: it does). The name ``auto`` is reserved: it
     picks ``vllm`` when vLLM imports, else ``hf``. See ``rlbench.types.RolloutEngine``.
     """
 

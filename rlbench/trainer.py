@@ -70,7 +70,8 @@ class Trainer:
         self.model, self.optimizer, self.scheduler, self.critic = s.model, s.optimizer, s.scheduler, s.critic
         self.reference, self.zero, self.weights = s.reference, s.zero, s.weights
         self.n_params, self.n_critic, self.model_hash = s.n_params, s.n_critic, s.model_hash
-        self.meter = CostMeter(cfg.train.max_generated_tokens)
+        self.meter = CostMeter(cfg.train.max_generated_tokens, cfg.train.max_flops, cfg.train.max_device_seconds,
+                               n_params=s.n_params, n_critic=s.n_critic, world=s.world)
         self.meter.add_time("load", s.load_seconds, step=False)
         stepper = ZeroStepper(s.zero, cfg.train.micro_batch_size, s.needs.pairs, cfg.train.share_prompt_forward) \
             if s.zero else PlainStepper(s.accelerator, s.model, s.optimizer, s.critic, cfg.train.max_grad_norm)
@@ -80,6 +81,7 @@ class Trainer:
         self.faults = FaultLog(self.run_dir, s.rank, s.world)
         self.signals = StopSignals()
         self.step_done = 0
+        self._fractions_done: set[float] = set()  # eval.at_budget_fractions already evaluated
         self._timeline_lock = threading.Lock()
         pending = self._resume() if resume else []  # the engine is built next, from the restored weights
         asynchronous = cfg.rollout.off_policy_steps > 0  # a worker owns the engine (rlbench/async_rollouts.py)
@@ -117,7 +119,9 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with self.signals.installed(lambda: f"step {self.step_done + 1}"):
             evals = rundir.read_jsonl(self.run_dir / "eval.jsonl")
-            if cfg.eval.before and self.step_done == 0 and not any(e["step"] == 0 for e in evals):
+            fractions = cfg.eval.at_budget_fractions
+            self._fractions_done = {f for e in evals for f in e.get("budget_fractions", [])}
+            if (cfg.eval.before or 0.0 in fractions) and self.step_done == 0 and not any(e["step"] == 0 for e in evals):
                 self.evaluate(0)
             bar = None
             if cfg.logging.progress and self.is_main:
@@ -140,7 +144,7 @@ class Trainer:
                     if error:
                         raise error
                     last = self._done()
-                    if cfg.eval.every and step % cfg.eval.every == 0 and not last:
+                    if not last and ((cfg.eval.every and step % cfg.eval.every == 0) or self._fractions_due()):
                         self.evaluate(step)
                     due = last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
                     if due and (self.faults.streak == 0 or last):  # no checkpoint inside a streak of bad steps
@@ -152,7 +156,7 @@ class Trainer:
             if self.signals.received is not None and not self._done():
                 return self._interrupted(saved)
         final = rundir.read_jsonl(self.run_dir / "eval.jsonl")
-        if cfg.eval.after and not any(e["step"] == self.step_done for e in final):
+        if (cfg.eval.after or 1.0 in cfg.eval.at_budget_fractions) and not any(e["step"] == self.step_done for e in final):
             self.evaluate(self.step_done)
         summary = self.write_cost()
         summary["eval"] = rundir.read_jsonl(self.run_dir / "eval.jsonl")
@@ -162,7 +166,13 @@ class Trainer:
         return summary
 
     def _done(self) -> bool:
-        return self.step_done >= self.cfg.train.steps or self.meter.budget_spent()
+        return self.step_done >= self.cfg.train.steps or self.meter.budget_spent() is not None
+
+    def _fractions_due(self) -> list[float]:
+        """The budget fractions (``eval.at_budget_fractions``, not 0 or 1) first reached by now."""
+        now = self.meter.fraction(self.step_done, self.cfg.train.steps)  # the same on every rank
+        return [f for f in self.cfg.eval.at_budget_fractions
+                if 0 < f < 1 and f <= now + 1e-12 and f not in self._fractions_done]
 
     def step(self, step: int) -> dict[str, float]:
         """One training step, its phases in order (see the module docstring). A NaN/inf in its
@@ -175,6 +185,7 @@ class Trainer:
         try:
             sample = self.sampler.sample(step)  # prompts, rollouts, rewards
             meter.count("tokens/generated", sample.generated_tokens)  # counted now: a skipped step still cost them
+            meter.count("tokens/prompt", sample.prompt_tokens)
             extra = self._on_rollouts(step, sample)
             with meter.timed("reference"):  # the no-grad passes that prepare() may use
                 self.updater.score(sample.rollouts, ctx)
@@ -266,6 +277,14 @@ class Trainer:
                                   self.device)
         if self.ref_quant:
             rec["ref_quant_error"] = self.ref_quant["mean_abs_logprob_error"]
+        rec["spent"] = self.meter.spent()  # the compute axis: FLOPs, generated tokens, device- and wall seconds
+        fractions = self.cfg.eval.at_budget_fractions
+        if fractions:
+            final = self._done() and step == self.step_done and step > 0
+            rec["budget_fraction"] = self.meter.fraction(step, self.cfg.train.steps)
+            rec["budget_fractions"] = ([0.0] if step == 0 and 0.0 in fractions else []) + \
+                ([] if step == 0 else self._fractions_due()) + ([1.0] if final and 1.0 in fractions else [])
+            self._fractions_done.update(rec["budget_fractions"])
         self.meter.add_time("eval", rec["time"], step=False)
         if self.is_main:
             rundir.append_jsonl(self.run_dir / "eval.jsonl", rec)
@@ -325,6 +344,9 @@ def start(cfg: cfgmod.Config, run_dir: Path, resume: bool = False) -> Trainer:
             config=cfg.to_dict(), model_hash=trainer.model_hash, data_hash=data_hash, device=str(trainer.device),
             engine=cfg.names["engine"], seed=cfg.run.seed, engine_requested=cfg.names.get("engine_requested"))
         man["world_size"] = trainer.world
+        man["batch_invariant_sampling"] = cfg.rollout.batch_invariant_sampling  # resolved (auto -> on / off)
+        man["determinism"] = rundir.determinism_tier(getattr(trainer.engine, "determinism", "none"), str(trainer.device),
+                                                     trainer.world, cfg.rollout.off_policy_steps)
         if trainer.ref_quant:
             man["reference_quantization"] = trainer.ref_quant
         info = getattr(trainer.task, "manifest_info", None)

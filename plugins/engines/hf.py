@@ -42,6 +42,7 @@ class HFConfig:
 
 class HFEngine:
     Config = HFConfig
+    determinism = "bitwise"  # on a CPU in float32: the determinism test reruns a config bit for bit
 
     def __init__(self, config: HFConfig, model, tokenizer, device, seed: int = 0):
         # sampling draws from torch's global RNG, which the trainer seeds and checkpoints

