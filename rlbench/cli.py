@@ -149,9 +149,13 @@ def _cmd_suite(args) -> int:
     from rlbench import suite
 
     if args.action == "run":
-        summary = suite.run_suite(args.target, args.out, jobs=args.jobs,
+        summary = suite.run_suite(args.target, args.out, jobs=args.jobs, executor_name=args.executor,
                                   echo=lambda m: print(m, file=sys.stderr, flush=True))
         return 0 if summary["failed"] == 0 else 1
+    if args.action == "cancel":
+        ids = suite.cancel_suite(args.target)
+        print(f"cancelled {len(ids)} job(s): {' '.join(ids)}" if ids else "no queued or running jobs")
+        return 0
     rows = suite.status_table(args.target)
     if not rows:
         print(f"no suite status under {args.target}")
@@ -160,7 +164,7 @@ def _cmd_suite(args) -> int:
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
         print(f"{r['run']:<40} {r['status']:<9} steps {r['steps_logged']:<5} attempts {r['attempts']} "
-              f"{' '.join(r['error'])[:80]}")
+              f"job {r['job_id'] or '-'} ({r['state'] or '-'}) {' '.join(r['error'])[:60]}")
     print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     return 0
 
@@ -197,10 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_run)
 
     su = sub.add_parser("suite", help="run a benchmark suite (algorithms x tasks x seeds) or show its status")
-    su.add_argument("action", choices=["run", "status"])
-    su.add_argument("target", help="run: the suite YAML; status: the suite's output directory")
+    su.add_argument("action", choices=["run", "status", "cancel"])
+    su.add_argument("target", help="run: the suite YAML; status, cancel: the suite's output directory")
     su.add_argument("--out", default="runs/suites", help="parent of the suite directory (default runs/suites)")
-    su.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
+    su.add_argument("--jobs", type=int, default=None, help="local executor: runs at a time (default 1)")
+    su.add_argument("--executor", help="where runs execute: local (default), slurm, ray, or the suite's executor: section")
     su.set_defaults(func=_cmd_suite)
 
     rp = sub.add_parser("report", help="compare runs: summary.csv, aggregate.csv, report.md, report.html, plots")

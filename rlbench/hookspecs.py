@@ -92,6 +92,23 @@ def rlbench_rollout_engines() -> Mapping[str, Any]:
 
 
 @hookspec
+def rlbench_executors() -> Mapping[str, Any]:
+    """Register suite executors: where a suite's runs execute (``rlbench suite run --executor``).
+
+    Return ``{name: "module:Class"}``. The class has a ``Config`` dataclass (the suite file's
+    ``executor:`` section without ``name``) and a ``name``; it is constructed as
+    ``Class(config, suite_dir)`` and has ``parallel`` (jobs it keeps submitted at once) and
+    implements ``submit(job: rlbench.jobs.Job) -> job_id`` (one run as one job; ``job.command()``
+    is what to run, on every machine of a multi-process job; its output appended to ``job.log``),
+    ``poll(job_ids) -> {job_id: "queued" | "running" | "done" | "gone"}`` (for ids submitted by an
+    earlier controller too: that is how a restarted suite re-attaches) and ``cancel(job_ids)``.
+    Optional: ``note(job_id) -> str``, the scheduler's word on an ended job (added to the error of
+    a failed run). Retries, resuming and re-attaching are the suite's (rlbench/jobs.py), the same
+    on every executor. Built in: ``local`` (the default), ``slurm`` (submitit), ``ray`` (Ray jobs).
+    """
+
+
+@hookspec
 def rlbench_tasks() -> Mapping[str, Any]:
     """Register reward tasks.
 

@@ -35,6 +35,7 @@ KINDS = {
     "engine": "rlbench_rollout_engines",
     "task": "rlbench_tasks",
     "logger": "rlbench_loggers",
+    "executor": "rlbench_executors",
 }
 
 

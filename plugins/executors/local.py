@@ -1,0 +1,78 @@
+"""The local executor (the default): each run is a process on this machine, ``jobs`` at a time.
+
+A job id is the process id. A suite controller that is killed leaves its runs running (they are
+its children in the same session: Ctrl-C reaches them, a SIGKILL of the controller does not); a
+new controller re-attaches to a run whose process is still alive by its id and command line.
+
+Not covered: a run on another machine; re-attaching after this machine reboots (the run is then
+resumed from its checkpoint instead).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import rlbench
+
+
+@dataclass
+class LocalConfig:
+    jobs: int = 1  # runs at a time (rlbench suite run --jobs N)
+    processes: int = 1  # processes per run (> 1: accelerate launch, data parallel)
+
+    def validate(self):
+        if self.jobs < 1 or self.processes < 1:
+            raise ValueError(f"jobs and processes must be >= 1, got {self.jobs}, {self.processes}")
+
+
+class LocalExecutor:
+    Config = LocalConfig
+    name = "local"
+
+    def __init__(self, config: LocalConfig, root: Path):
+        self.config, self.root = config, Path(root)
+        self.parallel = config.jobs
+        self.procs: dict[str, tuple[subprocess.Popen, object]] = {}
+
+    def submit(self, job) -> str:
+        job.log.parent.mkdir(parents=True, exist_ok=True)
+        f = open(job.log, "a")
+        cmd = job.command()
+        f.write(f"\n=== {job.how}: {' '.join(cmd)}\n")
+        f.flush()
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **job.env})
+        self.procs[str(p.pid)] = (p, f)
+        return str(p.pid)
+
+    def poll(self, ids) -> dict[str, str]:
+        out = {}
+        for jid in ids:
+            if jid in self.procs:
+                p, f = self.procs[jid]
+                if p.poll() is None:
+                    out[jid] = "running"
+                else:
+                    f.close()
+                    out[jid] = "done"
+            else:  # started by an earlier controller: alive, and still an rlbench run of this suite?
+                try:
+                    cmdline = Path(f"/proc/{jid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    cmdline = ""
+                out[jid] = "running" if "rlbench.cli" in cmdline and str(self.root) in cmdline else "gone"
+        return out
+
+    def cancel(self, ids) -> None:
+        for jid in ids:
+            try:
+                os.kill(int(jid), signal.SIGTERM)  # the run finishes its step and writes a checkpoint
+            except (ProcessLookupError, ValueError):
+                pass
+
+
+@rlbench.hookimpl
+def rlbench_executors():
+    return {"local": LocalExecutor}

@@ -1,0 +1,151 @@
+"""The suite's job loop: every run is one job on an executor (local processes, Slurm, Ray).
+
+The same semantics on every executor (``rlbench_executors`` in rlbench/hookspecs.py):
+
+* a run is one job; ``status.json`` records each run's executor, job id and state;
+* a suite started again re-attaches to its jobs that are still queued or running (it never
+  submits a duplicate), skips complete runs, resumes interrupted ones from their newest
+  checkpoint (``rlbench run --resume``) and retries failed ones up to ``max_attempts`` in all,
+  recording the end of the job's log on failure;
+* a job that ends is judged by its run directory, not by the scheduler: complete when the run
+  wrote ``cost.json`` (its last act), else failed (or, when it left a checkpoint, resumed next).
+
+A multi-process run (``processes`` > 1) is started as ``accelerate launch`` on every machine of
+the job (``launch_command``); the executor supplies the machine rank and the main address from
+the scheduler's environment.
+
+Not covered: dependencies between jobs, job arrays, a scheduler's own retry counting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ACTIVE = ("queued", "running")  # states an executor's poll() may return, besides "done" and "gone"
+
+
+@dataclass
+class Job:
+    """One run as an executor sees it."""
+
+    name: str
+    args: list[str]  # the arguments of ``rlbench run`` (config and --out, or --resume DIR)
+    run_dir: Path
+    log: Path
+    env: dict = field(default_factory=dict)
+    processes: int = 1  # processes per machine (accelerate launch --num_processes on each)
+    how: str = "started"  # or "resumed" (from its newest checkpoint)
+
+    def command(self, machines: int = 1, machine_rank: int = 0, main_ip: str = "127.0.0.1", port: int = 29500) -> list[str]:
+        return launch_command(self.args, self.processes, machines, machine_rank, main_ip, port)
+
+
+def launch_command(args: list[str], processes: int = 1, machines: int = 1, machine_rank: int = 0,
+                   main_ip: str = "127.0.0.1", port: int = 29500) -> list[str]:
+    """``python -m rlbench.cli run ARGS``, or ``accelerate launch`` over ``machines`` × ``processes``."""
+    run = ["-m", "rlbench.cli", "run", *args]
+    if processes * machines <= 1:
+        return [sys.executable, *run]
+    # Accelerate's multi-GPU launcher (torchrun); without GPUs each process runs on the CPU over gloo
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--rdzv_backend", "static", "--same_network",
+            "--num_processes", str(processes * machines), "--num_machines", str(machines),
+            "--machine_rank", str(machine_rank), "--main_process_ip", main_ip, "--main_process_port", str(port), *run]
+
+
+def settings(executor) -> dict:
+    """The resolved executor settings, for status.json."""
+    cfg = executor.config
+    return {"name": executor.name, **(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {})}
+
+
+def run_jobs(todo: list, executor, status, *, make_job, finish, tail, max_attempts: int = 2,
+             poll_seconds: float = 2.0, echo=print) -> dict[str, str]:
+    """Run every (name, cfg) in ``todo`` to completion on ``executor``; returns name -> result.
+
+    ``make_job(name)`` builds the Job (fresh or resuming, decided when it is submitted);
+    ``finish(name)`` judges an ended job: "complete", "resume" (it left a checkpoint: an
+    interruption, a preemption, a time limit) or "failed"; ``tail(name)`` is the end of its log
+    (the executor's ``note(job_id)``, when it has one, is added: e.g. Slurm's reason)."""
+    results: dict[str, str] = {}
+    active: dict[str, str] = {}  # name -> job id
+    failures: dict[str, int] = {}  # this controller's failed jobs per run (resumable ends do not count)
+    ends: dict[str, int] = {}
+    queue = []
+    for name, _ in todo:
+        st = status.get(name)
+        jid = st.get("job_id")
+        if jid and st.get("executor") == executor.name and st.get("state") in ACTIVE:
+            state = executor.poll([jid]).get(jid, "gone")
+            if state in ACTIVE:  # still queued or running from an earlier controller: wait for it
+                active[name] = jid
+                status.set(name, state=state, status="running")
+                echo(f"  {name}: re-attached to job {jid} ({state})")
+                continue
+        queue.append(name)
+    while queue or active:
+        while queue and len(active) < executor.parallel:
+            name = queue.pop(0)
+            st = status.get(name)
+            attempts = st.get("attempts", 0)
+            job = make_job(name)
+            jid = executor.submit(job)
+            active[name] = jid
+            status.set(name, status="running", executor=executor.name, job_id=jid, state="queued",
+                       job_ids=[*st.get("job_ids", []), jid], attempts=attempts + 1, how=job.how, error=None,
+                       started=_now())
+            echo(f"  {name}: {job.how} as job {jid}")
+        if not active:
+            break
+        states = executor.poll(list(active.values()))
+        for name, jid in list(active.items()):
+            state = states.get(jid, "gone")
+            if state in ACTIVE:
+                if status.get(name).get("state") != state:
+                    status.set(name, state=state)
+                continue
+            del active[name]
+            verdict = finish(name)
+            status.set(name, state=state)
+            if verdict == "complete":
+                status.set(name, status="complete", finished=_now())
+                results[name] = "complete"
+                echo(f"  {name}: complete")
+                continue
+            note = getattr(executor, "note", None)
+            text = tail(name) + (f"\n{executor.name} job {jid}: {note(jid)}" if note else "")
+            status.set(name, status="failed", finished=_now(), error=text)
+            failures[name] = failures.get(name, 0) + (verdict != "resume")
+            ends[name] = ends.get(name, 0) + 1
+            if failures[name] < max_attempts and ends[name] < 10 * max_attempts:
+                echo(f"  {name}: job {jid} ended without finishing the run; "
+                     + ("resuming from its checkpoint" if verdict == "resume" else
+                        f"retrying ({failures[name]} of {max_attempts} attempts failed)"))
+                queue.append(name)
+            else:
+                results[name] = "failed"
+                echo(f"  {name}: failed ({failures[name]} failed attempt(s) in this start); see status.json")
+        if active:
+            time.sleep(poll_seconds)
+    return results
+
+
+def cancel(executor, status) -> list[str]:
+    """Cancel the suite's queued and running jobs on ``executor``; returns their job ids."""
+    ids = [st["job_id"] for st in status.data["runs"].values()
+           if st.get("job_id") and st.get("executor") == executor.name and st.get("state") in ACTIVE]
+    if ids:
+        executor.cancel(ids)
+    for name, st in status.data["runs"].items():
+        if st.get("job_id") in ids:
+            status.set(name, state="cancelled", status="cancelled")
+    return ids
+
+
+def _now() -> str:
+    import datetime as _dt
+
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
