@@ -39,7 +39,7 @@ SUMMARY_COLUMNS = ["suite", "run", "status", "algorithm", "task", "model", "seed
                    "reward_first", "reward_final", "completion_len_final", "tokens_generated", "tokens_trained",
                    "flops", "stopped_by", "wall_seconds", "device_hours", "cost_usd", "peak_memory_gb", "aha_rate_final",
                    "determinism", "batch_invariant_sampling"]
-MANIFEST_KEYS = ["versions", "engine", "device", "python", "git_revision", "data", "torch_threads"]
+MANIFEST_KEYS = ["versions", "engine", "device", "accelerator", "python", "git_revision", "data", "torch_threads"]
 
 
 # -- reading runs -----------------------------------------------------------------------------

@@ -165,6 +165,8 @@ def manifest(*, config: dict, model_hash: str, data_hash: str, device: str, engi
         "algorithm": config["algorithm"]["name"],
         "seed": seed,
         "device": device,
+        # the accelerator's model (a run placed on another GPU type is flagged by the report)
+        "accelerator": torch.cuda.get_device_name(0) if str(device).startswith("cuda") else platform.processor() or "cpu",
         "torch_threads": torch.get_num_threads(),
         **extra,
     }

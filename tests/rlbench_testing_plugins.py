@@ -100,3 +100,15 @@ class RecordingReinforcePP(ReinforcePP):
 @rlbench.hookimpl
 def rlbench_algorithms():
     return {"rank_nan_grpo": RankNaNGRPO, "recording_reinforce_pp": RecordingReinforcePP}
+
+
+@rlbench.hookimpl
+def rlbench_on_step_end(step, metrics):
+    """RLBENCH_TEST_STEP_SECONDS=S: every step lasts at least S seconds longer (a run that
+    reliably outlives a short scheduler time limit, whatever the machine's speed)."""
+    import os
+    import time
+
+    seconds = float(os.environ.get("RLBENCH_TEST_STEP_SECONDS", "0") or 0)
+    if seconds:
+        time.sleep(seconds)
