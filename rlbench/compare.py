@@ -146,8 +146,10 @@ def bootstrap_fit(C, curves, n: int = 200, seed: int = 0, flat: float = 0.02) ->
     """Fit the mean curve over seeds (``curves``: [seeds][points] accuracies at compute ``C``,
     C[0] = 0 gives R0) and refit on ``n`` seed resamples. ``identifiable`` is False, with the
     reason in ``why``, when fewer than 3 points have C > 0, the mean curve moves by less than
-    ``flat`` over the budget, the fit fails, or a 95% interval spans more than the parameter's
-    range (A: the unit interval, B: its bounds 0.05–10, C_mid: beyond the observed compute)."""
+    ``flat`` over the budget, the fit fails, the curve does not bend inside the budget (A or B at
+    the fit's bounds, or C_mid beyond the largest compute: the asymptote would be extrapolated),
+    there is a single seed, or a 95% interval spans more than the parameter's range or reaches its
+    bound (A: the unit interval, B: 0.05–10, C_mid: beyond the observed compute)."""
     C = np.asarray(C, dtype=float)
     Y = np.asarray(curves, dtype=float)  # [S, P]
     out: dict = {"identifiable": False, "why": None, "points": int((C > 0).sum()), "seeds": int(Y.shape[0])}
@@ -167,6 +169,18 @@ def bootstrap_fit(C, curves, n: int = 200, seed: int = 0, flat: float = 0.02) ->
         out["why"] = "the least-squares fit did not converge"
         return out
     out.update(point)
+    pos = C[C > 0]
+    bounds = [k for k, hit in (("A", point["A"] >= 1 - 1e-3), ("B", not 0.05 * 1.01 < point["B"] < 10 * 0.99))
+              if hit]
+    if bounds or point["C_mid"] > pos.max():
+        out["why"] = ("the curve does not bend inside the budget: " +
+                      (f"{' and '.join(bounds)} at the fit's bound" if bounds else
+                       f"half of the gain is not reached by the largest compute ({pos.max():.3g}), so the "
+                       "asymptote would be an extrapolation"))
+        return out
+    if Y.shape[0] < 2:
+        out["why"] = "a single seed: no interval over seeds to tell the fit from noise"
+        return out
     rng = np.random.default_rng(seed)
     boots = []
     for _ in range(n):
@@ -181,14 +195,13 @@ def bootstrap_fit(C, curves, n: int = 200, seed: int = 0, flat: float = 0.02) ->
     for k in ("A", "B", "C_mid"):
         vals = np.array([b[k] for b in boots])
         out[f"{k}_ci"] = [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))]
-    pos = C[C > 0]
-    spans = {"A": (out["A_ci"][1] - out["A_ci"][0]) >= 1.0,
-             "B": out["B_ci"][0] <= 0.05 * 1.01 and out["B_ci"][1] >= 10 * 0.99,
+    spans = {"A": (out["A_ci"][1] - out["A_ci"][0]) >= 1.0 or out["A_ci"][1] >= 1 - 1e-3,
+             "B": out["B_ci"][0] <= 0.05 * 1.01 or out["B_ci"][1] >= 10 * 0.99,
              "C_mid": out["C_mid_ci"][0] < pos.min() / math.e or out["C_mid_ci"][1] > pos.max() * math.e}
     wide = [k for k, v in spans.items() if v]
     if wide:
         out["why"] = (f"the seeds disagree too much: the 95% interval of {', '.join(wide)} spans "
-                      f"{'its whole range' if wide != ['C_mid'] else 'beyond the observed compute'}")
+                      f"{'to the bound of its range' if wide != ['C_mid'] else 'beyond the observed compute'}")
         return out
     out["identifiable"] = True
     return out

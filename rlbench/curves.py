@@ -70,6 +70,8 @@ def build(runs: list[dict], baseline: str, x: str = "flops") -> dict | None:
         raise ValueError(f"--x must be one of {', '.join(AXES)}, got {x!r}")
     cells: dict[tuple[str, str], dict[int, dict]] = {}  # (task, algorithm) -> seed -> points
     for r in runs:
+        if r["row"].get("status") not in (None, "complete"):  # an unfinished run has no whole curve
+            continue
         pts = run_points(r, x)
         if pts:
             cells.setdefault((r["row"]["task"], r["row"]["algorithm"]), {})[r["row"]["seed"]] = pts

@@ -148,14 +148,15 @@ def test_hook_rlbench_executors(tmp_path):
             return {"inline": Inline}
 
     spec = _suite(tmp_path / "s.yaml", "hook", 1, "executor: {name: inline, tag: t, max_attempts: 2}\n")
-    spec.write_text(spec.read_text().replace("[grpo, rloo]", "[grpo, not_an_algorithm_but_a_typo]"))
+    spec.write_text(spec.read_text().replace("[grpo, rloo]", "[grpo, not_an_algorithm_but_a_typo]").replace(
+        "task: [first_char]", "task: [arithmetic]"))
     with manager.registered(Plugin()):
         assert "inline" in {e.name for e in manager.entries("executor")}
         with pytest.raises(Exception, match="unknown algorithm 'not_an_algorithm_but_a_typo'"):
             suite.run_suite(spec, tmp_path / "out", echo=lambda m: None)  # a bad config fails before any job
         (tmp_path / "broken.jsonl").write_text('{"question": "1+1?"}\n')  # no answer: the runs fail
         spec.write_text(spec.read_text().replace("not_an_algorithm_but_a_typo", "rloo").replace(
-            "task: [first_char]", f"task: [{{name: gsm8k, test_file: {tmp_path / 'broken.jsonl'}}}]"))
+            "task: [arithmetic]", f"task: [{{name: gsm8k, test_file: {tmp_path / 'broken.jsonl'}}}]"))
         (tmp_path / "out").exists() and shutil.rmtree(tmp_path / "out")
         summary = suite.run_suite(spec, tmp_path / "out", echo=lambda m: None)
     st = json.loads((tmp_path / "out" / "hook" / "status.json").read_text())
