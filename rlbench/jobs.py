@@ -38,6 +38,7 @@ class Job:
     env: dict = field(default_factory=dict)
     processes: int = 1  # processes per machine (accelerate launch --num_processes on each)
     how: str = "started"  # or "resumed" (from its newest checkpoint)
+    stop_seconds: float = 60.0  # how long a stopped job may take to write its checkpoint
 
     def command(self, machines: int = 1, machine_rank: int = 0, main_ip: str = "127.0.0.1", port: int = 29500) -> list[str]:
         return launch_command(self.args, self.processes, machines, machine_rank, main_ip, port)

@@ -228,11 +228,19 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubsc
     yield env
     subprocess.run(["scancel", "--me"], env=env)
     subprocess.run(["scontrol", "shutdown"], env=env)
-    for pid in (d / "slurmd.pid", d / "munge" / "pid"):
+    pids = []
+    for f in (d / "slurmctld.pid", d / "slurmd.pid", d / "munge" / "pid"):
         try:
-            os.kill(int(pid.read_text()), signal.SIGTERM)
+            pids.append(int(f.read_text()))
         except (OSError, ValueError):
             pass
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        time.sleep(3)
 
 
 SLURM = "executor: {name: slurm, time_limit_min: 30, cpus_per_task: 1, poll_seconds: 1}\n"
@@ -279,22 +287,23 @@ def test_slurm_suite_reattaches_cancels_resumes_and_matches_local(slurm, local, 
 
 
 def test_slurm_time_limit_requeues_and_resumes(slurm, tmp_path):
-    # 1 minute per job and 75 steps of at least 1 s: no job can finish the run. SIGUSR2 40 s before
-    # the limit: the run checkpoints and submitit requeues the job; where Slurm's time limit strikes
-    # first, its SIGTERM makes the run checkpoint and the suite resumes it in a new job
+    # 2 minutes per job and 50 steps of at least 2 s: no job can finish the run. SIGUSR2 30 s
+    # before the limit (Slurm may send it up to 60 s earlier): the run checkpoints and submitit
+    # requeues the job (the same job id); where Slurm's time limit strikes first, its SIGTERM makes
+    # the run checkpoint and the suite resumes it in a new job
     spec = tmp_path / "t.yaml"
-    spec.write_text(f"name: tl\nbase: {ROOT / 'configs/smoke.yaml'}\nbudget: {{steps: 75}}\n"
+    spec.write_text(f"name: tl\nbase: {ROOT / 'configs/smoke.yaml'}\nbudget: {{steps: 50}}\n"
                     "matrix: {algorithm: [grpo], seed: [0]}\n"
                     'set: ["rollout.max_tokens=4", "eval.n=4", "eval.max_tokens=4", "train.checkpoint_every=1", '
                     '"logging.loggers=[]", "eval.before=false"]\nprobe: false\n'
-                    "executor: {name: slurm, time_limit_min: 1, signal_delay_s: 40, cpus_per_task: 1, poll_seconds: 1}\n")
-    r = _cli("suite", "run", str(spec), "--out", str(tmp_path), env={**slurm, "RLBENCH_TEST_STEP_SECONDS": "1"},
+                    "executor: {name: slurm, time_limit_min: 2, signal_delay_s: 30, cpus_per_task: 1, poll_seconds: 1}\n")
+    r = _cli("suite", "run", str(spec), "--out", str(tmp_path), env={**slurm, "RLBENCH_TEST_STEP_SECONDS": "2"},
              timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "tl" / "runs" / "grpo-arithmetic-s0"
     log = (tmp_path / "tl" / "logs" / "grpo-arithmetic-s0.log").read_text()
     assert "received: stopped after step" in log and "--resume" in log  # stopped by the limit, then resumed
-    assert [m["step"] for m in rundir.read_jsonl(run / "metrics.jsonl")] == list(range(1, 76))
+    assert [m["step"] for m in rundir.read_jsonl(run / "metrics.jsonl")] == list(range(1, 51))
 
 
 def test_slurm_places_a_two_process_run_as_two_tasks(slurm, tmp_path):

@@ -81,7 +81,10 @@ class RunJob:
             # SIGUSR2 is for submitit (this process): the run must not die of it
             self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **job.env},
                                          preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
-            rc = self.proc.wait()
+            # poll, never block in wait(): submitit's SIGUSR2 handler (checkpoint) runs in this thread
+            # and must be able to reap the process itself (a blocked wait() holds Popen's lock)
+            while (rc := self.proc.poll()) is None:
+                time.sleep(0.5)
         if rc != 0:
             raise RuntimeError(f"rlbench run exited with {rc} (log: {job.log})")
         return rc
@@ -91,9 +94,10 @@ class RunJob:
 
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # finish the step, write a checkpoint, exit
-            try:
-                self.proc.wait(timeout=600)
-            except subprocess.TimeoutExpired:
+            deadline = time.time() + max(10, self.job.stop_seconds)
+            while self.proc.poll() is None and time.time() < deadline:
+                time.sleep(0.5)
+            if self.proc.poll() is None:
                 self.proc.kill()
         fresh = RunJob(self.job)
         return submitit.helpers.DelayedSubmission(fresh)
@@ -128,6 +132,7 @@ class SlurmExecutor:
         return ex
 
     def submit(self, job) -> str:
+        job.stop_seconds = self.config.signal_delay_s - 5  # SIGUSR2 to the time limit, less a margin
         return str(self._executor(job.name).submit(RunJob(job)).job_id)
 
     def poll(self, ids) -> dict[str, str]:
