@@ -234,12 +234,27 @@ def build(paths, out: str | Path, baseline: str | None = None, title: str | None
     if compute:
         curves.write_csv(compute, out)
         plots.insert(0, curves.plot(compute, out / "plots"))
+    if command:  # the suites' own commands first: the runs, then this report
+        command = "\n".join([*(_suite_command(r, out) for r in sorted(roots)), command])
     md = _markdown(title or f"rlbench report: {', '.join(map(str, paths))}", command, summary, agg, pairs, flags, plots,
                    baseline, power, probes, compute)
     (out / "report.md").write_text(md)
     (out / "report.html").write_text(page(md, out))
     return {"summary": summary, "aggregate": agg, "paired": pairs, "flags": flags, "plots": plots, "power": power,
             "compute": compute}
+
+
+def _suite_command(root: Path, out: Path) -> str:
+    """``rlbench suite run`` for a suite directory, paths relative to here when they are under it."""
+    spec = json.loads((root / "suite.json").read_text()) if (root / "suite.json").is_file() else {}
+
+    def rel(p) -> str:
+        try:
+            return str(Path(p).resolve().relative_to(Path.cwd().resolve()))
+        except ValueError:
+            return str(p)
+
+    return f"rlbench suite run {rel(spec.get('path', root / 'suite.yaml'))} --out {rel(root.parent)}"
 
 
 def _series(runs, key):
