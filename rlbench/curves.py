@@ -2,7 +2,7 @@
 
 A run with ``eval.at_budget_fractions`` evaluates when the spent share of its budget first
 reaches each fraction (rlbench/trainer.py); each eval record carries what was spent by then
-(``spent``: FLOPs, generated tokens, device-seconds, training wall seconds). Here, per algorithm ×
+(``spent``: FLOPs, generated tokens; ``time_spent``: device-seconds, training wall seconds). Here, per algorithm ×
 task over seeds:
 
 * the curve: held-out accuracy at each budget fraction, its mean and a 95% bootstrap band over
@@ -41,7 +41,8 @@ def run_points(run: dict, x: str) -> dict[float, tuple[float, float]]:
     out = {}
     for e in run["evals"]:
         for f in e.get("budget_fractions") or []:
-            out[float(f)] = (float((e.get("spent") or {}).get(key, 0.0)) * scale, float(e["accuracy"]))
+            spent = {**(e.get("spent") or {}), **(e.get("time_spent") or {})}
+            out[float(f)] = (float(spent.get(key, 0.0)) * scale, float(e["accuracy"]))
     return out
 
 

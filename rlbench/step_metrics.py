@@ -60,7 +60,8 @@ def record(step: int, sample, train_metrics: dict, batch_metrics: dict, *, lr: f
         "tokens/generated": 0.0 if sample.offline else float(lengths.sum().item()),
         "tokens/generated_total": meter.counters["tokens/generated"],
         "tokens/trained": meter.counters["tokens/trained"] - trained_before,  # prompt + completion, all epochs
-        **{f"spent/{k}": v for k, v in meter.spent().items()},  # run totals on the budgets' axes
+        # run totals on the budgets' axes (the timed ones under time_spent/: they differ between reruns)
+        **{(f"spent/{k}" if k in ("flops", "tokens") else f"time_spent/{k}"): v for k, v in meter.spent().items()},
         **({"kl/ref_quant_error": ref_quant["mean_abs_logprob_error"]} if ref_quant else {}),
         **meter.fault_totals(),
         **extra,

@@ -277,7 +277,9 @@ class Trainer:
                                   self.device)
         if self.ref_quant:
             rec["ref_quant_error"] = self.ref_quant["mean_abs_logprob_error"]
-        rec["spent"] = self.meter.spent()  # the compute axis: FLOPs, generated tokens, device- and wall seconds
+        spent = self.meter.spent()  # the compute axes; the timed ones apart ("time…" keys: not reproducible)
+        rec["spent"] = {k: spent[k] for k in ("flops", "tokens")}
+        rec["time_spent"] = {k: spent[k] for k in ("device_seconds", "wall_seconds")}
         fractions = self.cfg.eval.at_budget_fractions
         if fractions:
             final = self._done() and step == self.step_done and step > 0

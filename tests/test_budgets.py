@@ -93,8 +93,8 @@ def test_batch_invariance_resolves_per_engine_and_the_manifest_records_the_tier(
 
 def _run(algo, seed, points):
     return {"row": {"task": "t", "algorithm": algo, "seed": seed},
-            "evals": [{"budget_fractions": [f], "accuracy": a, "spent": {"flops": c, "tokens": c / 10,
-                                                                         "device_seconds": c / 100, "wall_seconds": 1}}
+            "evals": [{"budget_fractions": [f], "accuracy": a, "spent": {"flops": c, "tokens": c / 10},
+                       "time_spent": {"device_seconds": c / 100, "wall_seconds": 1}}
                       for f, c, a in points]}
 
 
