@@ -173,8 +173,10 @@ def bootstrap_fit(C, curves, n: int = 200, seed: int = 0, flat: float = 0.02) ->
     bounds = [k for k, hit in (("A", point["A"] >= 1 - 1e-3), ("B", not 0.05 * 1.01 < point["B"] < 10 * 0.99))
               if hit]
     if bounds or point["C_mid"] > pos.max():
-        out["why"] = ("the curve does not bend inside the budget: " +
-                      (f"{' and '.join(bounds)} at the fit's bound" if bounds else
+        out["why"] = ("the points do not resolve the curve: " +
+                      (f"{' and '.join(bounds)} at the fit's bound (" + ("B at its upper bound: the gain comes as a "
+                       "jump between two evaluations, so evaluate earlier in the budget"
+                       if "B" in bounds and point["B"] > 1 else "no bend inside the budget") + ")" if bounds else
                        f"half of the gain is not reached by the largest compute ({pos.max():.3g}), so the "
                        "asymptote would be an extrapolation"))
         return out

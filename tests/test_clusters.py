@@ -249,7 +249,7 @@ SLURM = "executor: {name: slurm, time_limit_min: 30, cpus_per_task: 1, poll_seco
 def test_slurm_suite_reattaches_cancels_resumes_and_matches_local(slurm, local, tmp_path):
     spec = _suite(tmp_path / "s.yaml", "ref", 6, SLURM)
     root = tmp_path / "out" / "ref"
-    cmd = [sys.executable, "-m", "rlbench.cli", "suite", "run", str(spec), "--out", str(tmp_path / "out")]
+    cmd = [sys.executable, "-m", "rlbench.cli", "suite", "run", str(spec), "--out", str(tmp_path / "out"), "--executor", "slurm"]
 
     def controller(log):
         return subprocess.Popen(cmd, cwd=ROOT, env=slurm, stdout=subprocess.DEVNULL, stderr=open(log, "w"),
@@ -271,7 +271,7 @@ def test_slurm_suite_reattaches_cancels_resumes_and_matches_local(slurm, local, 
     assert r.returncode == 0 and "cancelled" in r.stdout, r.stdout + r.stderr
     _wait(lambda: not subprocess.run(["squeue", "-h", "--me"], env=slurm, capture_output=True, text=True).stdout.strip(),
           60, "the cancelled jobs to leave the queue")
-    r = _cli("suite", "run", str(spec), "--out", str(tmp_path / "out"), env=slurm)
+    r = _cli("suite", "run", str(spec), "--out", str(tmp_path / "out"), "--executor", "slurm", env=slurm)
     assert r.returncode == 0, r.stderr[-3000:]
     st = _status(root)
     assert all(v["status"] == "complete" for v in st.values())
@@ -350,7 +350,7 @@ def test_ray_suite_reattaches_cancels_resumes_and_matches_local(ray_cluster, loc
     env, address = ray_cluster
     spec = _suite(tmp_path / "s.yaml", "ref", 6, f"executor: {{name: ray, address: '{address}', cpus: 1, poll_seconds: 1}}\n")
     root = tmp_path / "out" / "ref"
-    cmd = [sys.executable, "-m", "rlbench.cli", "suite", "run", str(spec), "--out", str(tmp_path / "out")]
+    cmd = [sys.executable, "-m", "rlbench.cli", "suite", "run", str(spec), "--out", str(tmp_path / "out"), "--executor", "ray"]
     a = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "a.log", "w"),
                          start_new_session=True)
     first = _wait(lambda: (s := _status(root)) and len(s) == 2 and all(v.get("job_id") for v in s.values()) and s,
@@ -367,7 +367,7 @@ def test_ray_suite_reattaches_cancels_resumes_and_matches_local(ray_cluster, loc
     assert {k: v["job_ids"] for k, v in _status(root).items()} == {k: [v["job_id"]] for k, v in first.items()}
     r = _cli("suite", "cancel", str(root), env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    r = _cli("suite", "run", str(spec), "--out", str(tmp_path / "out"), env=env)
+    r = _cli("suite", "run", str(spec), "--out", str(tmp_path / "out"), "--executor", "ray", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     st = _status(root)
     assert all(v["status"] == "complete" and v["job_id"].startswith("rlbench-") for v in st.values())
