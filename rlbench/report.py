@@ -374,6 +374,6 @@ def _randomness(summary) -> str:
     paired = ("Every run of a seed saw the same prompts in the same order (data order seeded by run seed and step) "
               + ("and the same per-(prompt, sample) sampling seeds (batch-invariant sampling on in every run)."
                  if inv == {True} else "but not the same per-(prompt, sample) seeds: batch-invariant sampling is "
-                 + ("off" if inv == {False} else "on in some runs only") + " (vllm-cpu cannot seed per request), so "
+                 + ("off" if inv == {False} else "on in some runs only") + " (vllm-cpu: auto leaves it off), so "
                  "the engine's one seeded stream is shared only until the runs' batches differ."))
     return f"{paired} Determinism tier (manifest.json; runs per tier): {tiers}."

