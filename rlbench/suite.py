@@ -186,7 +186,8 @@ def is_complete(run_dir: Path) -> bool:
     return (run_dir / "cost.json").is_file() and (run_dir / "metrics.jsonl").is_file()
 
 
-def _has_checkpoint(run_dir: Path) -> bool:
+def has_checkpoint(run_dir: Path) -> bool:
+    """The run directory holds a complete checkpoint to resume from."""
     return any((p / "state.json").exists() for p in (run_dir / "checkpoints").glob("step_*"))
 
 
@@ -203,7 +204,7 @@ def make_job(name: str, root: Path, processes: int = 1) -> jobsmod.Job:
     """The job of run ``name``: resumed from its newest checkpoint, else started afresh (what a run
     that died before its first checkpoint wrote is set aside as ``.NAME.partial-TIME``)."""
     run_dir = root / "runs" / name
-    if run_dir.exists() and _has_checkpoint(run_dir):
+    if run_dir.exists() and has_checkpoint(run_dir):
         args, how = ["--resume", str(run_dir)], "resumed"
     else:
         if run_dir.exists():
@@ -218,7 +219,7 @@ def judge(name: str, root: Path, keep_checkpoints: int) -> str:
     if is_complete(run_dir):
         prune_checkpoints(run_dir, keep_checkpoints)
         return "complete"
-    return "resume" if run_dir.exists() and _has_checkpoint(run_dir) else "failed"
+    return "resume" if run_dir.exists() and has_checkpoint(run_dir) else "failed"
 
 
 def log_tail(root: Path, name: str, lines: int = 15) -> str:

@@ -43,7 +43,9 @@ def test_a_device_second_budget_stops_the_run_and_skips_eval_time(tmp_path):
     assert cost["stopped_by"] == "device_second_budget" and cost["spent"]["device_seconds"] >= 0.5
     assert cost["spent"]["device_seconds"] == pytest.approx(metered, abs=0.05)
     assert metered < cost["wall_seconds_total"] - cost["wall_seconds"]["eval"]
-    assert 1 <= cost["steps_done"] < 50
+    # it stopped after the step whose metered seconds first reached the budget, not before, not later
+    spent = [m["time_spent/device_seconds"] for m in rundir.read_jsonl(tmp_path / "r" / "metrics.jsonl")]
+    assert len(spent) == cost["steps_done"] and spent[-1] >= 0.5 and all(v < 0.5 for v in spent[:-1])
 
 
 def test_budget_config_and_suite_keys(tmp_path):

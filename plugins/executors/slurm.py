@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import rlbench
+from rlbench.suite import has_checkpoint
 
 
 @dataclass
@@ -68,9 +69,8 @@ class RunJob:
 
         env = submitit.JobEnvironment()
         job = self.job
-        if env.global_rank == 0 and (job.run_dir / "checkpoints").is_dir() and job.args[0] != "--resume":
-            if any((p / "state.json").exists() for p in (job.run_dir / "checkpoints").glob("step_*")):
-                job.args, job.how = ["--resume", str(job.run_dir)], "resumed"  # a requeued job
+        if job.args[0] != "--resume" and has_checkpoint(job.run_dir):  # a requeued job
+            job.args, job.how = ["--resume", str(job.run_dir)], "resumed"
         port = 20000 + int(str(env.job_id).split("_")[0]) % 20000
         cmd = job.command(env.num_tasks, env.global_rank, env.hostnames[0], port)
         job.log.parent.mkdir(parents=True, exist_ok=True)
