@@ -19,6 +19,7 @@ Not covered: dependencies between jobs, job arrays, a scheduler's own retry coun
 from __future__ import annotations
 
 import dataclasses
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -55,6 +56,14 @@ def launch_command(args: list[str], processes: int = 1, machines: int = 1, machi
             "--dynamo_backend", "no", "--rdzv_backend", "static", "--same_network",
             "--num_processes", str(processes * machines), "--num_machines", str(machines),
             "--machine_rank", str(machine_rank), "--main_process_ip", main_ip, "--main_process_port", str(port), *run]
+
+
+def free_port() -> int:
+    """A TCP port free on every address now: the main port of a multi-process launch (accelerate's
+    default, 29500, would collide between runs started side by side on one machine)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def settings(executor) -> dict:

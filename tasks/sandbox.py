@@ -8,7 +8,8 @@ Isolation (``probe()`` says which level is active; tasks record it in manifest.j
            directory (``/tmp``, also the working directory), nothing else
            writable. Inside, the program runs as an unprivileged uid (root's
            RLIMIT_NPROC is not enforced, and these machines run as root), each
-           concurrent program with its own uid so process budgets are separate,
+           concurrent program on the machine with its own uid (a lease, see
+           ``_sandbox_uids.py``) so process budgets and kills are separate,
            with CPU, address-space, process-count and file-size limits. The
            whole tree is killed at the wall-clock limit (SIGKILL to bwrap ends
            the pid namespace, and every process in it).
@@ -32,23 +33,23 @@ that need packages outside the standard library (``-I -S``: no site-packages).
 """
 from __future__ import annotations
 
-import itertools
+import contextlib
 import json
 import os
 import select
 import shutil
-import signal
 import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from rlbench.tasks import _sandbox_uids as _uids
 from rlbench.tasks._sandbox_codec import CodecError, decode, encode  # noqa: F401 - re-exported
+from rlbench.tasks._sandbox_uids import UID_BASE, kill as _kill  # noqa: F401 - UID_BASE re-exported
 
 SERVER = Path(__file__).with_name("_sandbox_server.py")
 CODEC = Path(__file__).with_name("_sandbox_codec.py")
@@ -86,16 +87,6 @@ class SandboxError(RuntimeError):
 
 
 # -- isolation level -------------------------------------------------------------------------
-
-_uids = itertools.count()
-_uid_lock = threading.Lock()
-UID_BASE = 61000  # 61000-61999: one per concurrent program (never a real account here)
-
-
-def _next_uid() -> int:
-    with _uid_lock:
-        return UID_BASE + next(_uids) % 1000
-
 
 def _python() -> str:
     return os.path.realpath(sys.executable)
@@ -182,42 +173,6 @@ def _new_scratch(files: dict[str, str]) -> Path:
     return d
 
 
-def _pids_of(uid: int) -> list[int]:
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if os.stat(f"/proc/{name}").st_uid == uid:
-                    pids.append(int(name))
-            except FileNotFoundError:
-                pass
-    return pids
-
-
-def _kill(proc: subprocess.Popen, uid: int) -> None:
-    """SIGKILL the sandbox, then every process still running as its uid, until none is left
-    (a pid namespace's teardown is asynchronous: a fork bomb's children take a moment to go)."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    proc.wait()
-    if os.geteuid() != 0:
-        return
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline:
-        pids = _pids_of(uid)
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.01)
-
-
 def run_program(code: str, limits: Limits | None = None, stdin: str = "", level: str | None = None) -> RunResult:
     """Run ``code`` as a script in a fresh sandbox; stdout/stderr are captured (last 64 kB)."""
     limits = limits or Limits()
@@ -227,7 +182,8 @@ def run_program(code: str, limits: Limits | None = None, stdin: str = "", level:
     if level != "bwrap":
         workdir.chmod(0o777)
     path = "/sandbox/program.py" if level == "bwrap" else str(scratch / "program.py")
-    uid = _next_uid()
+    held = contextlib.ExitStack()
+    uid = held.enter_context(_uids.lease())  # given back once the program's processes are gone
     cmd = _command([_python(), "-I", "-S", path], scratch, limits, uid, level)
     t = time.perf_counter()
     try:
@@ -244,6 +200,7 @@ def run_program(code: str, limits: Limits | None = None, stdin: str = "", level:
         return RunResult(None if timed_out else proc.returncode, out[-65536:].decode(errors="replace"),
                          err[-65536:].decode(errors="replace"), timed_out, time.perf_counter() - t)
     finally:
+        held.close()
         shutil.rmtree(scratch, ignore_errors=True)
         if workdir != scratch:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -345,12 +302,13 @@ def check_function(program: str, entry_point: str, tests: str, *, check_name: st
     if level != "bwrap":
         workdir.chmod(0o777)
     proc = None
+    held = contextlib.ExitStack()
 
     def verdict(passed: bool, reason: str) -> Verdict:
         return Verdict(passed, reason, time.perf_counter() - t0)
 
     try:
-        uid = _next_uid()
+        uid = held.enter_context(_uids.lease())  # given back once the program's processes are gone
         proc = subprocess.Popen(_command(argv, scratch, limits, uid, level), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(req_r, resp_w),
                                 cwd=workdir, start_new_session=True, env={"PATH": "/usr/bin:/bin", "HOME": str(workdir)})
@@ -394,6 +352,7 @@ def check_function(program: str, entry_point: str, tests: str, *, check_name: st
                     pass
         if proc is not None:
             _kill(proc, uid)
+        held.close()
         shutil.rmtree(scratch, ignore_errors=True)
         if workdir != scratch:
             shutil.rmtree(workdir, ignore_errors=True)

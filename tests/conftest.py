@@ -7,6 +7,11 @@ import os
 # default: ZeRO-2 vs 1 process grad_norm off by 1.5e-4 relative after 4 steps). Subprocesses
 # (accelerate launch, suites) inherit it.
 os.environ.setdefault("MKL_CBWR", "AVX2")
+# The tests run on two pytest-xdist workers (pyproject's addopts) that share the cores with the
+# runs they start: OpenMP threads that spin while they wait for work took CPU time from the other
+# worker (a sample of five test files: 347 s on two workers vs 136 s on one; with idle threads
+# sleeping, 95 s). Threads still compute in parallel; only their waiting changes, not the numbers.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

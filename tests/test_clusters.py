@@ -12,6 +12,7 @@ Skipped when Slurm (Debian: slurm-wlm, munge) or Ray (``.[ray]``) is missing, un
 RLBENCH_REQUIRE_CLUSTERS=1 (CI: .ci/run installs both) makes a missing one a failure."""
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -53,10 +54,22 @@ def _missing(what: str):
     pytest.skip(what)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ports_below_ephemeral(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on every address, drawn from 7000-9999: below the kernel's
+    ephemeral range (32768+), where no outgoing connection can take one between this check and
+    the daemon's bind, and apart from the ports the Slurm jobs' accelerate launches use
+    (20000+) and Ray's worker ports (10002+)."""
+    out: list[int] = []
+    while len(out) < n:
+        port = random.randrange(7000, 10000)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        if port not in out:
+            out.append(port)
+    return out
 
 
 def _suite(path: Path, name: str, steps: int, executor: str = "") -> Path:
@@ -169,6 +182,66 @@ def test_hook_rlbench_executors(tmp_path):
 
 # -- Slurm --------------------------------------------------------------------------------------
 
+def _kill_pidfiles(*files: Path) -> None:
+    """Stop the daemons named by these pid files (a stale file of a daemon that already died is
+    skipped: its pid may belong to another process by now)."""
+    pids = []
+    for f in files:
+        try:
+            pid = int(f.read_text())
+            if Path(f"/proc/{pid}/comm").read_text().strip() in ("slurmctld", "slurmd", "munged"):
+                pids.append(pid)
+        except (OSError, ValueError):
+            pass
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        if pids:
+            time.sleep(2)
+
+
+def _slurm_conf(d: Path, sock: Path, ctld_port: int, slurmd_port: int) -> str:
+    """A one-node cluster on localhost. Besides the defaults: a requeued job may start again
+    after 10 s (``cred_expire``, default 120 s) and the schedulers look at pending jobs every 2 s
+    (``sched_interval`` 60 s, ``bf_interval`` 30 s by default), so the time-limit test does not
+    wait minutes for the requeued job."""
+    host = socket.gethostname()
+    return f"""ClusterName=rlbenchtest
+SlurmctldHost={host}(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={sock},cred_expire=10
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+StateSaveLocation={d / 'state'}
+SlurmdSpoolDir={d / 'spool'}
+SlurmctldPidFile={d / 'slurmctld.pid'}
+SlurmdPidFile={d / 'slurmd.pid'}
+SlurmctldLogFile={d / 'log/slurmctld.log'}
+SlurmdLogFile={d / 'log/slurmd.log'}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=2
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SwitchType=switch/none
+KillWait=20
+MinJobAge=600
+NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory=4000 State=UNKNOWN
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+"""
+
+
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     if not all(shutil.which(b) for b in ("slurmctld", "slurmd", "munged", "sbatch", "squeue")):
@@ -184,63 +257,40 @@ def slurm(tmp_path_factory):
     sock = d / "munge" / "munge.socket"
     subprocess.run(["munged", "--force", f"--key-file={key}", f"--socket={sock}", f"--pid-file={d / 'munge/pid'}",
                     f"--log-file={d / 'munge/log'}", f"--seed-file={d / 'munge/seed'}"], check=True)
-    host = socket.gethostname()
     conf = d / "slurm.conf"
-    conf.write_text(f"""ClusterName=rlbenchtest
-SlurmctldHost={host}(127.0.0.1)
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-AuthInfo=socket={sock}
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
-StateSaveLocation={d / 'state'}
-SlurmdSpoolDir={d / 'spool'}
-SlurmctldPidFile={d / 'slurmctld.pid'}
-SlurmdPidFile={d / 'slurmd.pid'}
-SlurmctldLogFile={d / 'log/slurmctld.log'}
-SlurmdLogFile={d / 'log/slurmd.log'}
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
-MpiDefault=none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-SwitchType=switch/none
-KillWait=20
-MinJobAge=600
-NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory=4000 State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
-""")
     env = _env(SLURM_CONF=str(conf))
-    subprocess.run(["slurmctld", "-c"], env=env, check=True)
-    subprocess.run(["slurmd", "-c"], env=env, check=True)
-    try:
-        _wait(lambda: "idle" in subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True,
-                                               text=True).stdout, 60, "slurmd to register")
-    except AssertionError:
-        log = (d / "log" / "slurmctld.log").read_text()[-2000:] if (d / "log" / "slurmctld.log").exists() else ""
-        _missing(f"Slurm did not start here: {log}")
+    daemons = (d / "slurmctld.pid", d / "slurmd.pid")
+
+    def sinfo_idle():
+        return "idle" in subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout
+
+    def ctld_up():
+        return "is UP" in subprocess.run(["scontrol", "ping"], env=env, capture_output=True, text=True).stdout
+
+    # CI once saw slurmctld die with "Address already in use" on a port that was free a moment
+    # before: the ports come from below the ephemeral range, slurmd starts only once slurmctld
+    # answers (the two can never race for one port), and a failed start is retried on new ports
+    logs = []
+    for attempt in range(3):
+        conf.write_text(_slurm_conf(d, sock, *_ports_below_ephemeral(2)))
+        try:
+            subprocess.run(["slurmctld", "-c"], env=env, check=True)
+            _wait(ctld_up, 60, "slurmctld to answer")
+            subprocess.run(["slurmd", "-c"], env=env, check=True)
+            _wait(sinfo_idle, 60, "slurmd to register")
+            break
+        except (AssertionError, subprocess.CalledProcessError) as e:
+            log = d / "log" / "slurmctld.log"
+            logs.append(f"attempt {attempt + 1}: {e}; slurmctld.log ends: "
+                        + (log.read_text()[-1500:] if log.exists() else "(no log)"))
+            _kill_pidfiles(*daemons)
+    else:
+        _kill_pidfiles(d / "munge" / "pid")
+        _missing("Slurm did not start here:\n" + "\n".join(logs))
     yield env
     subprocess.run(["scancel", "--me"], env=env)
     subprocess.run(["scontrol", "shutdown"], env=env)
-    pids = []
-    for f in (d / "slurmctld.pid", d / "slurmd.pid", d / "munge" / "pid"):
-        try:
-            pids.append(int(f.read_text()))
-        except (OSError, ValueError):
-            pass
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        time.sleep(3)
+    _kill_pidfiles(*daemons, d / "munge" / "pid")
 
 
 SLURM = "executor: {name: slurm, time_limit_min: 30, cpus_per_task: 1, poll_seconds: 1}\n"
@@ -334,7 +384,7 @@ def ray_cluster(tmp_path_factory):
     if shutil.which("ray") is None and not Path(sys.executable).with_name("ray").exists():
         _missing("Ray is not installed (pip install -e '.[ray]')")
     ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
-    port, dash = _free_port(), _free_port()
+    port, dash = _ports_below_ephemeral(2)
     env = _env(RAY_JOB_STOP_SIGNAL_TIMEOUT_S="60")  # stop_job: SIGTERM, time to write a checkpoint
     r = subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",

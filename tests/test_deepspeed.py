@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlbench import rundir
+from rlbench import jobs, rundir
 
 from test_distributed import RUN, ROOT, _close, _run
 
@@ -29,6 +29,7 @@ DS_RUN = {**RUN,
 def _launch_ds(stage: int, args: list[str], log: Path) -> None:
     accelerate = Path(sys.executable).with_name("accelerate")
     _run([str(accelerate), "launch", "--config_file", str(ROOT / "configs" / "accelerate" / f"zero{stage}.yaml"),
+          "--main_process_port", str(jobs.free_port()),  # another test file's launch may hold 29500 (pytest-xdist)
           "-m", "rlbench.cli", "run", *args], log)
 
 
@@ -177,6 +178,7 @@ def test_a_critic_under_deepspeed_is_refused_at_start(tmp_path):
     (tmp_path / "ppo.yaml").write_text(yaml.safe_dump(ppo))
     accelerate = Path(sys.executable).with_name("accelerate")
     out = subprocess.run([str(accelerate), "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "zero2.yaml"),
+                          "--main_process_port", str(jobs.free_port()),
                           "-m", "rlbench.cli", "run", str(tmp_path / "ppo.yaml"), "--out", str(tmp_path / "r")],
                          env=_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode != 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlbench import rundir
+from rlbench import jobs, rundir
 
 from conftest import TINY
 
@@ -41,6 +41,7 @@ def _run(cmd: list[str], log: Path) -> None:
 def _launch_2(args: list[str], log: Path) -> None:
     accelerate = Path(sys.executable).with_name("accelerate")
     _run([str(accelerate), "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "multi-process-cpu.yaml"),
+          "--main_process_port", str(jobs.free_port()),  # another test file's launch may hold 29500 (pytest-xdist)
           "-m", "rlbench.cli", "run", *args], log)
 
 
@@ -153,3 +154,23 @@ def test_batch_statistics_in_prepare_are_per_rank(tmp_path):
     # … whose statistics are not the global batch's, so rank 0's advantages differ from one process's
     assert a["rewards"] != b["rewards"]
     assert any(abs(x - y) > 1e-3 for row, grow in zip(a["advantages"], g["advantages"]) for x, y in zip(row, grow))
+
+
+def test_two_multi_process_runs_side_by_side_each_get_their_own_main_port(tmp_path):
+    """The local executor with jobs: 2 and processes: 2 starts two accelerate launches at once:
+    they must not both rendezvous on accelerate's default main port (29500), where one run's
+    ranks could meet the other run's store; each launch gets a free port of its own."""
+    spec = tmp_path / "pair.yaml"
+    spec.write_text(f"name: pair\nbase: {ROOT / 'configs/smoke.yaml'}\nbudget: {{steps: 2}}\n"
+                    "matrix: {algorithm: [grpo, rloo], task: [first_char], seed: [0]}\n"
+                    'set: ["rollout.max_tokens=4", "eval.n=4", "eval.max_tokens=4", "eval.before=false", '
+                    '"logging.loggers=[]"]\nprobe: false\nexecutor: {name: local, jobs: 2, processes: 2}\n')
+    r = subprocess.run([sys.executable, "-m", "rlbench.cli", "suite", "run", str(spec), "--out", str(tmp_path)],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("grpo-first_char-s0", "rloo-first_char-s0"):
+        metrics = rundir.read_jsonl(tmp_path / "pair" / "runs" / name / "metrics.jsonl")
+        assert [m["step"] for m in metrics] == [1, 2] and all(m["dist/world_size"] == 2.0 for m in metrics)
+    logs = [(tmp_path / "pair" / "logs" / f"{n}.log").read_text() for n in ("grpo-first_char-s0", "rloo-first_char-s0")]
+    ports = [log.split("--main_process_port ")[1].split()[0] for log in logs]
+    assert ports[0] != ports[1]

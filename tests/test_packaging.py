@@ -14,7 +14,7 @@ def test_wheel_ships_the_price_table_and_task_data(tmp_path):
     # built from a clean copy: a checkout's egg-info would list files the package data does not declare
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "*.egg-info", "build", "runs", "__pycache__",
-                                                             ".pytest_cache", "wandb"))
+                                                             ".pytest_cache", ".hypothesis", "wandb"))  # written by tests beside it
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=300)
     wheel = next((tmp_path / "dist").glob("rlbench-*.whl"))

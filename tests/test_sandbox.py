@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from rlbench.tasks import sandbox
+from rlbench.tasks import _sandbox_uids, sandbox
 
 # CI sets RLBENCH_REQUIRE_SANDBOX=1: there a missing bubblewrap fails these tests instead of skipping them
 pytestmark = pytest.mark.skipif(sandbox.probe()["level"] != "bwrap" and not os.environ.get("RLBENCH_REQUIRE_SANDBOX"),
@@ -48,8 +48,20 @@ BAD = {
 
 
 def _stray(uid_range=(sandbox.UID_BASE, sandbox.UID_BASE + 1000)):
+    """Processes left behind under sandbox uids that no running program holds: a uid whose lease
+    is taken belongs to a program still running (another test's, e.g. on another pytest worker);
+    with the lease in hand no program can start under that uid, so whatever runs as it is a stray."""
     out = subprocess.run(["ps", "-eo", "uid=,pid=,comm="], capture_output=True, text=True).stdout.split("\n")
-    return [line for line in out if line.strip() and uid_range[0] <= int(line.split()[0]) < uid_range[1]]
+    seen = {int(line.split()[0]) for line in out if line.strip() and uid_range[0] <= int(line.split()[0]) < uid_range[1]}
+    strays = []
+    for uid in sorted(seen):
+        fd = _sandbox_uids.try_lease(uid)
+        if fd is not None:
+            try:
+                strays += [f"{uid} {pid}" for pid in _sandbox_uids.pids_of(uid)]
+            finally:
+                os.close(fd)
+    return strays
 
 
 def _check(program):
@@ -123,3 +135,26 @@ def test_weak_isolation_is_refused_unless_accepted(monkeypatch):
         monkeypatch.undo()
         sandbox.probe.cache_clear()
     assert sandbox.probe()["level"] == "bwrap"
+
+
+def test_a_uid_held_by_another_process_is_never_handed_out():
+    """Programs sandboxed by different processes (a suite's --jobs, the ranks of a data-parallel
+    run) get different uids: their process budgets and their kills stay apart."""
+    import sys
+
+    held = {}  # the first 3 free uids (another test's programs may hold some): a new process scans from them
+    for uid in range(sandbox.UID_BASE, sandbox.UID_BASE + 1000):
+        if len(held) < 3 and (fd := _sandbox_uids.try_lease(uid)) is not None:
+            held[uid] = fd
+    try:
+        code = ("from rlbench.tasks import _sandbox_uids as u\n"
+                "with u.lease() as a, u.lease() as b:\n    print(a, b)\n")
+        got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+        a, b = map(int, got)
+        assert a != b and a not in held and b not in held and min(a, b) > min(held)
+    finally:
+        for fd in held.values():
+            os.close(fd)
+    again = _sandbox_uids.try_lease(min(held))  # given back when the lease's holder closed it
+    assert again is not None
+    os.close(again)

@@ -150,9 +150,11 @@ def test_identical_infrastructure_flags_other_differences(smoke, tmp_path):
     assert report.infra_differences(a, b) == []
     b["config"]["rollout"]["temperature"] = 0.5
     b["manifest"]["versions"]["torch"] = "0.0"
+    b["manifest"]["accelerator"] = "NVIDIA A100-SXM4-80GB"  # a run placed on another GPU type
     diffs = report.infra_differences(a, b)
     assert any(d.startswith("config.rollout.temperature") for d in diffs)
     assert any(d.startswith("manifest.versions.torch") for d in diffs)
+    assert any(d.startswith("manifest.accelerator") and "A100" in d for d in diffs)
 
 
 def test_killed_suite_resumes_without_redoing_finished_runs(tmp_path):
