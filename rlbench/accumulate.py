@@ -30,7 +30,7 @@ def split_micro_batches(batch: TrainBatch, micro_batch_size: int, pairs: bool = 
 def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: int, ctx: StepContext,
                          backward=None, correction: ops.Correction | None = None, pairs: bool = False,
                          critic=None, share_prompts: bool = True, pad_to: int | None = None,
-                         sampler_logprobs: torch.Tensor | None = None) -> dict[str, float]:
+                         sampler_logprobs: torch.Tensor | None = None, temperature: float = 1.0) -> dict[str, float]:
     """Forward + backward over micro-batches; gradients accumulate in ``.grad``.
 
     ``ctx`` holds the step's per-row tensors for the rollouts rows that ``batch["row"]`` indexes
@@ -49,7 +49,10 @@ def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: 
     ``pad_to`` (DeepSpeed, where every backward is a collective): every micro-batch gets a
     backward, non-finite ones included (``backward`` decides what to do with them), and the last
     micro-batch is run again with a zero loss until ``pad_to`` backwards were made, so all ranks
-    make the same number."""
+    make the same number.
+
+    ``temperature``: logprobs and entropy are of π_T, the distribution the rollouts were sampled
+    from (rlbench/logprobs.py); ``ctx``'s reference / old logprobs must be of π_T as well."""
     backward = backward or (lambda loss: loss.backward())
     totals: dict[str, float] = {"loss": 0.0}
     kl_sum = ent_sum = drift_sum = is_sum = masked_sum = behavior_kl_sum = 0.0
@@ -64,7 +67,7 @@ def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: 
         C = micro["completion_mask"].shape[1]
         mctx = ctx.select(micro["row"], C)
         logp, ent = lpmod.token_logprobs(model, micro["input_ids"], micro["attention_mask"], C, with_entropy=True,
-                                         share_prompts=share_prompts)
+                                         share_prompts=share_prompts, temperature=temperature)  # [n, C] log π_T
         mask = micro["completion_mask"]
         if sampler_logprobs is not None:
             sampler = sampler_logprobs[micro["row"].to(sampler_logprobs.device)][:, :C].to(logp.device)  # [n, C]

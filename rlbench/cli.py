@@ -268,10 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     from rlbench.faults import TrainingError
     from rlbench.tasks.sandbox import SandboxError
     from rlbench.types import DataError
+    from rlbench.report_runs import ReportError
 
     try:
         return args.func(args)
-    except (ConfigError, PluginError, ModelError, TrainingError, DataError, FileNotFoundError, SandboxError) as e:
+    except (ConfigError, PluginError, ModelError, TrainingError, DataError, FileNotFoundError, SandboxError,
+            ReportError) as e:
         print(f"rlbench: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

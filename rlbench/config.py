@@ -72,8 +72,10 @@ class ModelConfig:
 class RolloutConfig:
     prompts_per_step: int = 8  # B prompts sampled from the train split each step
     group_size: int = 8  # G completions per prompt (R1 recipe: >= 8 for stable advantages)
+    # The sampling temperature T (> 0). The trainer's, reference's and old-policy logprobs are of
+    # π_T ∝ exp(logits / T), the distribution the completions were drawn from (rlbench/logprobs.py).
     temperature: float = 1.0
-    top_p: float = 1.0
+    top_p: float = 1.0  # < 1: nucleus sampling; the trainer's π_T is not renormalised over the nucleus
     max_tokens: int = 64  # completion budget; truncated completions finish with "length"
     # Stale-weight guard: the trainer's logprobs of the fresh completions against the sampler's
     # (max |Δ|, nats). Above this the run stops. 0 = auto: 1e-3 on CPU float32 (a synced engine
@@ -109,7 +111,10 @@ class RolloutConfig:
 
     def validate(self):
         _positive(self, "prompts_per_step", "group_size", "max_tokens")
-        _at_least(self, 0.0, "temperature", "max_logprob_drift", "max_prompt_tokens", "generate_retries")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (rollouts are sampled from π_T; greedy decoding would give "
+                             f"every completion of a group the same tokens), got {self.temperature}")
+        _at_least(self, 0.0, "max_logprob_drift", "max_prompt_tokens", "generate_retries")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.is_cap < 1:
@@ -251,15 +256,22 @@ class Config:
     eval: EvalConfig
     logging: LoggingConfig
     names: dict = field(default_factory=dict)  # section -> plugin name
+    # section -> label (task, algorithm): what reports call the entry (default: the plugin name);
+    # two entries of one plugin with different options are told apart by it
+    labels: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         out = {}
         for sec in ["run", "model", "task", "engine", "rollout", "algorithm", "train", "eval", "logging"]:
             d = dataclasses.asdict(getattr(self, sec))
             if sec in PLUGIN_SECTIONS:
-                d = {"name": self.names[sec], **d}
+                d = {"name": self.names[sec], **({"label": self.labels[sec]} if self.labels.get(sec) else {}), **d}
             out[sec] = d
         return out
+
+    def label(self, section: str) -> str:
+        """What reports call this run's task or algorithm: its ``label``, else the plugin name."""
+        return self.labels.get(section) or self.names[section]
 
 
 def _suggest(key: str, valid: list[str]) -> str:
@@ -363,7 +375,7 @@ def resolve(raw: dict, overrides: list[str] = ()) -> Config:
     built: dict[str, Any] = {}
     for sec, cls in CORE_SECTIONS.items():
         built[sec] = build_section(sec, cls, raw.get(sec))
-    names = {}
+    names, labels = {}, {}
     for sec, kind in PLUGIN_SECTIONS.items():
         values = raw.get(sec) or {}
         if not isinstance(values, dict):
@@ -381,9 +393,18 @@ def resolve(raw: dict, overrides: list[str] = ()) -> Config:
         cls = getattr(plugin, "Config", None)
         if cls is None:
             raise ConfigError(f"{kind} plugin {name!r} has no Config dataclass")
-        built[sec] = build_section(sec, cls, values, ignore=("name",))
+        label = values.get("label", "")
+        if sec != "engine" and not isinstance(label, str):
+            raise ConfigError(f"config: {sec}.label must be a string, got {label!r}")
+        built[sec] = build_section(sec, cls, values, ignore=("name", "label") if sec != "engine" else ("name",))
         names[sec] = name
-    return Config(names=names, **built)
+        if label:
+            labels[sec] = label
+    if names["engine"] == "vllm" and built["rollout"].top_p < 1:
+        raise ConfigError(f"config: rollout.top_p = {built['rollout'].top_p} with engine vllm: vLLM's sampled-token "
+                          "logprobs are then renormalised over the nucleus, which the trainer's π_T does not model "
+                          "(rlbench/logprobs.py); use top_p: 1.0 or engine.name: hf")
+    return Config(names=names, labels=labels, **built)
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Config:

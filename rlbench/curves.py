@@ -2,21 +2,27 @@
 
 A run with ``eval.at_budget_fractions`` evaluates when the spent share of its budget first
 reaches each fraction (rlbench/trainer.py); each eval record carries what was spent by then
-(``spent``: FLOPs, generated tokens; ``time_spent``: device-seconds, training wall seconds). Here, per algorithm ×
-task over seeds:
+(``budget_fraction``: the actual share; ``spent``: FLOPs, generated tokens; ``time_spent``:
+device-seconds, training wall seconds). A step is indivisible, so an algorithm whose steps are
+costly (PPO's critic: about twice a GRPO step) reaches several nominal fractions in one step.
+Here every comparison uses what was actually spent:
 
-* the curve: held-out accuracy at each budget fraction, its mean and a 95% bootstrap band over
-  seeds, placed at the mean spent compute on the chosen axis (``--x flops|tokens|device_hours|
-  wall_seconds``); the x-positions of different algorithms agree to within one step's cost;
-* the table of accuracy at each fraction and the normalised area under the curve (the trapezoid
-  over the fraction axis divided by its span: the mean accuracy over the budget, 1.0 = right at once);
-* paired differences against the baseline at each fraction (runs matched by seed): mean, 95%
-  bootstrap interval, scipy's paired t-test;
+* each nominal fraction f of a run is matched to the run's evaluation whose actual fraction is
+  nearest to f (``fraction_actual``); one more than half a step's cost away from f is flagged
+  (``off_fraction``), and an algorithm whose runs took fewer steps than there are fractions gets a
+  warning (the budget is too coarse for its step);
+* the curve per algorithm group × task: held-out accuracy at each nominal fraction, mean and a
+  95% interval over seeds (``rlbench.stats.interval``: Student t below 10 seeds), placed at the
+  mean actual compute on the chosen axis (``--x flops|tokens|device_hours|wall_seconds``);
+* the normalised area under each run's curve over its *actual* fractions (its distinct
+  evaluations; the trapezoid divided by the span: the mean accuracy over the budget);
+* paired differences against the baseline at each fraction (runs matched by seed): mean, t
+  interval, scipy's paired t-test, and both sides' actual fractions;
 * ScaleRL's saturating fit (rlbench.compare.bootstrap_fit) drawn over the points, or the reason
   the points cannot identify it, in words.
 
 Not covered: runs without ``eval.at_budget_fractions`` (their step-wise evals are not on a shared
-axis and are left out here); interpolation between fractions.
+axis and are left out here); interpolation between evaluations.
 """
 from __future__ import annotations
 
@@ -35,82 +41,100 @@ AXES = {  # --x: (key of the eval record's "spent", scale, axis label)
 }
 
 
-def run_points(run: dict, x: str) -> dict[float, tuple[float, float]]:
-    """{budget fraction: (compute on axis ``x``, accuracy)} of one run's evals."""
+def run_points(run: dict, x: str) -> dict[float, dict]:
+    """{nominal fraction: the run's evaluation nearest to it} with keys ``actual`` (the fraction
+    spent), ``compute`` (on axis ``x``), ``accuracy``, ``off`` (more than half a step's cost from
+    the nominal fraction)."""
     key, scale, _ = AXES[x]
+    evals = [e for e in run["evals"] if "budget_fraction" in e or e.get("budget_fractions")]
+    if not evals:
+        return {}
+    nominal = sorted({float(f) for e in evals for f in e.get("budget_fractions") or []})
+    pts = []
+    for e in evals:
+        spent = {**(e.get("spent") or {}), **(e.get("time_spent") or {})}
+        actual = float(e.get("budget_fraction", 0.0 if e["step"] == 0 else max(e.get("budget_fractions") or [0.0])))
+        pts.append({"step": e["step"], "actual": actual, "compute": float(spent.get(key, 0.0)) * scale,
+                    "accuracy": float(e["accuracy"])})
+    last = max(pts, key=lambda p: p["step"])
+    per_step = last["actual"] / last["step"] if last["step"] else 0.0  # the budget share of one step
     out = {}
-    for e in run["evals"]:
-        for f in e.get("budget_fractions") or []:
-            spent = {**(e.get("spent") or {}), **(e.get("time_spent") or {})}
-            out[float(f)] = (float(spent.get(key, 0.0)) * scale, float(e["accuracy"]))
+    for f in nominal:
+        best = min(pts, key=lambda p: (abs(p["actual"] - f), p["step"]))
+        out[f] = {**best, "off": abs(best["actual"] - f) > 0.5 * per_step + 1e-9, "per_step": per_step}
     return out
 
 
-def _boot(vals, n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    vals = np.asarray(vals, dtype=float)
-    if len(vals) < 2:
-        return (float(vals[0]), float(vals[0])) if len(vals) else (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    means = vals[rng.integers(0, len(vals), (n, len(vals)))].mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def _auc(pts: dict[float, tuple[float, float]]) -> float:
-    fr = sorted(pts)
-    if len(fr) < 2:
+def _auc(evals: list[dict]) -> float:
+    """Trapezoid over the run's distinct evaluations on the actual-fraction axis, divided by its span."""
+    pts = sorted({(p["actual"], p["accuracy"]) for p in evals})
+    if len(pts) < 2 or pts[-1][0] == pts[0][0]:
         return math.nan
-    acc = [pts[f][1] for f in fr]
-    area = sum((fr[i + 1] - fr[i]) * (acc[i] + acc[i + 1]) / 2 for i in range(len(fr) - 1))
-    return area / (fr[-1] - fr[0])
+    area = sum((b[0] - a[0]) * (a[1] + b[1]) / 2 for a, b in zip(pts, pts[1:]))
+    return area / (pts[-1][0] - pts[0][0])
 
 
 def build(runs: list[dict], baseline: str, x: str = "flops") -> dict | None:
     """Curve, AUC, paired-difference and fit tables (lists of dicts) of the runs with budget-fraction
-    evals; None when no run has them."""
+    evals, and warnings; None when no run has them."""
+    from rlbench import stats
+
     if x not in AXES:
         raise ValueError(f"--x must be one of {', '.join(AXES)}, got {x!r}")
     cells: dict[tuple[str, str], dict[int, dict]] = {}  # (task, algorithm) -> seed -> points
+    steps: dict[tuple[str, str], list[int]] = {}
     for r in runs:
         if r["row"].get("status") not in (None, "complete"):  # an unfinished run has no whole curve
             continue
         pts = run_points(r, x)
         if pts:
             cells.setdefault((r["row"]["task"], r["row"]["algorithm"]), {})[r["row"]["seed"]] = pts
+            steps.setdefault((r["row"]["task"], r["row"]["algorithm"]), []).append(int(r["row"]["steps"] or 0))
     if not cells:
         return None
-    curve, auc, diffs, fits = [], [], [], []
+    curve, auc, diffs, fits, warnings = [], [], [], [], []
     for (task, algo), by_seed in cells.items():
         fractions = sorted({f for p in by_seed.values() for f in p})
+        inner = [f for f in fractions if f > 0]
+        if min(steps[(task, algo)]) < len(inner):
+            warnings.append(f"{algo} ({task}): its runs took {min(steps[(task, algo)])} step(s) for {len(inner)} "
+                            "budget fractions, so several fractions share one evaluation; the budget is too coarse "
+                            "for its step (raise the budget or use fewer fractions)")
         common = [f for f in fractions if all(f in p for p in by_seed.values())]  # every seed reached it
         for f in fractions:
             have = [p[f] for p in by_seed.values() if f in p]
-            lo, hi = _boot([a for _, a in have])
+            iv = stats.interval([h["accuracy"] for h in have])
             curve.append({"task": task, "algorithm": algo, "fraction": f, "seeds": len(have),
-                          x: float(np.mean([c for c, _ in have])), "accuracy_mean": float(np.mean([a for _, a in have])),
-                          "ci_low": lo, "ci_high": hi})
-        aucs = [_auc({f: p[f] for f in common}) for p in by_seed.values()]
-        lo, hi = _boot(aucs)
-        auc.append({"task": task, "algorithm": algo, "seeds": len(aucs), "fractions": len(common),
-                    "auc_mean": float(np.mean(aucs)), "auc_ci_low": lo, "auc_ci_high": hi,
-                    f"{x}_at_end": float(np.mean([p[max(p)][0] for p in by_seed.values()]))})
-        C = [float(np.mean([by_seed[s][f][0] for s in by_seed])) for f in common]
+                          "fraction_actual": float(np.mean([h["actual"] for h in have])),
+                          "off_fraction": sum(h["off"] for h in have),
+                          x: float(np.mean([h["compute"] for h in have])), "accuracy_mean": iv["mean"],
+                          "ci_low": iv["low"], "ci_high": iv["high"], "ci_method": iv["method"]})
+        iv = stats.interval([_auc(list(p.values())) for p in by_seed.values()])
+        auc.append({"task": task, "algorithm": algo, "seeds": iv["n"], "fractions": len(common),
+                    "auc_mean": iv["mean"], "auc_ci_low": iv["low"], "auc_ci_high": iv["high"], "ci_method": iv["method"],
+                    f"{x}_at_end": float(np.mean([p[max(p)]["compute"] for p in by_seed.values()]))})
+        C = [float(np.mean([by_seed[s][f]["compute"] for s in by_seed])) for f in common]
         if common and common[0] == 0.0:
             C[0] = 0.0  # before training: R0
-        fit = compare.bootstrap_fit(C, [[by_seed[s][f][1] for f in common] for s in sorted(by_seed)])
+        fit = compare.bootstrap_fit(C, [[by_seed[s][f]["accuracy"] for f in common] for s in sorted(by_seed)])
         fits.append({"task": task, "algorithm": algo, **{k: v for k, v in fit.items() if k != "rmse"},
                      "C": C, "R0": fit.get("R0")})
         if algo == baseline or (task, baseline) not in cells:
             continue
         base = cells[(task, baseline)]
         for f in fractions:
-            d = [by_seed[s][f][1] - base[s][f][1] for s in by_seed if s in base and f in by_seed[s] and f in base[s]]
+            seeds = [s for s in by_seed if s in base and f in by_seed[s] and f in base[s]]
+            d = [by_seed[s][f]["accuracy"] - base[s][f]["accuracy"] for s in seeds]
             if not d:
                 continue
-            lo, hi = _boot(d)
+            iv = stats.interval(d)
             rec = compare.paired_power(d)
             diffs.append({"task": task, "algorithm": algo, "baseline": baseline, "fraction": f, "paired_seeds": len(d),
-                          "mean_diff": float(np.mean(d)), "ci_low": lo, "ci_high": hi, "t_test_p": rec["p"]})
-    return {"x": x, "curve": curve, "auc": auc, "diffs": diffs, "fits": fits}
+                          "fraction_actual": float(np.mean([by_seed[s][f]["actual"] for s in seeds])),
+                          "baseline_fraction_actual": float(np.mean([base[s][f]["actual"] for s in seeds])),
+                          "mean_diff": iv["mean"], "ci_low": iv["low"], "ci_high": iv["high"],
+                          "ci_method": iv["method"], "t_test_p": rec["p"]})
+    return {"x": x, "curve": curve, "auc": auc, "diffs": diffs, "fits": fits, "warnings": warnings}
 
 
 def fit_sentence(rec: dict, x: str) -> str:
@@ -119,13 +143,17 @@ def fit_sentence(rec: dict, x: str) -> str:
     if not rec.get("identifiable"):
         return f"{name}: not identifiable — {rec['why']}."
     unit = AXES[x][2].split(" (")[0]
+    if "A_ci" not in rec:
+        return (f"{name}: asymptote A = {rec['A']:.3f}, efficiency B = {rec['B']:.2f}, half-gain compute C_mid = "
+                f"{rec['C_mid']:.3g} {unit}, from R0 = {rec['R0']:.3f} (point fit of the mean curve; no interval — "
+                f"{rec['interval'].split(': ', 1)[1]}).")
     return (f"{name}: asymptote A = {rec['A']:.3f} [{rec['A_ci'][0]:.3f}, {rec['A_ci'][1]:.3f}], efficiency "
             f"B = {rec['B']:.2f} [{rec['B_ci'][0]:.2f}, {rec['B_ci'][1]:.2f}], half-gain compute C_mid = "
             f"{rec['C_mid']:.3g} [{rec['C_mid_ci'][0]:.3g}, {rec['C_mid_ci'][1]:.3g}] {unit}, from R0 = {rec['R0']:.3f}.")
 
 
 def plot(res: dict, folder: Path) -> str:
-    """accuracy_vs_{x}.png: mean and bootstrap band per algorithm, one panel per task, fits dashed."""
+    """accuracy_vs_{x}.png: mean and 95% interval band per algorithm group, one panel per task, fits dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,15 +195,27 @@ def markdown(res: dict, baseline: str, fmt) -> list[str]:
     table = curve.pivot_table(index=["task", "algorithm"], columns="fraction", values="accuracy_mean", sort=False)
     table.columns = [f"acc@{c:g}" for c in table.columns]
     table = table.reset_index().merge(pd.DataFrame(res["auc"]), on=["task", "algorithm"])
+    actual = curve.pivot_table(index=["task", "algorithm"], columns="fraction", values="fraction_actual", sort=False)
+    actual.columns = [f"at@{c:g}" for c in actual.columns]
+    table = table.merge(actual.reset_index(), on=["task", "algorithm"])
     lines = ["## Accuracy against compute", "",
-             f"Held-out accuracy at fixed fractions of each run's budget (`eval.at_budget_fractions`), mean over seeds; "
-             f"`auc_mean` is the normalised area under the curve (the mean accuracy over the budget), with its 95% "
-             f"bootstrap interval over seeds. Axis: {AXES[x][2]} (`--x`).", "", fmt(table), ""]
+             "Held-out accuracy at fractions of each run's budget (`eval.at_budget_fractions`), mean over seeds, each "
+             "fraction matched to the run's evaluation nearest to it; `at@f` is the share of the budget actually "
+             "spent at that evaluation (mean over seeds: a step is indivisible). `auc_mean` is the normalised area "
+             "under each run's curve over its actual fractions (the mean accuracy over the budget), with its 95% "
+             f"interval over seeds (`ci_method`: t = Student t). Axis: {AXES[x][2]} (`--x`).", "", fmt(table), ""]
+    off = curve[curve["off_fraction"] > 0]
+    if len(off):
+        lines += ["Evaluations more than half a step's cost from their nominal fraction (`off_fraction`: runs): "
+                  + "; ".join(f"{r.algorithm} ({r.task}) at {r.fraction:g}: actual {r.fraction_actual:.2f}, "
+                              f"{int(r.off_fraction)} of {int(r.seeds)}" for r in off.itertuples()) + ".", ""]
+    for w in res.get("warnings", []):
+        lines += [f"**Warning:** {w}.", ""]
     if res["diffs"]:
-        lines += [f"Paired differences against `{baseline}` at each fraction (runs matched by seed; bootstrap interval, "
-                  "paired t-test):", "", fmt(pd.DataFrame(res["diffs"])), ""]
-    lines += ["Saturating fits R(C) = R0 + (A − R0) / (1 + (C_mid / C)^B) (ScaleRL), 95% intervals over seed resamples:",
-              ""] + [f"- {fit_sentence(f, x)}" for f in res["fits"]] + [""]
+        lines += [f"Paired differences against `{baseline}` at each fraction (runs matched by seed; t interval, "
+                  "paired t-test; both sides' actual fractions):", "", fmt(pd.DataFrame(res["diffs"])), ""]
+    lines += ["Saturating fits R(C) = R0 + (A − R0) / (1 + (C_mid / C)^B) (ScaleRL) of the mean curve; 95% intervals "
+              "over seed resamples only from 10 seeds on:", ""] + [f"- {fit_sentence(f, x)}" for f in res["fits"]] + [""]
     return lines
 
 

@@ -81,7 +81,8 @@ def rlbench_rollout_engines() -> Mapping[str, Any]:
     Return ``{name: "module:Class"}``. The class has a ``Config`` dataclass and is
     constructed as ``Class(config, model, tokenizer, device, seed=seed)``; it
     implements ``generate(prompts, n, sampling) -> Rollouts`` (completions
-    group-major, raw-model logprobs of the sampled tokens) and ``sync(model)``
+    group-major, the sampled tokens' logprobs under π_T = softmax(logits / T), T the sampling
+    temperature, 1 for greedy decoding: rlbench/logprobs.py) and ``sync(model)``
     (serve the policy's current weights). Optional: ``offload()`` / ``reload()``
     around the training phase, ``close()``, a ``determinism`` attribute (``"bitwise"``: the same
     seed gives the same tokens bit for bit on a CPU; ``"seeded"``: seeded, but kernels or batching

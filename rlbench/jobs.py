@@ -41,16 +41,23 @@ class Job:
     how: str = "started"  # or "resumed" (from its newest checkpoint)
     stop_seconds: float = 60.0  # how long a stopped job may take to write its checkpoint
 
-    def command(self, machines: int = 1, machine_rank: int = 0, main_ip: str = "127.0.0.1", port: int = 29500) -> list[str]:
+    def command(self, machines: int = 1, machine_rank: int = 0, main_ip: str = "127.0.0.1",
+                port: int | None = None) -> list[str]:
         return launch_command(self.args, self.processes, machines, machine_rank, main_ip, port)
 
 
 def launch_command(args: list[str], processes: int = 1, machines: int = 1, machine_rank: int = 0,
-                   main_ip: str = "127.0.0.1", port: int = 29500) -> list[str]:
-    """``python -m rlbench.cli run ARGS``, or ``accelerate launch`` over ``machines`` × ``processes``."""
+                   main_ip: str = "127.0.0.1", port: int | None = None) -> list[str]:
+    """``python -m rlbench.cli run ARGS``, or ``accelerate launch`` over ``machines`` × ``processes``.
+    On one machine the main port defaults to a free one (accelerate's own default, 29500, would
+    collide between runs started side by side); machines of one run must be given the same port."""
     run = ["-m", "rlbench.cli", "run", *args]
     if processes * machines <= 1:
         return [sys.executable, *run]
+    if port is None:
+        if machines > 1:
+            raise ValueError("a launch over several machines needs one main port that every machine is given")
+        port = free_port()
     # Accelerate's multi-GPU launcher (torchrun); without GPUs each process runs on the CPU over gloo
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no",
             "--dynamo_backend", "no", "--rdzv_backend", "static", "--same_network",
@@ -59,8 +66,7 @@ def launch_command(args: list[str], processes: int = 1, machines: int = 1, machi
 
 
 def free_port() -> int:
-    """A TCP port free on every address now: the main port of a multi-process launch (accelerate's
-    default, 29500, would collide between runs started side by side on one machine)."""
+    """A TCP port free on every address now."""
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]

@@ -1,10 +1,15 @@
 """Per-token log-probabilities of completions under a causal LM.
 
-Convention (the same as vLLM's default ``logprobs``): *raw model* logprobs,
-log_softmax of the unscaled logits, before temperature and top-p. The HF engine
-reports its sampled tokens under the same convention, so sampler and trainer
-logprobs compare like with like, and the importance ratio of the clipped
-surrogate is π_θ/π_old of the model itself, not of the temperature-scaled sampler.
+Convention: logprobs of the *sampling* distribution π_T ∝ exp(logits / T), T the rollouts'
+temperature (``temperature``; 1 gives the model's own distribution). The samples come from π_T,
+so the policy gradient of the expected reward is E[A ∇log π_T], and the clipped surrogate's ratio,
+the off-policy corrections and the k3 KL are ratios of sampling distributions only when both sides
+are π_T — as TRL (``_get_per_token_logps`` divides the logits by the temperature) and verl (the
+actor divides the logits by ``temperature``) compute them. Both engines report the sampled
+tokens' logprobs under the same π_T (hf: log_softmax(logits / T); vLLM: ``processed_logprobs``),
+so the stale-weight check compares like with like at any temperature. top-p is not applied on
+either side (the nucleus renormalisation is left out, as in TRL and verl; with top_p < 1 the
+sampler's truncation is a mismatch the trainer does not model).
 
 The LM head runs only on completion positions, and for the common architectures
 (HEAD_SPLIT_MODEL_TYPES) only on the real ones: padding never gets full-vocabulary logits.
@@ -138,9 +143,13 @@ def real_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, C:
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, C: int,
-                   with_entropy: bool = False, share_prompts: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-prob of each of the last C tokens of ``input_ids`` [N, L] → [N, C] (0 at padding)."""
+                   with_entropy: bool = False, share_prompts: bool = True,
+                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π_T of each of the last C tokens of ``input_ids`` [N, L] → [N, C] (0 at padding), and
+    with ``with_entropy`` the entropy of π_T at each position (no gradient)."""
     logits, real = real_logits(model, input_ids, attention_mask, C, share_prompts)  # [T, V], [N, C]
+    if temperature != 1.0:
+        logits = logits / temperature  # [T, V] π_T ∝ exp(logits / T)
     targets = input_ids[:, -C:][real]  # [T]
     logz = torch.logsumexp(logits, dim=-1)  # [T]
     lp_real = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz  # [T]
@@ -175,22 +184,29 @@ def _length_chunks(attention_mask: torch.Tensor, C: int, batch_size: int, by_pro
 
 @torch.no_grad()
 def batched_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, C: int,
-                     batch_size: int, share_prompts: bool = True) -> torch.Tensor:
-    """No-grad logprobs [N, C] in length-sorted chunks of ``batch_size`` rows, padding trimmed
-    (reference / old-policy passes)."""
+                     batch_size: int, share_prompts: bool = True, temperature: float = 1.0,
+                     with_entropy: bool = False):
+    """No-grad log π_T [N, C] in length-sorted chunks of ``batch_size`` rows, padding trimmed
+    (reference / old-policy passes); with ``with_entropy`` a pair (logprobs, entropy), both [N, C]."""
     P = input_ids.shape[1] - C
     out = torch.zeros(input_ids.shape[0], C, device=input_ids.device)
+    ent = torch.zeros_like(out) if with_entropy else None
     for rows, left, c in _length_chunks(attention_mask, C, batch_size, by_prompt=share_prompts):
-        lp, _ = token_logprobs(model, input_ids[rows, left:P + c], attention_mask[rows, left:P + c], c,
-                               share_prompts=share_prompts)
+        lp, e = token_logprobs(model, input_ids[rows, left:P + c], attention_mask[rows, left:P + c], c,
+                               with_entropy=with_entropy, share_prompts=share_prompts, temperature=temperature)
         out[rows, :c] = lp
-    return out * attention_mask[:, P:]  # [N, C]
+        if with_entropy:
+            ent[rows, :c] = e
+    mask = attention_mask[:, P:]
+    return (out * mask, ent * mask) if with_entropy else out * mask  # [N, C]
 
 
 @torch.no_grad()
 def exact_kl(policy, reference, input_ids: torch.Tensor, attention_mask: torch.Tensor,
              completion_mask: torch.Tensor, batch_size: int, share_prompts: bool = True) -> torch.Tensor:
-    """Exact per-token KL(π || π_ref) = Σ_v π log(π/π_ref), summed over the vocabulary, [N, C]."""
+    """Exact per-token KL(π || π_ref) = Σ_v π log(π/π_ref), summed over the vocabulary, [N, C], of
+    the models' own distributions (T = 1, whatever the rollouts' temperature: the held-out KL
+    measures how far the model moved, not the sampler)."""
     C = completion_mask.shape[1]
     P = input_ids.shape[1] - C
     out = torch.zeros(input_ids.shape[0], C, device=input_ids.device)

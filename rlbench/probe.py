@@ -54,7 +54,7 @@ def run(cfg, prompts: int = 32) -> dict:
         greedy, _ = evaluate(engine, task, split="train", limit=prompts, samples=1, max_tokens=ro.max_tokens)
     rec = summarize(sampled, greedy, ro.group_size, ro.prompts_per_step, ro.max_tokens,
                     groups=rollouts.group.tolist() if rollouts is not None else [])
-    rec.update(model=cfg.model.name, task=cfg.names["task"], engine=cfg.names["engine"],
+    rec.update(model=cfg.model.name, task=cfg.label("task"), engine=cfg.names["engine"],
                temperature=ro.temperature, seconds=time.perf_counter() - t)
     return rec
 

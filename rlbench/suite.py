@@ -74,6 +74,18 @@ def _label(entry) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", entry["name"] + (f"-{extra}" if extra else ""))
 
 
+def _entry(entry) -> dict:
+    """A matrix entry as its config section. An entry with options keeps a ``label`` (its own, or
+    the name plus its options), so reports tell two entries of one plugin apart."""
+    if isinstance(entry, str):
+        return {"name": entry}
+    out = {k: v for k, v in entry.items() if k != "label"}
+    label = str(entry["label"]) if "label" in entry else _label(entry)
+    if label != entry.get("name"):
+        out["label"] = label
+    return out
+
+
 def load(path: str | Path) -> dict:
     """Read and check a suite file; every problem is a ConfigError naming the key."""
     path = Path(path)
@@ -118,9 +130,9 @@ def expand(spec: dict) -> list[tuple[str, cfgmod.Config]]:
     for seed, model, task, algo, variant in itertools.product(*axes):
         raw = json.loads(json.dumps(base))  # deep copy
         parts = [_label(algo)]
-        raw["algorithm"] = {"name": algo} if isinstance(algo, str) else {k: v for k, v in algo.items() if k != "label"}
+        raw["algorithm"] = _entry(algo)
         if task is not None:
-            raw["task"] = {"name": task} if isinstance(task, str) else {k: v for k, v in task.items() if k != "label"}
+            raw["task"] = _entry(task)
             parts.append(_label(task))
         else:
             parts.append(raw.get("task", {}).get("name", "arithmetic"))
@@ -247,11 +259,11 @@ def executor_for(spec: dict, root: Path, name: str | None = None, jobs_n: int | 
 
 
 def probe_tasks(runs, root: Path, prompts: int, echo=print) -> None:
-    """``rlbench probe`` once per task (the first run's config; the model too, when the matrix
+    """``rlbench probe`` once per task label (the first run's config; the model too, when the matrix
     has several), each in its own process, into ``probes/``; a probe already there is kept."""
     seen = set()
     for name, cfg in runs:
-        key = cfg.names["task"] + ("" if cfg.model.name == runs[0][1].model.name else f"-{Path(cfg.model.name).name}")
+        key = re.sub(r"[^A-Za-z0-9._=-]+", "_", cfg.label("task")) + ("" if cfg.model.name == runs[0][1].model.name else f"-{Path(cfg.model.name).name}")
         if key in seen:
             continue
         seen.add(key)

@@ -42,7 +42,7 @@ class Rollouts:
     group: torch.Tensor  # [N] long, index into prompts
     completion_ids: torch.Tensor  # [N, C] long, right-padded with pad_id
     completion_mask: torch.Tensor  # [N, C] float, 1 for real completion tokens
-    logprobs: torch.Tensor | None  # [N, C] float, sampler's raw-model logprobs (0 at padding); None for offline data
+    logprobs: torch.Tensor | None  # [N, C] float, the sampled tokens' log π_T (rlbench/logprobs.py; 0 at padding); None for offline data
     texts: list[str]  # N decoded completions (special tokens stripped)
     finish_reasons: list[str]  # N of "stop" (EOS / end-of-turn) or "length"
     pad_id: int = 0

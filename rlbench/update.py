@@ -125,6 +125,10 @@ class Updater:
         self.model, self.optimizer, self.scheduler, self.critic = model, optimizer, scheduler, critic
         self.reference, self.weights, self.stepper, self.meter = reference, weights, stepper, meter
         self.max_drift, self.device = max_drift, device
+        # logprobs of π_T, the distribution the rollouts were sampled from (rlbench/logprobs.py);
+        # offline data (needs.offline) has no sampler: the model's own distribution, T = 1
+        self.temperature = 1.0 if needs.offline else cfg.rollout.temperature
+        self._before = None  # score's no-grad pass of the sampling weights: (logprobs, entropy) [N, C]
         self.applied = 0  # optimizer steps applied in the current step
         r = cfg.rollout
         self.correction = ops.Correction(r.is_correction, r.is_cap, r.is_low, r.is_level) \
@@ -133,38 +137,97 @@ class Updater:
         # checked at every push instead (rlbench/async_rollouts.py)
         self.on_policy = r.off_policy_steps == 0
 
+    @property
+    def steps_per_update(self) -> int:
+        """Optimizer steps in one step's update: μ epochs × M mini-batches."""
+        return self.needs.epochs * self.needs.mini_batches
+
     @torch.no_grad()
     def score(self, rollouts, ctx: StepContext) -> None:
         """Fill ``ctx`` before ``prepare``: reference logprobs (the algorithm's, or ``eval.kl``'s
         logged KL), old-policy logprobs (μ > 1, mini-batches, or the proximal policy of the
-        decoupled correction), the critic's values, the engine's behaviour logprobs [N, C]."""
-        cfg, mb = self.cfg, self.cfg.train.micro_batch_size
+        decoupled correction), the critic's values, the engine's behaviour logprobs [N, C]; all of
+        π_T (``self.temperature``). When the update takes several optimizer steps, the no-grad
+        pass of the sampling weights also gives the step's sampling-policy metrics (``update``)."""
+        cfg, mb, T = self.cfg, self.cfg.train.micro_batch_size, self.temperature
         inputs = {k: v.to(self.device) for k, v in rollouts.model_inputs().items()}
         C, tokens = rollouts.completion_ids.shape[1], inputs["attention_mask"].sum().item()
+        self._before = None
         if self.needs.reference or cfg.eval.kl:
             ctx.ref_logprobs = lpmod.batched_logprobs(self.reference, inputs["input_ids"], inputs["attention_mask"], C,
-                                                      mb, cfg.train.share_prompt_forward).cpu()  # [N, C]
+                                                      mb, cfg.train.share_prompt_forward, temperature=T).cpu()  # [N, C]
             self.meter.count("tokens/reference", tokens)
         ctx.behavior_logprobs = rollouts.logprobs
-        if self.needs.old_logprobs or cfg.rollout.is_correction == "decoupled":
+        asked = self.needs.old_logprobs or cfg.rollout.is_correction == "decoupled"
+        if asked or self.steps_per_update > 1:
             self.meter.count("tokens/old_logprobs", tokens)
             self.model.eval()
-            ctx.old_logprobs = lpmod.batched_logprobs(self.weights.whole, inputs["input_ids"], inputs["attention_mask"],
-                                                      C, mb, cfg.train.share_prompt_forward).cpu()  # [N, C]
+            old, ent = lpmod.batched_logprobs(self.weights.whole, inputs["input_ids"], inputs["attention_mask"], C, mb,
+                                              cfg.train.share_prompt_forward, temperature=T, with_entropy=True)
+            self._before = (old.cpu(), ent.cpu())  # [N, C] each: the sampling weights, before any update
+            if asked:
+                ctx.old_logprobs = self._before[0]
         if self.critic is not None:
             self.meter.count("tokens/critic", tokens)
             self.critic.eval()
             ctx.values = torch.cat([self.critic(inputs["input_ids"][i:i + mb], inputs["attention_mask"][i:i + mb], C)
                                     for i in range(0, rollouts.n, mb)]).cpu()  # [N, C]
 
+    def sampling_metrics(self, batch: TrainBatch, ctx: StepContext, sampler_logprobs) -> dict[str, float]:
+        """The sampling policy's metrics over the whole batch from ``score``'s no-grad pass, before
+        any optimizer step: ``kl`` (k3 to the reference), ``entropy``, and against the engine's
+        logprobs the sync drift and ``behavior_kl`` — each a share of the global batch's mean (the
+        same definitions as ``accumulate_gradients``')."""
+        old, ent = self._before
+        rows, C = batch["row"].cpu(), batch["completion_mask"].shape[1]
+        mask = batch["completion_mask"].cpu().float()  # [n, C]
+        old, ent = old[rows][:, :C], ent[rows][:, :C]  # [n, C]
+        tokens = batch.totals["tokens"]
+        m = {"entropy": (ent * mask).sum().item() / tokens}
+        if ctx.ref_logprobs is not None:
+            ref = ctx.ref_logprobs.cpu()[rows][:, :C]  # [n, C]
+            m["kl"] = (ops.k3_kl(old, ref) * mask).sum().item() / tokens
+        if sampler_logprobs is not None:
+            sampler = sampler_logprobs.cpu()[rows][:, :C]  # [n, C]
+            gap = (old - sampler).abs() * mask  # [n, C]
+            m["sync/logprob_drift"] = gap.max().item()
+            m["sync/logprob_drift_mean"] = gap.sum().item() / tokens
+            m["behavior_kl"] = (ops.k3_kl(sampler, old) * mask).sum().item() / tokens  # KL(behaviour ‖ π_θ)
+        return m
+
+    def _check_drift(self, m: dict, step: int) -> dict:
+        """The stale-weight check (synchronous rollouts) or, with a fixed lag, the gap renamed as the lag's."""
+        behavior_kl = m.pop("behavior_kl", None)
+        if not self.on_policy:  # the trainer-sampler gap is the lag here, not a sync fault
+            m["offpolicy/behavior_kl"] = behavior_kl or 0.0
+            m["offpolicy/logprob_gap_max"] = m.pop("sync/logprob_drift", 0.0)
+            m["offpolicy/logprob_gap_mean"] = m.pop("sync/logprob_drift_mean", 0.0)
+        elif m.get("sync/logprob_drift", 0.0) > self.max_drift:
+            self.optimizer.zero_grad(set_to_none=True)  # the first update must start from the sampling weights
+            raise stale_weights(step, m["sync/logprob_drift"], m["sync/logprob_drift_mean"], self.max_drift)
+        return m
+
     def update(self, batch: TrainBatch, ctx: StepContext, step: int, rollouts, rewards) -> dict:
-        """μ epochs × M mini-batches of optimizer steps; returns the sampling policy's metrics (the
-        first epoch's mean; the sync drift from its first mini-batch, which precedes any update)."""
+        """μ epochs × M mini-batches of optimizer steps. Returns the step's metrics:
+
+        * of the sampling policy (``SAMPLING_METRICS``: ``kl``, ``entropy``, the sync drift, the
+          off-policy gap): over the whole batch, with the weights that sampled it — from the one
+          update's forward when the update is a single optimizer step, else from ``score``'s no-grad
+          pass; never from a forward after an optimizer step;
+        * measured during the update (``loss``, ``clip_frac``, ``grad_norm``, ``grad_clipped``, value
+          loss, the algorithm's loss metrics, ``is/*``): the mean over all of the step's optimizer
+          steps (every epoch and mini-batch)."""
         cfg, needs = self.cfg, self.needs
         self.model.train()
         if self.critic is not None:
             self.critic.train()
-        first: list[dict] = []
+        if "row" not in batch:
+            batch = TrainBatch({**batch.tensors, "row": batch.rows()}, batch.totals, batch.metrics)
+        before = None
+        if self.steps_per_update > 1:
+            before = self._check_drift(reduce_train_metrics(
+                self.sampling_metrics(global_totals(batch), ctx, rollouts.logprobs)), step)
+        done: list[dict] = []
         for epoch in range(needs.epochs):
             ctx.epoch = epoch
             for i, mb in enumerate(mini_batches(batch, needs.mini_batches, shuffle_seed(cfg.run.seed, step, epoch),
@@ -178,16 +241,13 @@ class Updater:
                                              correction=self.correction,
                                              pairs=needs.pairs, critic=self.critic,
                                              share_prompts=cfg.train.share_prompt_forward, pad_to=pad_to,
-                                             sampler_logprobs=rollouts.logprobs)
+                                             sampler_logprobs=rollouts.logprobs, temperature=self.temperature)
                 m = reduce_train_metrics(m)
-                behavior_kl = m.pop("behavior_kl", None)
-                if not self.on_policy:  # the trainer-sampler gap is the lag here, not a sync fault
-                    m["offpolicy/behavior_kl"] = behavior_kl or 0.0
-                    m["offpolicy/logprob_gap_max"] = m.pop("sync/logprob_drift", 0.0)
-                    m["offpolicy/logprob_gap_mean"] = m.pop("sync/logprob_drift_mean", 0.0)
-                if epoch == 0 and i == 0 and m.get("sync/logprob_drift", 0.0) > self.max_drift:
-                    self.optimizer.zero_grad(set_to_none=True)  # the first update must start from the sampling weights
-                    raise stale_weights(step, m["sync/logprob_drift"], m["sync/logprob_drift_mean"], self.max_drift)
+                if before is None:  # the one optimizer step: its forward is the sampling weights'
+                    m = self._check_drift(m, step)
+                else:
+                    for k in SAMPLING_METRICS:
+                        m.pop(k, None)
                 bad_loss = m.get("nonfinite_loss", 0.0) > 0
                 grad_norm, applied, seconds = self.stepper.step(skip=bad_loss)
                 if bad_loss:
@@ -201,9 +261,17 @@ class Updater:
                 clipped = float(grad_norm > cfg.train.max_grad_norm)
                 self.meter.counters["grad/clipped"] += clipped
                 m.update(grad_norm=grad_norm, grad_clipped=clipped)
-                if epoch == 0:
-                    first.append(m)
-        metrics = {k: sum(m.get(k, 0.0) for m in first) / len(first) for k in first[0]}
-        metrics.update({k: v for k, v in first[0].items() if k.startswith("sync/")})
+                done.append(m)
+        keys = dict.fromkeys(k for m in done for k in m)
+        metrics = {k: sum(m.get(k, 0.0) for m in done) / len(done) for k in keys}
+        sampling = before if before is not None else {k: done[0][k] for k in keys if k in _SAMPLING_KEYS}
+        metrics.update(sampling)
         self.meter.count("tokens/trained", batch["attention_mask"].sum().item() * needs.epochs)
         return metrics
+
+
+# Measured on the sampling weights before any optimizer step (``Updater.update``); the rest of a
+# step's metrics are means over its optimizer steps.
+SAMPLING_METRICS = ("kl", "entropy", "sync/logprob_drift", "sync/logprob_drift_mean", "behavior_kl")
+_SAMPLING_KEYS = set(SAMPLING_METRICS) | {"offpolicy/behavior_kl", "offpolicy/logprob_gap_max",
+                                          "offpolicy/logprob_gap_mean"}

@@ -10,8 +10,8 @@ would count the other's processes, and killing one program's leftovers would kil
 The lease matters where the sandbox drops to the uid, i.e. when running as root; it is taken in
 every case so the code path is the same.
 
-Not covered: uids shared with programs run by another copy of rlbench under a different temp dir
-(``TMPDIR``), and real accounts in 61000-61999 (none on the machines this was built for).
+Not covered: real accounts in 61000-61999 (none on the machines this was built for), and a
+machine without ``/tmp`` where processes see different temp dirs.
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ _next = itertools.count()
 
 
 def _lease_dir() -> Path:
-    d = Path(tempfile.gettempdir()) / f"rlbench-sandbox-uids-{os.geteuid()}"
+    # one place for the whole machine: /tmp, not $TMPDIR, which differs between shells and tests
+    d = Path("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()) / f"rlbench-sandbox-uids-{os.geteuid()}"
     d.mkdir(mode=0o700, exist_ok=True)
     return d
 

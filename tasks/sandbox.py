@@ -182,11 +182,11 @@ def run_program(code: str, limits: Limits | None = None, stdin: str = "", level:
     if level != "bwrap":
         workdir.chmod(0o777)
     path = "/sandbox/program.py" if level == "bwrap" else str(scratch / "program.py")
-    held = contextlib.ExitStack()
-    uid = held.enter_context(_uids.lease())  # given back once the program's processes are gone
-    cmd = _command([_python(), "-I", "-S", path], scratch, limits, uid, level)
+    held = contextlib.ExitStack()  # the uid's lease, given back once the program's processes are gone
     t = time.perf_counter()
     try:
+        uid = held.enter_context(_uids.lease())
+        cmd = _command([_python(), "-I", "-S", path], scratch, limits, uid, level)
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 cwd=workdir, start_new_session=True, env={"PATH": "/usr/bin:/bin", "HOME": str(workdir)})
         try:
@@ -302,13 +302,13 @@ def check_function(program: str, entry_point: str, tests: str, *, check_name: st
     if level != "bwrap":
         workdir.chmod(0o777)
     proc = None
-    held = contextlib.ExitStack()
+    held = contextlib.ExitStack()  # the uid's lease, given back once the program's processes are gone
 
     def verdict(passed: bool, reason: str) -> Verdict:
         return Verdict(passed, reason, time.perf_counter() - t0)
 
     try:
-        uid = held.enter_context(_uids.lease())  # given back once the program's processes are gone
+        uid = held.enter_context(_uids.lease())
         proc = subprocess.Popen(_command(argv, scratch, limits, uid, level), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(req_r, resp_w),
                                 cwd=workdir, start_new_session=True, env={"PATH": "/usr/bin:/bin", "HOME": str(workdir)})

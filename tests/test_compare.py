@@ -20,9 +20,10 @@ def test_fit_recovers_a_known_curve_within_five_percent():
     A, B, C_mid, R0 = 0.72, 1.6, 3e14, 0.2
     C = np.concatenate([[0.0], np.logspace(13, 16, 12)])
     rng = np.random.default_rng(0)
-    curves = [compare.saturating(C, A, B, C_mid, R0) + rng.normal(0, 0.01, len(C)) for _ in range(4)]
+    curves = [compare.saturating(C, A, B, C_mid, R0) + rng.normal(0, 0.01, len(C)) for _ in range(10)]
     fit = compare.bootstrap_fit(C, curves, n=100)
     assert fit["identifiable"], fit["why"]
+    assert fit["interval"] == "bootstrap"  # 10 seeds: the seed bootstrap is valid
     assert fit["A"] == pytest.approx(A, rel=0.05)
     assert fit["B"] == pytest.approx(B, rel=0.05)
     assert fit["C_mid"] == pytest.approx(C_mid, rel=0.05)
@@ -30,6 +31,10 @@ def test_fit_recovers_a_known_curve_within_five_percent():
     # the points alone, without the bootstrap, give the same answer
     direct = compare.fit_saturating(C, np.mean(curves, 0), float(np.mean(curves, 0)[0]))
     assert direct["A"] == pytest.approx(fit["A"]) and direct["rmse"] < 0.01
+    # 4 seeds: the same point fit, no interval (4 seeds give at most 35 distinct resampled mean curves)
+    few = compare.bootstrap_fit(C, curves[:4], n=100)
+    assert few["identifiable"] and "A_ci" not in few and few["interval"].startswith("none: 4 seeds")
+    assert few["A"] == pytest.approx(A, rel=0.05)
 
 
 def test_flat_and_two_point_curves_are_not_identifiable():
@@ -50,7 +55,7 @@ def test_flat_and_two_point_curves_are_not_identifiable():
     fit = compare.bootstrap_fit(C, one, n=50)
     assert not fit["identifiable"] and fit["why"].startswith("a single seed")
     # rising, but the seeds disagree wildly: the intervals span the whole range
-    noisy = [[0.2, 0.9, 0.2, 0.9, 0.2], [0.2, 0.2, 0.9, 0.2, 0.9], [0.2, 0.5, 0.5, 0.9, 0.3]]
+    noisy = [[0.2, 0.9, 0.2, 0.9, 0.2], [0.2, 0.2, 0.9, 0.2, 0.9], [0.2, 0.5, 0.5, 0.9, 0.3]] * 4
     fit = compare.bootstrap_fit(C, noisy, n=100)
     assert not fit["identifiable"] and fit["why"]
 
@@ -69,9 +74,8 @@ def test_power_numbers_match_a_hand_computed_paired_t_test():
     # the minimum detectable difference has power 0.8 at n = 5 (noncentral t, not statsmodels)
     assert _power(rec["mdd"] / sd, 5) == pytest.approx(0.8, abs=1e-4)
     # seeds needed: the smallest n with power ≥ 0.8
-    for effect, key in ((0.026 / sd, "seeds_for_observed"), (0.02 / sd, "seeds_for_mde")):
-        n = int(rec[key])
-        assert _power(effect, n) >= 0.8 > _power(effect, n - 1)
+    n = int(rec["seeds_for_mde"])
+    assert _power(0.02 / sd, n) >= 0.8 > _power(0.02 / sd, n - 1)
     assert rec["p"] == pytest.approx(0.06499, abs=1e-4)  # t = 2.525 on 4 df: not significant at 0.05
     sentence = compare.power_sentence("dr_grpo", "grpo", rec)
     assert sentence.startswith("dr_grpo vs grpo: +0.026 over 5 paired seeds (p = 0.065) — not significant")
@@ -84,7 +88,7 @@ def test_power_sentence_says_how_underpowered():
     rec = compare.paired_power([0.02, -0.03, 0.04], mde=0.05)
     assert rec["p"] > 0.05
     s = compare.power_sentence("cispo", "grpo", rec)
-    assert "not significant" in s and f"±{rec['mdd']:.3f}" in s and f"about {int(rec['seeds_for_observed'])} seeds" in s
+    assert "not significant" in s and f"±{rec['mdd']:.3f}" in s and f"about {int(rec['seeds_for_mde'])} seeds" in s
     assert _power(rec["mdd"] / rec["sd_diff"], 3) == pytest.approx(0.8, abs=1e-4)
     assert compare.paired_power([0.1])["p"] != compare.paired_power([0.1])["p"]  # NaN: one seed has no test
     assert "no test possible" in compare.power_sentence("a", "b", compare.paired_power([0.1]))

@@ -40,6 +40,25 @@ def test_engine_serves_the_trained_weights_after_every_sync(tmp_path, first_char
     tr.close()
 
 
+def test_engine_logprobs_are_of_the_tempered_distribution(tmp_path, first_char_task):
+    # T = 0.5: vLLM's processed logprobs (after temperature) against the trainer's log π_T, every step
+    T = 0.5
+    cfg = tiny_config(*FAST, "train.steps=2", f"rollout.temperature={T}", engine={"name": "vllm"},
+                      task={"name": "first_char"})
+    tr = start(cfg, tmp_path / "t")
+    tr.run()
+    lines = rundir.read_jsonl(tmp_path / "t" / "metrics.jsonl")
+    assert all(r["sync/logprob_drift"] < 1e-4 for r in lines), [r["sync/logprob_drift"] for r in lines]
+    r = tr.engine.generate(tr.task.prompts("train", 4, seed=5), 2, Sampling(temperature=T, max_tokens=4))
+    inp = r.model_inputs()
+    C = r.completion_ids.shape[1]
+    tempered = logprobs.batched_logprobs(tr.policy, inp["input_ids"], inp["attention_mask"], C, 16, temperature=T)
+    raw = logprobs.batched_logprobs(tr.policy, inp["input_ids"], inp["attention_mask"], C, 16)
+    assert ((tempered - r.logprobs) * r.completion_mask).abs().max() < 1e-4
+    assert ((raw - r.logprobs) * r.completion_mask).abs().max() > 1e-2  # T = 1 would not match
+    tr.close()
+
+
 def test_stale_weights_stop_the_run_with_the_checkpoint_intact(tmp_path, first_char_task):
     cfg = tiny_config(*FAST, "train.steps=4", "train.checkpoint_every=1",
                       engine={"name": "vllm", "sync": False, "kv_cache_gb": 1}, task={"name": "first_char"})

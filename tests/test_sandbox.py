@@ -2,6 +2,7 @@
 plus a margin, leaves no process and no file behind, and the good programs beside it still pass."""
 import os
 import subprocess
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -86,9 +87,10 @@ def test_misbehaving_program_fails_contained(name):
     assert not os.path.exists(SENTINEL) and not os.path.exists("/root/escaped")
 
 
-def test_a_batch_with_every_misbehaviour_scores_the_good_ones(tmp_path):
+def test_a_batch_with_every_misbehaviour_scores_the_good_ones(tmp_path, monkeypatch):
     programs = [GOOD, *BAD.values(), GOOD, GOOD.replace("return a + b", "return b + a")]
-    before = set(os.listdir("/tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this test's scratch dirs only, not another test's
+    before = set(os.listdir(tmp_path))
     t = time.perf_counter()
     with ThreadPoolExecutor(4) as ex:
         verdicts = list(ex.map(_check, programs))
@@ -98,7 +100,7 @@ def test_a_batch_with_every_misbehaviour_scores_the_good_ones(tmp_path):
     assert wall < (len(programs) / 4 + 1) * (LIMITS.timeout_s + MARGIN)
     time.sleep(0.2)
     assert _stray() == []
-    assert {p for p in set(os.listdir("/tmp")) - before if p.startswith("rlbench-sbx")} == set()  # scratch removed
+    assert {p for p in set(os.listdir(tmp_path)) - before if p.startswith("rlbench-sbx")} == set()  # scratch removed
 
 
 def test_run_program_limits():

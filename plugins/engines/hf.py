@@ -1,9 +1,10 @@
 """Rollout engine ``hf``: transformers ``generate`` on the policy itself.
 
 Batched with left padding, n samples per prompt (group-major rows), stops at
-EOS or the chat end-of-turn token, and reports each sampled token's raw-model
-logprob (log_softmax of the unprocessed logits, the convention vLLM uses), so
-the trainer can compare like with like. It samples from the live policy module,
+EOS or the chat end-of-turn token, and reports each sampled token's logprob
+under π_T, log_softmax(logits / T) of the unprocessed logits at the sampling
+temperature T (greedy decoding: T = 1), top-p not applied — the trainer's
+convention (rlbench/logprobs.py), so the two compare like with like. It samples from the live policy module,
 so ``sync`` has nothing to copy: its weights are never stale. (Under DeepSpeed ZeRO-3 the
 trainer hands it a whole copy of the weights, refreshed at every sync.)
 
@@ -109,9 +110,11 @@ class HFEngine:
             **kwargs)
         comp = out.sequences[:, P:].cpu()  # [b*n, C]
         if sampling.logprobs:
+            T = 1.0 if sampling.greedy else sampling.temperature
             lp = torch.zeros(comp.shape)  # [b*n, C]
             for t, step_logits in enumerate(out.logits):  # raw logits [b*n, V], before temperature/top-p
-                lp[:, t] = torch.log_softmax(step_logits.float(), -1).gather(-1, comp[:, t:t + 1].to(step_logits.device)).squeeze(-1).cpu()
+                lp[:, t] = torch.log_softmax(step_logits.float() / T, -1).gather(
+                    -1, comp[:, t:t + 1].to(step_logits.device)).squeeze(-1).cpu()  # log π_T
         else:
             lp = torch.zeros(comp.shape)
         is_stop = torch.zeros_like(comp, dtype=torch.bool)

