@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="compare runs: summary.csv, aggregate.csv, report.md, report.html, plots")
     rp.add_argument("dirs", nargs="+", help="run directories and/or suite directories")
     rp.add_argument("--out", required=True, help="report directory, e.g. reports/NAME")
-    rp.add_argument("--baseline", help="algorithm the others are tested against (default grpo)")
+    rp.add_argument("--baseline", help="algorithm group the others are tested against (default: the suite's baseline, else grpo)")
     rp.add_argument("--title")
     rp.add_argument("--mde", type=float, help="a difference to size the seeds for (e.g. 0.02): seeds needed to detect it")
     rp.add_argument("--x", default="flops", choices=["flops", "tokens", "device_hours", "wall_seconds"],

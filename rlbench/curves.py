@@ -51,10 +51,10 @@ def run_points(run: dict, x: str) -> dict[float, dict]:
         return {}
     nominal = sorted({float(f) for e in evals for f in e.get("budget_fractions") or []})
     pts = []
-    for e in evals:
+    for i, e in enumerate(evals):  # records without the actual share (older runs): their largest tagged fraction
         spent = {**(e.get("spent") or {}), **(e.get("time_spent") or {})}
-        actual = float(e.get("budget_fraction", 0.0 if e["step"] == 0 else max(e.get("budget_fractions") or [0.0])))
-        pts.append({"step": e["step"], "actual": actual, "compute": float(spent.get(key, 0.0)) * scale,
+        actual = float(e.get("budget_fraction", max(e.get("budget_fractions") or [0.0])))
+        pts.append({"step": e.get("step", i), "actual": actual, "compute": float(spent.get(key, 0.0)) * scale,
                     "accuracy": float(e["accuracy"])})
     last = max(pts, key=lambda p: p["step"])
     per_step = last["actual"] / last["step"] if last["step"] else 0.0  # the budget share of one step
@@ -89,14 +89,15 @@ def build(runs: list[dict], baseline: str, x: str = "flops") -> dict | None:
         pts = run_points(r, x)
         if pts:
             cells.setdefault((r["row"]["task"], r["row"]["algorithm"]), {})[r["row"]["seed"]] = pts
-            steps.setdefault((r["row"]["task"], r["row"]["algorithm"]), []).append(int(r["row"]["steps"] or 0))
+            if r["row"].get("steps") is not None:
+                steps.setdefault((r["row"]["task"], r["row"]["algorithm"]), []).append(int(r["row"]["steps"]))
     if not cells:
         return None
     curve, auc, diffs, fits, warnings = [], [], [], [], []
     for (task, algo), by_seed in cells.items():
         fractions = sorted({f for p in by_seed.values() for f in p})
         inner = [f for f in fractions if f > 0]
-        if min(steps[(task, algo)]) < len(inner):
+        if steps.get((task, algo)) and min(steps[(task, algo)]) < len(inner):
             warnings.append(f"{algo} ({task}): its runs took {min(steps[(task, algo)])} step(s) for {len(inner)} "
                             "budget fractions, so several fractions share one evaluation; the budget is too coarse "
                             "for its step (raise the budget or use fewer fractions)")

@@ -7,6 +7,12 @@ correct samples. pass@k uses the unbiased estimator of Chen et al. (2021),
 problems. The 95% interval is the normal approximation over problems,
 mean ± 1.96 · sd / √N, clipped to [0, 1] (Wilson's interval would be tighter
 near 0 and 1 for greedy accuracy; the difference is small at N ≥ 100).
+
+Temperatures: training evaluations are greedy; ``rlbench eval --samples N`` samples at its own
+``--temperature``. The exact KL to the reference (``during_training``) is of the models' own
+distributions (T = 1) on the greedy completions, whatever ``rollout.temperature`` is: it measures
+how far the model moved. The training-step ``kl`` is of π_T, the sampling distribution
+(rlbench/logprobs.py).
 """
 from __future__ import annotations
 

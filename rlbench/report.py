@@ -99,7 +99,8 @@ def build(paths, out: str | Path, baseline: str | None = None, title: str | None
         runs.append(load_run(d, suite, st))
     if not runs:
         raise FileNotFoundError(f"no runs found under {', '.join(map(str, paths))}")
-    baseline = check_groups(runs, baseline)  # before anything is written
+    named = {json.loads((r / "suite.json").read_text()).get("baseline") for r in roots if (r / "suite.json").is_file()}
+    baseline = check_groups(runs, baseline, default=named.pop() if len(named) == 1 else None)  # before anything is written
     (out / "plots").mkdir(parents=True, exist_ok=True)
     summary = pd.DataFrame([r["row"] for r in runs], columns=SUMMARY_COLUMNS).sort_values(["task", "algorithm", "seed"])
     summary.to_csv(out / "summary.csv", index=False)

@@ -104,10 +104,10 @@ def load_run(run_dir: Path, suite: str | None = None, status: str | None = None)
     return {"row": row, "config": cfg, "manifest": manifest, "metrics": metrics, "evals": evals, "dir": run_dir}
 
 
-def check_groups(runs: list[dict], baseline: str | None) -> str:
+def check_groups(runs: list[dict], baseline: str | None, default: str | None = None) -> str:
     """Refuse two runs of one (task, algorithm group, seed) — a report would merge them — and a
-    baseline that names no group; returns the baseline (default: ``grpo`` where present, else the
-    first group)."""
+    baseline that names no group; returns the baseline (default: ``default`` — the suite's own
+    ``baseline`` — where it names a group, else ``grpo`` where present, else the first group)."""
     seen: dict[tuple, str] = {}
     for r in runs:
         key = (r["row"]["task"], r["row"]["algorithm"], r["row"]["seed"])
@@ -118,7 +118,7 @@ def check_groups(runs: list[dict], baseline: str | None) -> str:
         seen[key] = str(r["dir"])
     groups = list(dict.fromkeys(r["row"]["algorithm"] for r in runs))
     if baseline is None:
-        return "grpo" if "grpo" in groups else groups[0]
+        return default if default in groups else ("grpo" if "grpo" in groups else groups[0])
     if baseline not in groups:
         raise ReportError(f"--baseline {baseline!r} matches no group; the groups are: {', '.join(groups)}")
     return baseline

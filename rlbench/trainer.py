@@ -9,8 +9,9 @@ One step (``Trainer.step``), its phases in order:
   3. ``Algorithm.prepare``: rollouts + rewards + context → TrainBatch (advantages, pairs, …);
   4. ``Updater.update``: μ epochs × mini-batches of optimizer steps, each over micro-batches with
      gradient accumulation (loss shares normalised by whole-batch totals, so micro-batching does
-     not change the loss or gradient), clipping, AdamW, warmup + cosine; the first update checks
-     that the sampler served the trained weights;
+     not change the loss or gradient), clipping, AdamW, warmup + cosine; before the first
+     optimizer step the sampler's logprobs are checked against the trained weights and the
+     sampling policy's KL and entropy are measured (rlbench/update.py);
   5. ``Sampler.sync``: the engine serves the new weights.
 With ``rollout.off_policy_steps`` k > 0 the sampler is ``AsyncRollouts`` (rlbench/async_rollouts.py):
 phase 1 takes the batch a background worker generated from the weights of k updates earlier while

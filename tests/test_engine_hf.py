@@ -21,9 +21,12 @@ def test_samples_are_group_major_and_logprobs_match_the_trainer(tokenizer):
     assert r.n == 9 and r.group.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert r.completion_ids.shape[1] <= 6 and len(r.texts) == 9 and len(r.finish_reasons) == 9
     inputs = r.model_inputs()
-    lp, _ = logprobs.token_logprobs(model, inputs["input_ids"], inputs["attention_mask"], r.completion_ids.shape[1])
-    # raw-model logprobs (before temperature / top-p), so the trainer's recomputation agrees
+    C = r.completion_ids.shape[1]
+    lp, _ = logprobs.token_logprobs(model, inputs["input_ids"], inputs["attention_mask"], C, temperature=0.9)
+    # logprobs of π_T at the sampling temperature (top-p not applied), so the trainer's recomputation agrees
     assert (lp * r.completion_mask - r.logprobs).abs().max().item() < 1e-4
+    raw, _ = logprobs.token_logprobs(model, inputs["input_ids"], inputs["attention_mask"], C)
+    assert (raw * r.completion_mask - r.logprobs).abs().max().item() > 1e-3  # T = 1 would not agree
 
 
 def test_stops_at_chat_end_and_reports_finish_reasons():

@@ -138,7 +138,23 @@ def test_smoke_suite_under_a_flop_budget(smoke, tmp_path):
     grpo = [r for r in curve if r["algorithm"] == "grpo"]
     assert [float(r["fraction"]) for r in grpo] == [0.0, 0.25, 0.5, 1.0] and all(r["seeds"] == "2" for r in grpo)
     assert float(grpo[0]["tokens"]) == 0 and float(grpo[-1]["tokens"]) > float(grpo[1]["tokens"])
+    # every fraction is matched to the run's evaluation nearest to it; its actual share is shown, and an
+    # algorithm whose runs took fewer steps than there are fractions is warned about
+    actual = {}
+    for d in sorted((smoke / "runs").iterdir()):
+        evals = [e for e in rundir.read_jsonl(d / "eval.jsonl") if "budget_fraction" in e]
+        algo = d.name.split("-")[0]
+        for f in (0.0, 0.25, 0.5, 1.0):
+            actual.setdefault((algo, f), []).append(min(evals, key=lambda e: (abs(e["budget_fraction"] - f), e["step"]))
+                                                    ["budget_fraction"])
+    for r in curve:
+        assert float(r["fraction_actual"]) == pytest.approx(sum(actual[(r["algorithm"], float(r["fraction"]))]) / 2)
+    steps = {}
+    for d in sorted((smoke / "runs").iterdir()):
+        steps.setdefault(d.name.split("-")[0], []).append(len(rundir.read_jsonl(d / "metrics.jsonl")))
     md = (out / "report.md").read_text()
+    for algo, n in steps.items():
+        assert (f"**Warning:** {algo} (arithmetic): its runs took" in md) == (min(n) < 3), (algo, n)
     assert "## Accuracy against compute" in md and "not identifiable" in md  # a random model's flat curves
     assert (out / "plots" / "accuracy_vs_tokens.png").stat().st_size > 5000
     assert "Determinism tier" in md and "bitwise: 18" in md and "batch-invariant sampling on in every run" in md
