@@ -304,7 +304,8 @@ def answer_paragraph(power: list[dict], baseline: str, two_way: list[dict] = (),
     sig = [r["algorithm"] for r in power if r["answer"] == "significant"]
     nots = [r for r in power if r["answer"].startswith("not significant")]
     parts = [f"Against `{baseline}` (final held-out accuracy, seeds paired, Holm-adjusted over the suite's "
-             "comparisons): " + (f"significant for {', '.join(sig)}; " if sig else "no comparison is significant at α = 0.05; ")]
+             "comparisons): " + (f"significant for {', '.join(sig)}" if sig else "no comparison is significant at α = 0.05")
+             + ("; " if nots else ".")]
     if nots:
         lo = min(r["min_detectable_diff"] for r in nots)
         hi = max(r["min_detectable_diff"] for r in nots)
@@ -328,10 +329,11 @@ def answer_paragraph(power: list[dict], baseline: str, two_way: list[dict] = (),
                      if pr["top_seed"] is not None else "")
             seed_p = next((r["t_test_p"] for r in power if r["algorithm"] == pr["algorithm"] and r["task"] == pr["task"]),
                           math.nan)
+            seed = f"p = {seed_p:.2g}" if math.isfinite(seed_p) else "no test yet: fewer than 2 paired seeds"
             parts.append(f" {pr['algorithm']} answers the same problems differently from {baseline} in these runs "
                          f"(stratified McNemar p = {pr['cmh_p']:.2g}{share}), a test conditional on the trained runs "
                          f"(evaluation noise only); whether the algorithm does so is the seed-level test's question "
-                         f"(p = {seed_p:.2g}).")
+                         f"({seed}).")
     if regressed:
         parts.append(f" Regressed runs (final accuracy more than 2 standard errors below their own peak: training "
                      f"instability, not evaluation noise): {', '.join(regressed)}.")

@@ -64,6 +64,7 @@ def _problem_level(runs, summary, baseline: str) -> tuple[list[dict], list[dict]
             continue
         mine, base = by_seed(runs, task, algo), by_seed(runs, task, baseline)
         pairs = {s: (answers(mine[s]), answers(base[s])) for s in mine if s in base}
+        pairs = {s: p for s, p in pairs.items() if p[0] and p[1]}  # both trained and evaluated
         for s in mine:
             if s in base:
                 flags += [{"task": task, "algorithm": algo, "baseline": baseline, "seed": s, "difference": d}

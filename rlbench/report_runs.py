@@ -125,9 +125,9 @@ def check_groups(runs: list[dict], baseline: str | None, default: str | None = N
 
 
 def answers(run: dict) -> dict:
-    """{problem id: correct} of a run's final evaluation."""
+    """{problem id: correct} of a run's final evaluation after training (none before it trained)."""
     ev = run["evals"]
-    return dict(zip(ev[-1]["ids"], ev[-1]["correct"])) if ev and "ids" in ev[-1] else {}
+    return dict(zip(ev[-1]["ids"], ev[-1]["correct"])) if ev and ev[-1]["step"] > 0 and "ids" in ev[-1] else {}
 
 
 def infra_differences(run_a: dict, run_b: dict) -> list[str]:
