@@ -58,14 +58,20 @@ def rlbench_algorithms() -> Mapping[str, Any]:
       run: a statistic over "the batch" (REINFORCE++'s and PPO's whitening) is per
       rank; group statistics are unaffected, since a group never spans ranks.
     * ``loss(logprobs, batch, ctx) -> (loss, metrics)`` per micro-batch:
-      ``logprobs`` [n, C] carry the gradient; ``ctx`` is the step's context for
+      ``logprobs`` [n, C] carry the gradient; every logprob an algorithm sees (these,
+      the reference's, the old policy's, the behaviour's) is of π_T, the distribution
+      the rollouts were sampled from at ``rollout.temperature`` (T = 1 for offline
+      data; rlbench/logprobs.py); ``ctx`` is the step's context for
       exactly this micro-batch's rows (reference/old logprobs, the critic's current
       values with their gradient, the importance weights of
       ``rollout.is_correction``, the behaviour logprobs of the weights that generated the
       tokens, ``max_tokens``): what the trainer computes reaches the
       algorithm through ``ctx`` only, and ``batch`` holds only what ``prepare`` built.
       The loss is this micro-batch's share normalised by ``batch.totals`` so that
-      summing shares gives the whole-batch loss; metrics are summed the same way.
+      summing shares gives the whole-batch loss; metrics are summed the same way,
+      and averaged over the step's optimizer steps (μ epochs × mini-batches) in
+      metrics.jsonl. ``after_step`` receives the sampling policy's ``kl``, measured
+      before any optimizer step of the step.
     * ``after_step(metrics)``, ``state_dict()``, ``load_state_dict()``
       (defaults in ``rlbench.types.AlgorithmBase``).
     * only with ``Needs(offline=True)``: ``offline_rollouts(step, n, tokenizer,
