@@ -325,8 +325,8 @@ def answer_paragraph(power: list[dict], baseline: str, two_way: list[dict] = (),
                                                   else "no significant difference either."))
     for pr in problem:
         if pr["cmh_p"] < ALPHA:
-            share = (f"; {pr['top_seed_share']:.0%} of the net {pr['net']:+d} problems come from seed {pr['top_seed']}"
-                     if pr["top_seed"] is not None else "")
+            share = (f"; of the net {pr['net']:+d} problems, seed {pr['top_seed']} alone contributes "
+                     f"{pr['top_seed_net']:+d}" if pr["top_seed"] is not None else "")
             seed_p = next((r["t_test_p"] for r in power if r["algorithm"] == pr["algorithm"] and r["task"] == pr["task"]),
                           math.nan)
             seed = f"p = {seed_p:.2g}" if math.isfinite(seed_p) else "no test yet: fewer than 2 paired seeds"

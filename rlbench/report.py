@@ -77,7 +77,7 @@ def _problem_level(runs, summary, baseline: str) -> tuple[list[dict], list[dict]
                            "baseline_only_right": r["b_only"], "mcnemar_p": r["p"]} for r in res["seeds"]]
         combined.append({"task": task, "algorithm": algo, "baseline": baseline, "seeds": len(res["seeds"]),
                          "problem_pairs": res["problems"], "algorithm_only_right": res["a_only"],
-                         "baseline_only_right": res["b_only"], "net": res["net"], "top_seed": res["top_seed"],
+                         "baseline_only_right": res["b_only"], "net": res["net"], "top_seed": res["top_seed"], "top_seed_net": res["top_seed_net"],
                          "top_seed_share": res["top_seed_share"], "cmh_p": res["cmh_p"]})
     return per_seed_rows, combined, flags
 

@@ -125,7 +125,8 @@ def problem_level(per_seed: dict) -> dict:
     """``per_seed``: {seed: (answers of A, answers of B)}, each {problem id: correct}. Returns the
     per-seed McNemar tests (``seeds``: seed, problems, a_only, b_only, p), the pooled discordant
     counts, the CMH test over (seed, problem) strata (``cmh_p``, continuity-corrected) and the
-    share of the net difference that the seed contributing most to it holds (``top_seed_share``)."""
+    seed contributing most to the net difference: its own net (``top_seed_net``) and share of the
+    total (``top_seed_share``, above 1 when other seeds go the other way)."""
     from statsmodels.stats.contingency_tables import StratifiedTable
 
     seeds, tables = [], []
@@ -140,14 +141,16 @@ def problem_level(per_seed: dict) -> dict:
                    for i in shared if bool(a[i]) != bool(b[i])]
     b_tot, c_tot = sum(s["a_only"] for s in seeds), sum(s["b_only"] for s in seeds)
     out = {"seeds": seeds, "problems": sum(s["problems"] for s in seeds), "a_only": b_tot, "b_only": c_tot,
-           "cmh_p": 1.0, "cmh_statistic": 0.0, "net": b_tot - c_tot, "top_seed": None, "top_seed_share": math.nan}
+           "cmh_p": 1.0, "cmh_statistic": 0.0, "net": b_tot - c_tot, "top_seed": None, "top_seed_net": 0,
+           "top_seed_share": math.nan}
     if tables:
         res = StratifiedTable(tables).test_null_odds(correction=True)
         out["cmh_p"], out["cmh_statistic"] = float(res.pvalue), float(res.statistic)
     net = b_tot - c_tot
     if net:
         top = max(seeds, key=lambda s: (s["a_only"] - s["b_only"]) * (1 if net > 0 else -1))
-        out["top_seed"], out["top_seed_share"] = top["seed"], (top["a_only"] - top["b_only"]) / net
+        out["top_seed"], out["top_seed_net"] = top["seed"], top["a_only"] - top["b_only"]
+        out["top_seed_share"] = out["top_seed_net"] / net
     return out
 
 

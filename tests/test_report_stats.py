@@ -75,7 +75,8 @@ def test_stratified_mcnemar_against_statsmodels_on_a_hand_made_table():
     assert res["cmh_p"] == pytest.approx(cmh.pvalue) and res["cmh_statistic"] == pytest.approx(cmh.statistic)
     # on paired answers it is McNemar's corrected χ² on the discordant pairs summed over seeds: (|4 − 1| − 1)² / 5
     assert res["cmh_statistic"] == pytest.approx((abs(4 - 1) - 1) ** 2 / 5)
-    assert res["net"] == 3 and res["top_seed"] == 0 and res["top_seed_share"] == pytest.approx(4 / 3)
+    assert res["net"] == 3 and res["top_seed"] == 0 and res["top_seed_net"] == 4
+    assert res["top_seed_share"] == pytest.approx(4 / 3)  # above 1: the other seed went the other way
 
 
 def test_two_way_model_against_statsmodels_ols_on_a_hand_made_suite():
