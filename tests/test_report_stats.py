@@ -139,6 +139,16 @@ def _suite_dir(tmp_path, spec_text: str) -> tuple[Path, list]:
     return root, runs
 
 
+def _small_suite(tmp_path, name: str, algorithms: str, seeds: str = "[0, 1]", set_: str = ""):
+    """A suite on the smoke config (``set_``: its ``set`` line, if any) laid out as ``_suite_dir`` does."""
+    return _suite_dir(tmp_path, f"""
+name: {name}
+base: {ROOT / "configs" / "smoke.yaml"}
+matrix: {{algorithm: {algorithms}, seed: {seeds}}}
+{set_}
+""")
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "rlbench.cli", *args], cwd=ROOT, capture_output=True, text=True)
 
@@ -185,11 +195,7 @@ set: ["eval.at_budget_fractions=[0, 0.5, 1]"]
 
 
 def test_two_runs_of_one_group_and_seed_are_an_error(tmp_path):
-    root, runs = _suite_dir(tmp_path, f"""
-name: dup
-base: {ROOT / "configs" / "smoke.yaml"}
-matrix: {{algorithm: [grpo], seed: [0]}}
-""")
+    root, runs = _small_suite(tmp_path, "dup", "[grpo]", "[0]")
     cfg = runs[0][1].to_dict()
     _run(root, cfg, [(0, 0.0, 0.5), (1, 1.0, 0.6)])
     cfg2 = json.loads(json.dumps(cfg))
@@ -201,12 +207,8 @@ matrix: {{algorithm: [grpo], seed: [0]}}
 
 
 def test_costly_steps_get_actual_fractions_and_the_coarse_budget_warning(tmp_path):
-    root, runs = _suite_dir(tmp_path, f"""
-name: costly
-base: {ROOT / "configs" / "smoke.yaml"}
-matrix: {{algorithm: [grpo, ppo], seed: [0, 1]}}
-set: ["eval.at_budget_fractions=[0, 0.125, 0.25, 0.5, 0.75, 1]"]
-""")
+    root, runs = _small_suite(tmp_path, "costly", "[grpo, ppo]",
+                              set_='set: ["eval.at_budget_fractions=[0, 0.125, 0.25, 0.5, 0.75, 1]"]')
     for name, c in runs:
         cfg, seed = c.to_dict(), c.run.seed
         if cfg["algorithm"]["name"] == "grpo":  # 0.18 of the budget per step; evaluated where a fraction is first reached
@@ -235,12 +237,7 @@ set: ["eval.at_budget_fractions=[0, 0.125, 0.25, 0.5, 0.75, 1]"]
 
 
 def test_a_regressed_run_is_flagged(tmp_path):
-    root, runs = _suite_dir(tmp_path, f"""
-name: reg
-base: {ROOT / "configs" / "smoke.yaml"}
-matrix: {{algorithm: [grpo, rloo], seed: [0, 1]}}
-set: ["eval.every=1"]
-""")
+    root, runs = _small_suite(tmp_path, "reg", "[grpo, rloo]", set_='set: ["eval.every=1"]')
     for name, c in runs:
         cfg = c.to_dict()
         fall = name == "grpo-arithmetic-s1"  # climbs to 0.63, falls to 0.48 (2 SE at n = 100 is ~0.10)
