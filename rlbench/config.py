@@ -9,7 +9,6 @@ valid key; values are type-checked (an int is accepted where a float is due).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
 import typing
 from dataclasses import dataclass, field
@@ -19,11 +18,8 @@ from typing import Any
 import yaml
 
 from rlbench import manager, models
+from rlbench.config_types import ConfigError, _check_type, _suggest
 from rlbench.ops import IS_CORRECTIONS
-
-
-class ConfigError(ValueError):
-    pass
 
 
 @dataclass
@@ -272,43 +268,6 @@ class Config:
     def label(self, section: str) -> str:
         """What reports call this run's task or algorithm: its ``label``, else the plugin name."""
         return self.labels.get(section) or self.names[section]
-
-
-def _suggest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid) or '(none)'}"
-
-
-def _check_type(section: str, key: str, value: Any, tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        tp = next(a for a in args if a is not type(None))
-        origin = typing.get_origin(tp)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        try:  # PyYAML reads 3e-3 (no dot) as a string: accept what float() accepts
-            return float(value)
-        except ValueError:
-            pass
-    if tp in (int, float, str, bool):
-        if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-            return value
-        raise ConfigError(f"config: {section}.{key} must be {tp.__name__}, got {type(value).__name__} {value!r}")
-    if tp is list or origin is list:
-        if isinstance(value, list):
-            return value
-        raise ConfigError(f"config: {section}.{key} must be a list, got {type(value).__name__} {value!r}")
-    if tp is dict or origin is dict:
-        if isinstance(value, dict):
-            return value
-        raise ConfigError(f"config: {section}.{key} must be a mapping, got {type(value).__name__} {value!r}")
-    return value
 
 
 def build_section(section: str, cls: type, values: dict | None, *, ignore: tuple = ()) -> Any:

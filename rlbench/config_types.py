@@ -1,0 +1,49 @@
+"""Checking one config value against its dataclass field: the type rules and the did-you-mean
+hint that rlbench/config.py's strict validation uses (an int accepted where a float is due, YAML's
+3e-3 string read as a float, lists and mappings checked by kind)."""
+from __future__ import annotations
+
+import difflib
+import typing
+from typing import Any
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid) or '(none)'}"
+
+
+def _check_type(section: str, key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(tp)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # PyYAML reads 3e-3 (no dot) as a string: accept what float() accepts
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool):
+        if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+            return value
+        raise ConfigError(f"config: {section}.{key} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, list):
+            return value
+        raise ConfigError(f"config: {section}.{key} must be a list, got {type(value).__name__} {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"config: {section}.{key} must be a mapping, got {type(value).__name__} {value!r}")
+    return value
