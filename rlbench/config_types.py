@@ -9,7 +9,12 @@ from typing import Any
 
 
 class ConfigError(ValueError):
-    pass
+    """A config the run refuses before it starts. Public name: ``rlbench.config.ConfigError``."""
+
+
+# Users catch and read it as rlbench.config.ConfigError (tracebacks, the benchmarks' failure lines);
+# where the class happens to be defined is not part of that name.
+ConfigError.__module__ = "rlbench.config"
 
 
 def _suggest(key: str, valid: list[str]) -> str:
