@@ -61,7 +61,7 @@ def rlbench_algorithms() -> Mapping[str, Any]:
       ``logprobs`` [n, C] carry the gradient; every logprob an algorithm sees (these,
       the reference's, the old policy's, the behaviour's) is of π_T, the distribution
       the rollouts were sampled from at ``rollout.temperature`` (T = 1 for offline
-      data; rlbench/logprobs.py); ``ctx`` is the step's context for
+      data; rlbench/modeling/logprobs.py); ``ctx`` is the step's context for
       exactly this micro-batch's rows (reference/old logprobs, the critic's current
       values with their gradient, the importance weights of
       ``rollout.is_correction``, the behaviour logprobs of the weights that generated the
@@ -88,7 +88,7 @@ def rlbench_rollout_engines() -> Mapping[str, Any]:
     constructed as ``Class(config, model, tokenizer, device, seed=seed)``; it
     implements ``generate(prompts, n, sampling) -> Rollouts`` (completions
     group-major, the sampled tokens' logprobs under π_T = softmax(logits / T), T the sampling
-    temperature, 1 for greedy decoding: rlbench/logprobs.py) and ``sync(model)``
+    temperature, 1 for greedy decoding: rlbench/modeling/logprobs.py) and ``sync(model)``
     (serve the policy's current weights). Optional: ``offload()`` / ``reload()``
     around the training phase, ``close()``, a ``determinism`` attribute (``"bitwise"``: the same
     seed gives the same tokens bit for bit on a CPU; ``"seeded"``: seeded, but kernels or batching
@@ -105,12 +105,12 @@ def rlbench_executors() -> Mapping[str, Any]:
     Return ``{name: "module:Class"}``. The class has a ``Config`` dataclass (the suite file's
     ``executor:`` section without ``name``) and a ``name``; it is constructed as
     ``Class(config, suite_dir)`` and has ``parallel`` (jobs it keeps submitted at once) and
-    implements ``submit(job: rlbench.jobs.Job) -> job_id`` (one run as one job; ``job.command()``
+    implements ``submit(job: rlbench.suites.jobs.Job) -> job_id`` (one run as one job; ``job.command()``
     is what to run, on every machine of a multi-process job; its output appended to ``job.log``),
     ``poll(job_ids) -> {job_id: "queued" | "running" | "done" | "gone"}`` (for ids submitted by an
     earlier controller too: that is how a restarted suite re-attaches) and ``cancel(job_ids)``.
     Optional: ``note(job_id) -> str``, the scheduler's word on an ended job (added to the error of
-    a failed run). Retries, resuming and re-attaching are the suite's (rlbench/jobs.py), the same
+    a failed run). Retries, resuming and re-attaching are the suite's (rlbench/suites/jobs.py), the same
     on every executor. Built in: ``local`` (the default), ``slurm`` (submitit), ``ray`` (Ray jobs).
     """
 

@@ -42,7 +42,7 @@ class Rollouts:
     group: torch.Tensor  # [N] long, index into prompts
     completion_ids: torch.Tensor  # [N, C] long, right-padded with pad_id
     completion_mask: torch.Tensor  # [N, C] float, 1 for real completion tokens
-    logprobs: torch.Tensor | None  # [N, C] float, the sampled tokens' log π_T (rlbench/logprobs.py; 0 at padding); None for offline data
+    logprobs: torch.Tensor | None  # [N, C] float, the sampled tokens' log π_T (rlbench/modeling/logprobs.py; 0 at padding); None for offline data
     texts: list[str]  # N decoded completions (special tokens stripped)
     finish_reasons: list[str]  # N of "stop" (EOS / end-of-turn) or "length"
     pad_id: int = 0
@@ -204,7 +204,7 @@ class Needs:
     group_size: int = 1  # completions per prompt the rollout engine must produce
     epochs: int = 1  # passes (μ) over each rollout batch; each pass is one optimizer step
     pairs: bool = False  # rows come in (chosen, rejected) pairs: keep order, never split a pair
-    critic: bool = False  # a value model (rlbench.critic.ValueModel) trained beside the policy
+    critic: bool = False  # a value model (rlbench.modeling.critic.ValueModel) trained beside the policy
     critic_lr: float = 0.0  # its learning rate (0 = train.lr)
     critic_model: str = ""  # the critic's body: "" = a copy of the policy's, else this model (same tokenizer)
     mini_batches: int = 1  # optimizer steps per epoch: the batch is shuffled and split (pairs kept whole)
@@ -337,7 +337,7 @@ def engine_seed(run_seed: int, step: int) -> int:
 
 def batch_seed(run_seed: int, step: int) -> int:
     """The seed torch's generator gets before step ``step``'s batch is sampled with
-    asynchronous rollouts (rlbench/async_rollouts.py): the samples depend on (seed, step) only."""
+    asynchronous rollouts (rlbench/training/async_rollouts.py): the samples depend on (seed, step) only."""
     return prompt_seed(run_seed, f"batch:{step}")
 
 

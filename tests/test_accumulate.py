@@ -1,4 +1,4 @@
-"""rlbench/accumulate.py against an independent computation: the micro-batches it forms, the
+"""rlbench/training/accumulate.py against an independent computation: the micro-batches it forms, the
 context each micro-batch's loss receives, the metrics it returns (loss, KL, entropy, sampler drift,
 importance weights), and its handling of non-finite losses and of DeepSpeed's padding backwards."""
 import math
@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-from rlbench import logprobs as lpmod
-from rlbench import models, ops
-from rlbench.accumulate import accumulate_gradients, mini_batches, split_micro_batches
+from rlbench.modeling import logprobs as lpmod
+from rlbench import ops
+from rlbench.modeling import models
+from rlbench.training.accumulate import accumulate_gradients, mini_batches, split_micro_batches
 from rlbench.types import StepContext, TrainBatch
 
 

@@ -71,7 +71,7 @@ def test_every_shipped_yaml_is_loaded_and_validated():
 
     from accelerate.commands.config.config_args import load_config_from_file
 
-    from rlbench import suite
+    from rlbench.suites import suite
 
     root = Path(__file__).resolve().parent.parent / "configs"
     seen = set()

@@ -9,7 +9,7 @@ import rlbench
 from rlbench import manager, rundir
 from rlbench.plugins.algorithms.dapo import DAPO, DAPOConfig, overlong_penalty
 from rlbench.plugins.algorithms.grpo import GRPO, GRPOConfig
-from rlbench.trainer import start
+from rlbench.training.trainer import start
 from rlbench.types import Prompt, Rollouts, StepContext, TrainBatch
 
 from conftest import tiny_config

@@ -6,8 +6,8 @@ import torch
 
 from rlbench import rundir
 from rlbench.plugins.algorithms.dpo import DPO, DPOConfig, preference_pairs
-from rlbench.trainer import start
-from rlbench.accumulate import accumulate_gradients
+from rlbench.training.trainer import start
+from rlbench.training.accumulate import accumulate_gradients
 from rlbench.types import StepContext, TrainBatch
 
 from conftest import tiny_config
@@ -53,7 +53,7 @@ def test_ipo_loss_by_hand():
 
 
 def test_pairs_stay_together_under_micro_batching(tokenizer):
-    from rlbench import models
+    from rlbench.modeling import models
 
     logp, batch, ctx = _two_pairs()
     g = torch.Generator().manual_seed(0)

@@ -1,7 +1,7 @@
 """The hf rollout engine: shapes, group order, stop tokens, logprob convention."""
 import torch
 
-from rlbench import logprobs, models
+from rlbench.modeling import logprobs, models
 from rlbench.plugins.engines.hf import HFConfig, HFEngine
 from rlbench.types import Prompt, Sampling
 

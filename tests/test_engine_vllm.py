@@ -6,8 +6,9 @@ import torch
 
 pytest.importorskip("vllm")
 
-from rlbench import logprobs, manager, models, rundir  # noqa: E402
-from rlbench.trainer import TrainingError, start  # noqa: E402
+from rlbench import manager, rundir
+from rlbench.modeling import logprobs, models  # noqa: E402
+from rlbench.training.trainer import TrainingError, start  # noqa: E402
 from rlbench.types import Prompt, Sampling  # noqa: E402
 
 from conftest import tiny_config  # noqa: E402
@@ -162,7 +163,7 @@ def test_lora_run_syncs_merged_weights_to_vllm(tmp_path, first_char_task):
     tr.run()
     lines = rundir.read_jsonl(tmp_path / "v" / "metrics.jsonl")
     assert all(r["sync/logprob_drift"] < 1e-4 for r in lines), [r["sync/logprob_drift"] for r in lines]
-    from rlbench import lora
+    from rlbench.modeling import lora
 
     merged = lora.merged_state_dict(tr.policy)
     moved = max((merged[k] - v).abs().max().item() for k, v in tr.reference.state_dict().items())

@@ -99,7 +99,7 @@ def test_k3_properties():
 
 
 def test_k3_kl_of_models_zero_for_identical_positive_otherwise(tokenizer):
-    from rlbench import logprobs, models
+    from rlbench.modeling import logprobs, models
 
     a = models.tiny_random(tokenizer, seed=0)
     b = models.tiny_random(tokenizer, seed=0)

@@ -12,13 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlbench import config, manager, ops, rundir, setup
-from rlbench.async_rollouts import Version, behavior_version
-from rlbench.cost import CostMeter
+from rlbench import config, manager, ops, rundir
+from rlbench.training import setup
+from rlbench.training.async_rollouts import Version, behavior_version
+from rlbench.training.cost import CostMeter
 from rlbench.plugins.algorithms.cispo import CISPO, CISPOConfig
 from rlbench.plugins.engines.hf import HFEngine
-from rlbench.sampler import Sampler
-from rlbench.trainer import Trainer, TrainingError, start
+from rlbench.training.sampler import Sampler
+from rlbench.training.trainer import Trainer, TrainingError, start
 from rlbench.types import StepContext, TrainBatch, batch_seed
 
 import rlbench

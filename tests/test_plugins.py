@@ -47,7 +47,7 @@ def test_builtins_come_from_the_entry_point_group():
 
 
 def test_importing_the_core_never_imports_heavy_backends():
-    code = ("import sys, rlbench, rlbench.manager, rlbench.config, rlbench.trainer; "
+    code = ("import sys, rlbench, rlbench.manager, rlbench.config, rlbench.training.trainer; "
             "rlbench.manager.entries(); "
             "print([m for m in ('vllm', 'deepspeed', 'bitsandbytes', 'wandb', 'submitit', 'ray') if m in sys.modules])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

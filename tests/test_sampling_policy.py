@@ -4,11 +4,12 @@ logprob is of π_T ∝ exp(logits / T), the distribution the rollouts were drawn
 import pytest
 import torch
 
-from rlbench import logprobs as lpmod
-from rlbench import models, rundir
-from rlbench.accumulate import accumulate_gradients
+from rlbench.modeling import logprobs as lpmod
+from rlbench import rundir
+from rlbench.modeling import models
+from rlbench.training.accumulate import accumulate_gradients
 from rlbench.ops import PolicyGradient, GroupRelativeConfig
-from rlbench.trainer import start
+from rlbench.training.trainer import start
 from rlbench.types import StepContext, TrainBatch
 
 from conftest import tiny_config

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlbench import report, rundir, suite
-from rlbench.stats import interval, iqm, mcnemar_exact, prob_improvement
+from rlbench import rundir
+from rlbench.reporting import report
+from rlbench.suites import suite
+from rlbench.reporting.stats import interval, iqm, mcnemar_exact, prob_improvement
 
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ["suite", "algorithm", "task", "model", "seed", "steps", "accuracy_before", "accuracy_after",
@@ -241,7 +243,7 @@ def test_statistics_by_hand():
 
 def test_token_budget_stops_a_run(tmp_path):
     from conftest import tiny_config
-    from rlbench.trainer import start
+    from rlbench.training.trainer import start
 
     cfg = tiny_config("train.steps=50", "train.max_generated_tokens=100", "rollout.max_tokens=8", "eval.kl=false",
                       algorithm={"name": "dapo", "dynamic_sampling": 2})
@@ -255,7 +257,7 @@ def test_token_budget_stops_a_run(tmp_path):
 def test_aha_detector(tmp_path, first_char_task):
     from conftest import tiny_config
     from rlbench.plugins.hooks import aha
-    from rlbench.trainer import start
+    from rlbench.training.trainer import start
 
     assert aha.find("Hmm, wait. Let me check that again.", ("wait",)).group(0) == "wait"
     assert aha.find("the waiter came", ("wait",)) is None  # whole words only

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from rlbench import rundir
-from rlbench.trainer import Trainer, start
-from rlbench.accumulate import accumulate_gradients
+from rlbench.training.trainer import Trainer, start
+from rlbench.training.accumulate import accumulate_gradients
 from rlbench.types import StepContext, TrainBatch
 
 from conftest import tiny_config
@@ -46,7 +46,7 @@ def _random_batch(tokenizer, n=6, P=5, C=7, seed=0):
 
 @pytest.mark.parametrize("agg", ["seq_mean", "token_mean"])
 def test_gradient_accumulation_matches_one_batch(tokenizer, agg):
-    from rlbench import models
+    from rlbench.modeling import models
     from rlbench.plugins.algorithms.grpo import GRPO, GRPOConfig
 
     algo = GRPO(GRPOConfig(beta=0.1, loss_agg=agg, epsilon_low=0.01, epsilon_high=0.01))
@@ -109,7 +109,7 @@ def test_grpo_learns_a_trivial_reward(tmp_path, first_char_task):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tokenizer):
-    from rlbench import models
+    from rlbench.modeling import models
     from rlbench.plugins.algorithms.grpo import GRPO, GRPOConfig
 
     algo = GRPO(GRPOConfig(beta=0.1))

@@ -14,7 +14,7 @@ with V_clip = V_old + clip(V − V_old, ±``value_clip``). β is fixed or adapti
 toward ``kl_target``. Each of ``epochs`` passes shuffles the batch and splits it
 into ``mini_batches`` parts, one optimizer step each (old logprobs and old values
 are stored before the first; the trainer does the shuffling). The critic
-(``rlbench.critic.ValueModel``) is a copy of the policy's body with a scalar
+(``rlbench.modeling.critic.ValueModel``) is a copy of the policy's body with a scalar
 head, or the body of ``critic_model`` (a smaller model with the same
 tokenizer), trained by the same optimizer at ``critic_lr``.
 

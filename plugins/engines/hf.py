@@ -4,7 +4,7 @@ Batched with left padding, n samples per prompt (group-major rows), stops at
 EOS or the chat end-of-turn token, and reports each sampled token's logprob
 under π_T, log_softmax(logits / T) of the unprocessed logits at the sampling
 temperature T (greedy decoding: T = 1), top-p not applied — the trainer's
-convention (rlbench/logprobs.py), so the two compare like with like. It samples from the live policy module,
+convention (rlbench/modeling/logprobs.py), so the two compare like with like. It samples from the live policy module,
 so ``sync`` has nothing to copy: its weights are never stale. (Under DeepSpeed ZeRO-3 the
 trainer hands it a whole copy of the weights, refreshed at every sync.)
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 import rlbench
-from rlbench.models import stop_token_ids
+from rlbench.modeling.models import stop_token_ids
 from rlbench.types import Prompt, Rollouts, Sampling, prompt_seed
 
 

@@ -124,7 +124,7 @@ def launch(spec: dict) -> int:
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from rlbench import jobs
+    from rlbench.suites import jobs
 
     ray.init(address="auto")
     n = spec["machines"]

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import rlbench
-from rlbench.suite import has_checkpoint
+from rlbench.suites.suite import has_checkpoint
 
 
 @dataclass

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlbench import dist, rundir
-from rlbench.faults import TrainingError
+from rlbench import rundir
+from rlbench.training import dist
+from rlbench.training.faults import TrainingError
 
 
 def seed_all(seed: int) -> None:

@@ -32,9 +32,9 @@ import time
 import torch
 
 from rlbench import ops
-from rlbench.evaluation import evaluate
-from rlbench.faults import TrainingError
-from rlbench.sampler import standalone
+from rlbench.training.evaluation import evaluate
+from rlbench.training.faults import TrainingError
+from rlbench.training.sampler import standalone
 
 SATURATED = 0.9  # sampled accuracy above this: little left to learn
 FLAT = 0.02  # sampled accuracy below this: almost no reward to follow

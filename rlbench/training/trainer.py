@@ -11,19 +11,19 @@ One step (``Trainer.step``), its phases in order:
      gradient accumulation (loss shares normalised by whole-batch totals, so micro-batching does
      not change the loss or gradient), clipping, AdamW, warmup + cosine; before the first
      optimizer step the sampler's logprobs are checked against the trained weights and the
-     sampling policy's KL and entropy are measured (rlbench/update.py);
+     sampling policy's KL and entropy are measured (rlbench/training/update.py);
   5. ``Sampler.sync``: the engine serves the new weights.
-With ``rollout.off_policy_steps`` k > 0 the sampler is ``AsyncRollouts`` (rlbench/async_rollouts.py):
+With ``rollout.off_policy_steps`` k > 0 the sampler is ``AsyncRollouts`` (rlbench/training/async_rollouts.py):
 phase 1 takes the batch a background worker generated from the weights of k updates earlier while
 the previous steps trained, and phase 5 pushes the new weights to it as the next version.
 Held-out evaluation (greedy pass@1 and the exact KL to the reference on the policy's own greedy
 completions, the same for every algorithm) runs before, every ``eval.every`` steps and after.
 
-Where the rest lives: run setup (models, reference, optimizer, schedule) in rlbench/setup.py,
-sampling and engine faults in rlbench/sampler.py, the update and its steppers in
-rlbench/update.py (gradient accumulation in rlbench/accumulate.py), checkpoints in rlbench/checkpoints.py, counters and cost.json in
-rlbench/cost.py, the fault types and signals in rlbench/faults.py, the metrics line in
-rlbench/step_metrics.py.
+Where the rest lives: run setup (models, reference, optimizer, schedule) in rlbench/training/setup.py,
+sampling and engine faults in rlbench/training/sampler.py, the update and its steppers in
+rlbench/training/update.py (gradient accumulation in rlbench/training/accumulate.py), checkpoints in rlbench/training/checkpoints.py, counters and cost.json in
+rlbench/training/cost.py, the fault types and signals in rlbench/training/faults.py, the metrics line in
+rlbench/training/step_metrics.py.
 
 Faults: a step whose rewards, loss or gradient norm is NaN/inf applies no (further) update
 (counted, its batch saved under faults/), ``train.max_nonfinite_steps`` in a row stop the run;
@@ -31,7 +31,7 @@ SIGINT/SIGTERM finish the current step, write a checkpoint and return.
 
 Several processes (``accelerate launch``): each rank samples a shard of the step's prompts; loss
 normalisers and gradients are summed over ranks; rank 0 writes. DeepSpeed ZeRO-2/3: the
-DeepSpeed engine reduces, clips and steps (rlbench/zero.py).
+DeepSpeed engine reduces, clips and steps (rlbench/training/zero.py).
 
 Not covered: tensor/pipeline parallelism; a critic (PPO) or ZeRO-3 LoRA under DeepSpeed; DeepSpeed
 checkpoints resumed at another world size (DeepSpeed's universal checkpoints are not wired in).
@@ -48,15 +48,16 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from rlbench import async_rollouts, dist, manager, rundir, setup, step_metrics
+from rlbench import manager, rundir
+from rlbench.training import async_rollouts, dist, setup, step_metrics
 from rlbench import config as cfgmod
-from rlbench.checkpoints import Checkpoints, restore
-from rlbench.cost import CostMeter
-from rlbench.evaluation import during_training
-from rlbench.faults import FaultLog, NonFiniteError, StopSignals, TrainingError
-from rlbench.sampler import Sampler
+from rlbench.training.checkpoints import Checkpoints, restore
+from rlbench.training.cost import CostMeter
+from rlbench.training.evaluation import during_training
+from rlbench.training.faults import FaultLog, NonFiniteError, StopSignals, TrainingError
+from rlbench.training.sampler import Sampler
 from rlbench.types import StepContext, TrainBatch
-from rlbench.update import PlainStepper, Updater, ZeroStepper
+from rlbench.training.update import PlainStepper, Updater, ZeroStepper
 
 __all__ = ["Trainer", "TrainingError", "NonFiniteError", "start"]
 
@@ -85,7 +86,7 @@ class Trainer:
         self._fractions_done: set[float] = set()  # eval.at_budget_fractions already evaluated
         self._timeline_lock = threading.Lock()
         pending = self._resume() if resume else []  # the engine is built next, from the restored weights
-        asynchronous = cfg.rollout.off_policy_steps > 0  # a worker owns the engine (rlbench/async_rollouts.py)
+        asynchronous = cfg.rollout.off_policy_steps > 0  # a worker owns the engine (rlbench/training/async_rollouts.py)
         if asynchronous:
             async_rollouts.check_supported(cfg, s)
         served = async_rollouts.Version.copy_of(s.weights, self.step_done) if asynchronous else s.weights
@@ -272,7 +273,7 @@ class Trainer:
             lg.close()
 
     def evaluate(self, step: int) -> dict:
-        """Held-out evaluation (``rlbench.evaluation.during_training``), written to eval.jsonl."""
+        """Held-out evaluation (``rlbench.training.evaluation.during_training``), written to eval.jsonl."""
         with self.sampler.evaluation() as sampler:  # asynchronous: the engine between two batches, current weights
             rec = during_training(sampler, self.weights, self.reference, self.cfg, step, self.rank, self.world,
                                   self.device)

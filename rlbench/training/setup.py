@@ -21,13 +21,15 @@ from pathlib import Path
 import torch
 
 from rlbench import config as cfgmod
-from rlbench import dist, manager, models, rundir
-from rlbench import logprobs as lpmod
-from rlbench import lora
-from rlbench.checkpoints import seed_all
-from rlbench.critic import ValueModel
+from rlbench import manager, rundir
+from rlbench.modeling import models
+from rlbench.training import dist
+from rlbench.modeling import logprobs as lpmod
+from rlbench.modeling import lora
+from rlbench.training.checkpoints import seed_all
+from rlbench.modeling.critic import ValueModel
 from rlbench.types import Needs, Sampling
-from rlbench.zero import Zero
+from rlbench.training.zero import Zero
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -97,7 +99,7 @@ class Setup:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     critic: torch.nn.Module | None  # prepared
     reference: torch.nn.Module
-    zero: object | None  # rlbench.zero.Zero under DeepSpeed
+    zero: object | None  # rlbench.training.zero.Zero under DeepSpeed
     weights: PolicyWeights
     n_params: int
     n_critic: int

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from rlbench import dist, rundir
+from rlbench import rundir
+from rlbench.training import dist
 
 COUNTERS = ("tokens/generated", "tokens/prompt", "tokens/trained", "tokens/reference", "tokens/old_logprobs", "tokens/critic",
             "nonfinite/skipped", "grad/clipped", "prompts/skipped", "prompts/truncated", "engine/retries",

@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlbench import dist, manager, models, ops
-from rlbench.faults import NonFiniteError, TrainingError, is_oom
+from rlbench import manager, ops
+from rlbench.modeling import models
+from rlbench.training import dist
+from rlbench.training.faults import NonFiniteError, TrainingError, is_oom
 from rlbench.types import Rollouts, Sampling, data_seed, engine_seed
 
 
@@ -81,7 +83,7 @@ class Sample:
     components: dict[str, torch.Tensor]  # reward components of ``sampled``, each [N_sampled]
     metrics: dict[str, float] = field(default_factory=dict)  # prompts/skipped, sampling/rounds, …
     offline: bool = False  # read from a file, not generated
-    # asynchronous rollouts (rlbench/async_rollouts.py): the step it is for, the weights' version
+    # asynchronous rollouts (rlbench/training/async_rollouts.py): the step it is for, the weights' version
     # that generated it, and the seconds and counts the worker measured while generating it
     step: int = 0
     version: int = -1

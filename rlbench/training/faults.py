@@ -6,7 +6,7 @@
     ``faults.jsonl``; ``train.max_nonfinite_steps`` such steps in a row stop the run.
   * ``StopSignals``: SIGINT / SIGTERM ask the loop to stop after the current step (a second one
     raises KeyboardInterrupt at once).
-Engine failures (out of memory, a dead engine) are recovered in ``rlbench.sampler``.
+Engine failures (out of memory, a dead engine) are recovered in ``rlbench.training.sampler``.
 """
 from __future__ import annotations
 

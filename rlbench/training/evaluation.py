@@ -12,7 +12,7 @@ Temperatures: training evaluations are greedy; ``rlbench eval --samples N`` samp
 ``--temperature``. The exact KL to the reference (``during_training``) is of the models' own
 distributions (T = 1) on the greedy completions, whatever ``rollout.temperature`` is: it measures
 how far the model moved. The training-step ``kl`` is of π_T, the sampling distribution
-(rlbench/logprobs.py).
+(rlbench/modeling/logprobs.py).
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from math import comb
 
 import torch
 
-from rlbench import dist
-from rlbench import logprobs as lpmod
+from rlbench.training import dist
+from rlbench.modeling import logprobs as lpmod
 from rlbench.types import DataError, Prompt, Sampling
 
 

@@ -5,9 +5,9 @@ An update is ``Needs.epochs`` μ passes over the batch, each split into ``Needs.
 mini-batches (a fresh seeded shuffle per epoch, preference pairs kept whole), one optimizer step
 per mini-batch. A mini-batch's loss normalisers are summed over ranks first, so every rank's loss
 is its share of the global mini-batch's; its micro-batches accumulate gradients
-(rlbench/accumulate.py: a micro-batch's loss shares sum to the mini-batch loss exactly). Then a
+(rlbench/training/accumulate.py: a micro-batch's loss shares sum to the mini-batch loss exactly). Then a
 stepper reduces and steps: ``PlainStepper`` sums the gradients over ranks once, clips and steps
-AdamW; ``ZeroStepper`` hands that to DeepSpeed (rlbench/zero.py). The first update of a step is
+AdamW; ``ZeroStepper`` hands that to DeepSpeed (rlbench/training/zero.py). The first update of a step is
 checked against the sampler (the stale-weight check); a non-finite loss or gradient norm raises
 ``NonFiniteError`` after the stepper has done what it must (DeepSpeed steps to discard the
 poisoned gradients; plain training does not step at all).
@@ -20,10 +20,11 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 
-from rlbench import dist, ops
-from rlbench import logprobs as lpmod
-from rlbench.accumulate import accumulate_gradients, mini_batches, split_micro_batches
-from rlbench.faults import NonFiniteError, batch_payload, stale_weights
+from rlbench import ops
+from rlbench.training import dist
+from rlbench.modeling import logprobs as lpmod
+from rlbench.training.accumulate import accumulate_gradients, mini_batches, split_micro_batches
+from rlbench.training.faults import NonFiniteError, batch_payload, stale_weights
 from rlbench.types import StepContext, TrainBatch, shuffle_seed
 
 
@@ -95,7 +96,7 @@ class PlainStepper:
 
 
 class ZeroStepper(PlainStepper):
-    """DeepSpeed reduces, clips and steps, or discards NaN/inf gradients (rlbench/zero.py); every
+    """DeepSpeed reduces, clips and steps, or discards NaN/inf gradients (rlbench/training/zero.py); every
     rank makes the same number of backwards."""
 
     def __init__(self, zero, micro_batch_size: int, pairs: bool, share_prompts: bool):
@@ -125,7 +126,7 @@ class Updater:
         self.model, self.optimizer, self.scheduler, self.critic = model, optimizer, scheduler, critic
         self.reference, self.weights, self.stepper, self.meter = reference, weights, stepper, meter
         self.max_drift, self.device = max_drift, device
-        # logprobs of π_T, the distribution the rollouts were sampled from (rlbench/logprobs.py);
+        # logprobs of π_T, the distribution the rollouts were sampled from (rlbench/modeling/logprobs.py);
         # offline data (needs.offline) has no sampler: the model's own distribution, T = 1
         self.temperature = 1.0 if needs.offline else cfg.rollout.temperature
         self._before = None  # score's no-grad pass of the sampling weights: (logprobs, entropy) [N, C]
@@ -134,7 +135,7 @@ class Updater:
         self.correction = ops.Correction(r.is_correction, r.is_cap, r.is_low, r.is_level) \
             if r.is_correction != "none" else None
         # asynchronous rollouts: the batch comes from older weights by design, so the sampler is
-        # checked at every push instead (rlbench/async_rollouts.py)
+        # checked at every push instead (rlbench/training/async_rollouts.py)
         self.on_policy = r.off_policy_steps == 0
 
     @property

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from rlbench import dist
-from rlbench.update import sum_over_ranks
+from rlbench.training import dist
+from rlbench.training.update import sum_over_ranks
 
 
 def gathered(sample) -> tuple[dict, torch.Tensor, list]:

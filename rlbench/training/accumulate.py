@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from rlbench import logprobs as lpmod
+from rlbench.modeling import logprobs as lpmod
 from rlbench import ops
 from rlbench.types import StepContext, TrainBatch
 
@@ -52,7 +52,7 @@ def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: 
     make the same number.
 
     ``temperature``: logprobs and entropy are of π_T, the distribution the rollouts were sampled
-    from (rlbench/logprobs.py); ``ctx``'s reference / old logprobs must be of π_T as well."""
+    from (rlbench/modeling/logprobs.py); ``ctx``'s reference / old logprobs must be of π_T as well."""
     backward = backward or (lambda loss: loss.backward())
     totals: dict[str, float] = {"loss": 0.0}
     kl_sum = ent_sum = drift_sum = is_sum = masked_sum = behavior_kl_sum = 0.0
