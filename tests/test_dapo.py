@@ -116,7 +116,7 @@ def test_dynamic_sampling_refills_zero_variance_groups(tmp_path, half_uniform_ta
         # about half the groups of each round are uniform: a full batch needs at least two rounds
         assert m["sampling/kept_groups"] == 4 and m["sampling/rounds"] >= 2
         assert m["sampling/dropped_groups"] >= 2 * m["sampling/rounds"]  # at least the odd prompts of every round
-        assert m["grpo/zero_std_frac"] == 0.0  # only informative groups reached the algorithm
+        assert m["pg/zero_std_frac"] == 0.0  # only informative groups reached the algorithm
         # reward metrics cover everything sampled: the always-1 half pulls the mean above the kept groups'
         assert m["reward/mean"] > 0.5
     # without dynamic sampling, the same task gives the algorithm half-uniform batches
@@ -124,7 +124,7 @@ def test_dynamic_sampling_refills_zero_variance_groups(tmp_path, half_uniform_ta
                       "eval.kl=false", algorithm={"name": "dapo", "dynamic_sampling": 0}, task={"name": "half_uniform"})
     start(cfg, tmp_path / "plain").run()
     for m in rundir.read_jsonl(tmp_path / "plain" / "metrics.jsonl"):
-        assert m["grpo/zero_std_frac"] >= 0.5 and "sampling/rounds" not in m
+        assert m["pg/zero_std_frac"] >= 0.5 and "sampling/rounds" not in m
 
 
 def test_dapo_learns_a_trivial_reward(tmp_path, first_char_task):

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from rlbench.ops import AdaptiveKL
+from rlbench.policy_gradient import AdaptiveKL
 from rlbench.plugins.algorithms.cispo import CISPO, CISPOConfig
 from rlbench.plugins.algorithms.dr_grpo import DrGRPO, DrGRPOConfig
 from rlbench.plugins.algorithms.grpo import GRPO, GRPOConfig

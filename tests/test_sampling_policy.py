@@ -8,7 +8,7 @@ from rlbench.modeling import logprobs as lpmod
 from rlbench import rundir
 from rlbench.modeling import models
 from rlbench.training.accumulate import accumulate_gradients
-from rlbench.ops import PolicyGradient, GroupRelativeConfig
+from rlbench.policy_gradient import GroupRelativeConfig, PolicyGradient
 from rlbench.training.trainer import start
 from rlbench.types import StepContext, TrainBatch
 

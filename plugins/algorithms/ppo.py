@@ -29,7 +29,8 @@ import torch
 
 import rlbench
 from rlbench import ops
-from rlbench.types import AlgorithmBase, Needs, TrainBatch
+from rlbench.policy_gradient import KLControlled
+from rlbench.types import Needs, TrainBatch
 
 
 @rlbench.hookimpl
@@ -67,12 +68,10 @@ def clipped_value_loss(v: torch.Tensor, v_old: torch.Tensor, returns: torch.Tens
     return 0.5 * torch.maximum(a, b), (b > a).float()
 
 
-class PPO(AlgorithmBase):
-    Config = PPOConfig
+class PPO(KLControlled):
+    """The KL coefficient (``beta``, adaptive toward ``kl_target``) is the family's controller."""
 
-    def __init__(self, config: PPOConfig):
-        self.config = config
-        self.kl_ctl = ops.AdaptiveKL(config.beta, config.kl_target, config.kl_horizon)
+    Config = PPOConfig
 
     @classmethod
     def needs(cls, config: PPOConfig) -> Needs:
@@ -108,12 +107,3 @@ class PPO(AlgorithmBase):
         return loss, {"clip_frac": ((clipped * mask).sum() / n).item(),
                       "ppo/value_loss": ((vloss * mask).sum() / n).item(),
                       "ppo/value_clip_frac": ((vclipped * mask).sum() / n).item()}
-
-    def after_step(self, metrics):
-        return {"ppo/beta": self.kl_ctl.update(metrics.get("kl", float("nan")))}
-
-    def state_dict(self):
-        return {"beta": self.kl_ctl.beta}
-
-    def load_state_dict(self, state):
-        self.kl_ctl.beta = state["beta"]

@@ -20,6 +20,7 @@ import torch
 
 import rlbench
 from rlbench import ops
+from rlbench.policy_gradient import PolicyGradient, PolicyGradientConfig
 from rlbench.types import Needs, TrainBatch
 
 
@@ -29,12 +30,12 @@ def rlbench_algorithms():
 
 
 @dataclass
-class ReinforcePPConfig(ops.PolicyGradientConfig):
+class ReinforcePPConfig(PolicyGradientConfig):
     beta: float = 0.01  # KL-in-reward coefficient
     loss_agg: str = "token_mean"
 
 
-class ReinforcePP(ops.PolicyGradient):
+class ReinforcePP(PolicyGradient):
     Config = ReinforcePPConfig
     kl_in_loss = False  # the KL penalty is already in the token rewards
 
