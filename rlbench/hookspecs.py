@@ -16,14 +16,21 @@ strings are resolved lazily, only when a run selects that name, so that
 ``import rlbench`` and ``rlbench plugins`` never import vLLM, DeepSpeed or
 bitsandbytes (lm-eval's registry habit). A value may also be the object itself.
 
-What each registered object must provide is documented in ``rlbench.types``
-(``Algorithm``, ``RolloutEngine``, ``Task``, ``Logger`` protocols).
+What each registered object must provide is typed by the protocols of ``rlbench.types``
+(``Algorithm``, ``RolloutEngine``, ``Task``, ``Logger``, ``Executor``) and documented hook by
+hook below.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import pluggy
+
+if TYPE_CHECKING:  # for the annotations only: the hook interface imports nothing at run time
+    import torch
+
+    from rlbench.config import Config
+    from rlbench.types import Algorithm, Executor, Logger, RolloutEngine, Rollouts, Task
 
 API_VERSION = 2
 # 2: what the trainer computes (reference / old logprobs, the critic's values, importance
@@ -38,7 +45,7 @@ hookspec = pluggy.HookspecMarker("rlbench")
 
 
 @hookspec
-def rlbench_algorithms() -> Mapping[str, Any]:
+def rlbench_algorithms() -> Mapping[str, str | type[Algorithm]]:
     """Register RL algorithms.
 
     Return ``{name: "module:Class"}``. The class has a ``Config`` dataclass (the
@@ -81,7 +88,7 @@ def rlbench_algorithms() -> Mapping[str, Any]:
 
 
 @hookspec
-def rlbench_rollout_engines() -> Mapping[str, Any]:
+def rlbench_rollout_engines() -> Mapping[str, str | type[RolloutEngine]]:
     """Register rollout engines (samplers).
 
     Return ``{name: "module:Class"}``. The class has a ``Config`` dataclass and is
@@ -99,7 +106,7 @@ def rlbench_rollout_engines() -> Mapping[str, Any]:
 
 
 @hookspec
-def rlbench_executors() -> Mapping[str, Any]:
+def rlbench_executors() -> Mapping[str, str | type[Executor]]:
     """Register suite executors: where a suite's runs execute (``rlbench suite run --executor``).
 
     Return ``{name: "module:Class"}``. The class has a ``Config`` dataclass (the suite file's
@@ -116,7 +123,7 @@ def rlbench_executors() -> Mapping[str, Any]:
 
 
 @hookspec
-def rlbench_tasks() -> Mapping[str, Any]:
+def rlbench_tasks() -> Mapping[str, str | type[Task]]:
     """Register reward tasks.
 
     Return ``{name: "module:Class"}``. The class has a ``Config`` dataclass and is
@@ -133,7 +140,7 @@ def rlbench_tasks() -> Mapping[str, Any]:
 
 
 @hookspec
-def rlbench_loggers() -> Mapping[str, Any]:
+def rlbench_loggers() -> Mapping[str, str | type[Logger]]:
     """Register metric loggers.
 
     Return ``{name: "module:Class"}``. The class is constructed as
@@ -149,8 +156,8 @@ def rlbench_loggers() -> Mapping[str, Any]:
 
 
 @hookspec
-def rlbench_on_rollouts(step: int, rollouts: Any, rewards: Mapping[str, Any], run_dir: str,
-                        config: Any) -> Mapping[str, float] | None:
+def rlbench_on_rollouts(step: int, rollouts: Rollouts, rewards: Mapping[str, torch.Tensor], run_dir: str,
+                        config: Config) -> Mapping[str, float] | None:
     """Called after rollouts of ``step`` are generated and scored, before training.
 
     ``rollouts`` is an ``rlbench.types.Rollouts``; ``rewards`` maps component

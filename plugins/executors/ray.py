@@ -52,6 +52,7 @@ class RayConfig:
 class RayExecutor:
     Config = RayConfig
     name = "ray"
+    parallel: int  # jobs kept submitted at once (from the config)
 
     def __init__(self, config: RayConfig, root: Path):
         self.config, self.root = config, Path(root)

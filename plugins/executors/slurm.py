@@ -106,6 +106,7 @@ class RunJob:
 class SlurmExecutor:
     Config = SlurmConfig
     name = "slurm"
+    parallel: int  # jobs kept submitted at once (from the config)
 
     def __init__(self, config: SlurmConfig, root: Path):
         self.config, self.root = config, Path(root)

@@ -14,7 +14,7 @@ import torch
 
 from rlbench.modeling import logprobs as lpmod
 from rlbench import ops
-from rlbench.types import StepContext, TrainBatch
+from rlbench.types import Algorithm, StepContext, TrainBatch
 
 
 def split_micro_batches(batch: TrainBatch, micro_batch_size: int, pairs: bool = False,
@@ -27,7 +27,7 @@ def split_micro_batches(batch: TrainBatch, micro_batch_size: int, pairs: bool = 
     return list(batch.sorted_by_length().split(micro_batch_size))  # similar lengths together: less padding
 
 
-def accumulate_gradients(model, algorithm, batch: TrainBatch, micro_batch_size: int, ctx: StepContext,
+def accumulate_gradients(model, algorithm: Algorithm, batch: TrainBatch, micro_batch_size: int, ctx: StepContext,
                          backward=None, correction: ops.Correction | None = None, pairs: bool = False,
                          critic=None, share_prompts: bool = True, pad_to: int | None = None,
                          sampler_logprobs: torch.Tensor | None = None, temperature: float = 1.0) -> dict[str, float]:

@@ -24,7 +24,7 @@ import torch
 
 from rlbench.training import dist
 from rlbench.modeling import logprobs as lpmod
-from rlbench.types import DataError, Prompt, Sampling
+from rlbench.types import DataError, Prompt, RolloutEngine, Sampling, Task
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -45,7 +45,7 @@ def interval(values: list[float]) -> tuple[float, float, float]:
     return mean, se, 1.96 * se
 
 
-def evaluate(engine, task, *, split: str = "test", limit: int = 200, samples: int = 1, max_tokens: int = 512,
+def evaluate(engine: RolloutEngine, task: Task, *, split: str = "test", limit: int = 200, samples: int = 1, max_tokens: int = 512,
              temperature: float = 0.8, top_p: float = 1.0, keep_completions: bool = False, fit_prompts=None,
              generate=None, shard: tuple[int, int] | None = None, gather=None):
     """Generate on ``limit`` held-out problems and score them with the task's verifier.
@@ -155,7 +155,7 @@ def summarize(raw: dict, samples: int, keep_completions: bool = False) -> dict:
     return rec
 
 
-def score_rows(task, rows: list[dict], where: str = "input") -> list[dict]:
+def score_rows(task: Task, rows: list[dict], where: str = "input") -> list[dict]:
     """``rlbench reward``: rows with ``completion`` and the task's reference field(s); each
     comes back with ``reward`` (the sum) and ``components``."""
     prompts, texts = [], []

@@ -26,10 +26,10 @@ from rlbench import manager, ops
 from rlbench.modeling import models
 from rlbench.training import dist
 from rlbench.training.faults import NonFiniteError, TrainingError, is_oom
-from rlbench.types import Rollouts, Sampling, data_seed, engine_seed
+from rlbench.types import RolloutEngine, Rollouts, Sampling, Task, data_seed, engine_seed
 
 
-def build_engine(cfg, model, tokenizer, device, step: int = 0):
+def build_engine(cfg, model, tokenizer, device, step: int = 0) -> RolloutEngine:
     """The configured rollout engine on ``model``'s weights, seeded by ``types.engine_seed``."""
     cls = manager.get("engine", cfg.names["engine"])
     return cls(cfg.engine, model, tokenizer, device, seed=engine_seed(cfg.run.seed, step))
@@ -49,7 +49,7 @@ def resolve_batch_invariance(cfg, device) -> bool:
     return cfg.rollout.batch_invariant_sampling
 
 
-def close_engine(engine) -> None:
+def close_engine(engine: RolloutEngine) -> None:
     """Release an engine that holds resources (vLLM's memory and temporary model directory)."""
     close = getattr(engine, "close", None)
     if close:
@@ -108,7 +108,7 @@ class Sampler:
     """Owns the engine. ``weights`` gives the policy's current weights to the engine:
     ``engine_copy()`` to build one from, ``sync(engine)`` after every update."""
 
-    def __init__(self, cfg, task, tokenizer, needs, weights, meter, device, rank: int, world: int,
+    def __init__(self, cfg, task: Task, tokenizer, needs, weights, meter, device, rank: int, world: int,
                  offline_rollouts=None):
         self.cfg, self.task, self.tok, self.needs, self.weights, self.meter = cfg, task, tokenizer, needs, weights, meter
         self.device, self.rank, self.world = device, rank, world

@@ -28,7 +28,7 @@ from rlbench.modeling import logprobs as lpmod
 from rlbench.modeling import lora
 from rlbench.training.checkpoints import seed_all
 from rlbench.modeling.critic import ValueModel
-from rlbench.types import Needs, Sampling
+from rlbench.types import Algorithm, Needs, Sampling, Task
 from rlbench.training.zero import Zero
 
 
@@ -91,8 +91,8 @@ class Setup:
     rank: int
     world: int
     tokenizer: object
-    task: object
-    algorithm: object
+    task: Task
+    algorithm: Algorithm
     needs: Needs
     model: torch.nn.Module  # the policy as accelerate / DeepSpeed prepared it (the training forward)
     optimizer: torch.optim.Optimizer
