@@ -36,6 +36,9 @@ API_VERSION = 2
 # 2: what the trainer computes (reference / old logprobs, the critic's values, importance
 #    weights) reaches an algorithm's ``loss`` through ``ctx`` (the micro-batch's rows), no longer
 #    copied into the batch; batches carry ``row``; ``max_tokens`` is ``ctx.max_tokens`` only.
+#    Renamed within 2 (rlbench 0.1.0, before any release): the sampler's logprobs have one name,
+#    ``Rollouts.sampler_logprobs`` and ``StepContext.sampler_logprobs`` (were ``Rollouts.logprobs``
+#    and ``ctx.behavior_logprobs``).
 
 hookspec = pluggy.HookspecMarker("rlbench")
 
@@ -83,7 +86,7 @@ def rlbench_algorithms() -> Mapping[str, str | type[Algorithm]]:
       (defaults in ``rlbench.types.AlgorithmBase``).
     * only with ``Needs(offline=True)``: ``offline_rollouts(step, n, tokenizer,
       max_tokens) -> (Rollouts, rewards)``, the step's data in place of sampling
-      (``Rollouts.logprobs`` None: there is no sampler to check against).
+      (``Rollouts.sampler_logprobs`` None: there is no sampler to check against).
     """
 
 

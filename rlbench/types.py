@@ -42,7 +42,7 @@ class Rollouts:
     group: torch.Tensor  # [N] long, index into prompts
     completion_ids: torch.Tensor  # [N, C] long, right-padded with pad_id
     completion_mask: torch.Tensor  # [N, C] float, 1 for real completion tokens
-    logprobs: torch.Tensor | None  # [N, C] float, the sampled tokens' log π_T (rlbench/modeling/logprobs.py; 0 at padding); None for offline data
+    sampler_logprobs: torch.Tensor | None  # [N, C] float, the sampled tokens' log π_T (rlbench/modeling/logprobs.py; 0 at padding); None for offline data
     texts: list[str]  # N decoded completions (special tokens stripped)
     finish_reasons: list[str]  # N of "stop" (EOS / end-of-turn) or "length"
     pad_id: int = 0
@@ -66,7 +66,7 @@ class Rollouts:
             prompts=[self.prompts[g] for g in keep], prompt_ids=[self.prompt_ids[g] for g in keep],
             group=torch.tensor([new_index[g] for g in self.group[rows].tolist()], dtype=torch.long),
             completion_ids=self.completion_ids[rows], completion_mask=self.completion_mask[rows],
-            logprobs=None if self.logprobs is None else self.logprobs[rows],
+            sampler_logprobs=None if self.sampler_logprobs is None else self.sampler_logprobs[rows],
             texts=[self.texts[i] for i in rows.tolist()], finish_reasons=[self.finish_reasons[i] for i in rows.tolist()],
             pad_id=self.pad_id)
 
@@ -81,13 +81,13 @@ class Rollouts:
         offsets = [0]
         for r in parts[:-1]:
             offsets.append(offsets[-1] + len(r.prompts))
-        has_lp = all(r.logprobs is not None for r in parts)
+        has_lp = all(r.sampler_logprobs is not None for r in parts)
         return Rollouts(
             prompts=[p for r in parts for p in r.prompts], prompt_ids=[p for r in parts for p in r.prompt_ids],
             group=torch.cat([r.group + o for r, o in zip(parts, offsets)]),
             completion_ids=torch.cat([pad(r.completion_ids, parts[0].pad_id) for r in parts]),
             completion_mask=torch.cat([pad(r.completion_mask, 0) for r in parts]),
-            logprobs=torch.cat([pad(r.logprobs, 0.0) for r in parts]) if has_lp else None,
+            sampler_logprobs=torch.cat([pad(r.sampler_logprobs, 0.0) for r in parts]) if has_lp else None,
             texts=[t for r in parts for t in r.texts], finish_reasons=[f for r in parts for f in r.finish_reasons],
             pad_id=parts[0].pad_id)
 
@@ -227,7 +227,7 @@ class StepContext:
     their gradient in ``loss`` (a value loss trains the critic through them); ``is_weights`` (loss
     only) are the off-policy weights of ``rollout.is_correction`` (``ops.behavior_weights``:
     truncated, masked or decoupled importance weights against the behaviour policy);
-    ``behavior_logprobs`` are the engine's logprobs of the sampled tokens, from the weights that
+    ``sampler_logprobs`` are the engine's logprobs of the sampled tokens, from the weights that
     generated them (with ``rollout.off_policy_steps`` k > 0, k updates older than the trainer's);
     ``max_tokens`` is the completion budget (a constant length normaliser, as Dr. GRPO uses)."""
 
@@ -237,10 +237,10 @@ class StepContext:
     old_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
     is_weights: torch.Tensor | None = None
-    behavior_logprobs: torch.Tensor | None = None
+    sampler_logprobs: torch.Tensor | None = None
     max_tokens: int = 0
 
-    _ROW_TENSORS = ("ref_logprobs", "old_logprobs", "values", "is_weights", "behavior_logprobs")
+    _ROW_TENSORS = ("ref_logprobs", "old_logprobs", "values", "is_weights", "sampler_logprobs")
 
     def select(self, rows: torch.Tensor, columns: int) -> "StepContext":
         """This context for the rollouts rows ``rows`` and their first ``columns`` completion

@@ -135,7 +135,7 @@ def _rollouts(lengths, group_size, C, logprobs=None):
     return Rollouts(prompts=[Prompt(id=f"p{b}", text="", answer=None) for b in range(B)],
                     prompt_ids=[[5, 6 + b] for b in range(B)], group=torch.arange(B).repeat_interleave(group_size),
                     completion_ids=(mask * 9).long(), completion_mask=mask,
-                    logprobs=(logprobs if logprobs is not None else -mask), texts=[""] * N, finish_reasons=["stop"] * N)
+                    sampler_logprobs=(logprobs if logprobs is not None else -mask), texts=[""] * N, finish_reasons=["stop"] * N)
 
 
 def test_family_loss_terms_and_metrics_with_asymmetric_weights():

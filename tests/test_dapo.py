@@ -24,7 +24,7 @@ def _rollouts(lengths, group_size, C=10):
     return Rollouts(prompts=[Prompt(id=f"p{b}", text="", answer=None) for b in range(B)],
                     prompt_ids=[[5, 6, 7 + b] for b in range(B)],
                     group=torch.arange(B).repeat_interleave(group_size), completion_ids=(mask * 9).long(),
-                    completion_mask=mask, logprobs=-mask, texts=[f"t{i}" for i in range(N)],
+                    completion_mask=mask, sampler_logprobs=-mask, texts=[f"t{i}" for i in range(N)],
                     finish_reasons=["length" if n == C else "stop" for n in lengths])
 
 

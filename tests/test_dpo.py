@@ -135,7 +135,7 @@ def test_offline_rollouts_layout(tmp_path, tokenizer):
     for step in (1, 2, 3):  # 2 pairs per step over 3 pairs: the second pass is reshuffled
         ro, rewards = algo.offline_rollouts(step, 2, tokenizer, max_tokens=8)
         assert rewards.tolist() == [1.0, 0.0, 1.0, 0.0] and ro.group.tolist() == [0, 0, 1, 1]
-        assert ro.logprobs is None and "<|im_start|>assistant" in ro.prompts[0].text
+        assert ro.sampler_logprobs is None and "<|im_start|>assistant" in ro.prompts[0].text
         seen += [p.id for p in ro.prompts]
         chosen = tokenizer(ro.texts[0], add_special_tokens=False)["input_ids"]
         assert ro.completion_ids[0, :len(chosen) + 1].tolist() == chosen + [tokenizer.eos_token_id]

@@ -81,7 +81,7 @@ def test_std_zero_group_gives_only_kl():
     from rlbench.types import Rollouts
     r = Rollouts(prompts=[None, None], prompt_ids=[[5, 6], [7]], group=torch.tensor([0, 0, 1, 1]),
                  completion_ids=torch.ones(4, 2, dtype=torch.long), completion_mask=torch.ones(4, 2),
-                 logprobs=torch.zeros(4, 2), texts=[""] * 4, finish_reasons=["stop"] * 4)
+                 sampler_logprobs=torch.zeros(4, 2), texts=[""] * 4, finish_reasons=["stop"] * 4)
     batch = algo.prepare(r, torch.tensor([1.0, 1.0, 0.0, 1.0]), StepContext(step=1))
     assert batch["advantages"][:2].tolist() == [0.0, 0.0]
     assert batch.metrics["pg/zero_std_groups"] == 1.0 and batch.metrics["pg/zero_std_frac"] == 0.5

@@ -119,7 +119,7 @@ def test_cispo_loss_and_gradient_by_hand():
     logp = LOGP.clone().requires_grad_(True)
     adv = torch.tensor([2.0, -1.0])
     batch = TrainBatch({"completion_mask": MASK, "advantages": adv}, {"tokens": 5.0, "seqs": 2.0})
-    loss, m = algo.loss(logp, batch, StepContext(step=1, behavior_logprobs=BEHAV))
+    loss, m = algo.loss(logp, batch, StepContext(step=1, sampler_logprobs=BEHAV))
     # ρ row 0: 1.6487 → 1.2, 0.3679 → 0.5, 1 → 1; row 1: 0.6065 → 0.6065, 7.389 → 1.2
     wt = torch.tensor([[1.2, 0.5, 1.0], [math.exp(-0.5), 1.2, 0.0]])
     want = -((wt[0] * 2.0 * LOGP[0]).sum() + (wt[1, :2] * -1.0 * LOGP[1, :2]).sum()) / 5
@@ -155,7 +155,7 @@ class Recorder:
     @rlbench.hookimpl
     def rlbench_on_rollouts(self, step, rollouts, rewards, run_dir, config):
         self.ids[step] = rollouts.completion_ids.clone()
-        self.logprobs[step] = rollouts.logprobs.clone()
+        self.logprobs[step] = rollouts.sampler_logprobs.clone()
 
 
 def _async_run(path, *over):
@@ -173,7 +173,7 @@ def _regenerate(cfg, s, weights_module, step):
     sampler = Sampler(cfg, s.task, s.tokenizer, s.needs, Version(0, weights_module), CostMeter(), "cpu", 0, 1)
     torch.manual_seed(batch_seed(cfg.run.seed, step))
     ro = sampler.sample(step).sampled
-    return ro.completion_ids, ro.logprobs
+    return ro.completion_ids, ro.sampler_logprobs
 
 
 def test_a_lag_of_one_trains_step_t_on_samples_of_the_weights_after_step_t_minus_2(tmp_path, first_char_task):

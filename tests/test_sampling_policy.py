@@ -83,7 +83,7 @@ def test_trainer_logprobs_are_of_the_tempered_distribution(tmp_path):
     # the engine reports the same π_T: the trainer's drift check passes at T = 0.5
     m = tr.updater.update(tr.algorithm.prepare(ro, sample.rewards, ctx), ctx, 1, ro, sample.rewards)
     assert m["sync/logprob_drift"] < 1e-4, m["sync/logprob_drift"]
-    assert ((ro.logprobs - hand).abs() * mask).max() < 1e-4
+    assert ((ro.sampler_logprobs - hand).abs() * mask).max() < 1e-4
     tr.close()
 
 

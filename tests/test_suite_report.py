@@ -280,7 +280,7 @@ def test_aha_rate_counts_phrases(tmp_path):
     texts = ["2+2=5. Wait, let me check: 4.", "It is 4.", "I made an error; it is 4", "waiting room"]
     ro = Rollouts(prompts=[Prompt("p", "", None)], prompt_ids=[[1]], group=torch.zeros(4, dtype=torch.long),
                   completion_ids=torch.ones(4, 1, dtype=torch.long), completion_mask=torch.ones(4, 1),
-                  logprobs=torch.zeros(4, 1), texts=texts, finish_reasons=["stop"] * 4)
+                  sampler_logprobs=torch.zeros(4, 1), texts=texts, finish_reasons=["stop"] * 4)
     cfg = config.resolve({})
     out = aha.rlbench_on_rollouts(step=3, rollouts=ro, rewards={"accuracy": torch.tensor([1.0, 1, 0, 0])},
                                   run_dir=str(tmp_path), config=cfg)

@@ -46,7 +46,7 @@ class ReinforcePP(PolicyGradient):
 
     def prepare(self, rollouts, rewards, ctx) -> TrainBatch:
         mask = rollouts.completion_mask.float()  # [N, C]
-        old = ctx.old_logprobs if ctx.old_logprobs is not None else rollouts.logprobs  # [N, C]
+        old = ctx.old_logprobs if ctx.old_logprobs is not None else rollouts.sampler_logprobs  # [N, C]
         kl = ops.k1_kl(old, ctx.ref_logprobs) if ctx.ref_logprobs is not None else torch.zeros_like(mask)  # [N, C]
         token_r = ops.kl_penalized_rewards(rewards, mask, kl, self.kl_ctl.beta)  # [N, C]
         adv = ops.whiten(ops.returns_to_go(token_r, mask), mask)  # [N, C]

@@ -89,7 +89,7 @@ class HFEngine:
         finish = [f for p in pieces for f in p[3]]
         texts = tok.batch_decode([r[: int(m.sum())].tolist() for r, m in zip(ids, mask)], skip_special_tokens=True)
         return Rollouts(prompts=list(prompts), prompt_ids=prompt_ids, group=torch.tensor(rows), completion_ids=ids,
-                        completion_mask=mask, logprobs=lps, texts=texts, finish_reasons=finish, pad_id=pad)
+                        completion_mask=mask, sampler_logprobs=lps, texts=texts, finish_reasons=finish, pad_id=pad)
 
     def _generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling):
         tok = self.tok

@@ -178,5 +178,5 @@ class VLLMEngine:
         texts = tok.batch_decode([c.token_ids for c in rows], skip_special_tokens=True)
         group = torch.arange(len(prompts)).repeat_interleave(n)  # [N]
         return Rollouts(prompts=list(prompts), prompt_ids=prompt_ids, group=group, completion_ids=ids,
-                        completion_mask=mask, logprobs=lps, texts=texts, finish_reasons=finish,
+                        completion_mask=mask, sampler_logprobs=lps, texts=texts, finish_reasons=finish,
                         pad_id=tok.pad_token_id)

@@ -270,7 +270,7 @@ class AsyncRollouts:
         C = ro.completion_ids.shape[1]
         mine, _ = lpmod.token_logprobs(self.current.module, inputs["input_ids"].to(device),
                                     inputs["attention_mask"].to(device), C)
-        gap = ((mine.cpu() - ro.logprobs) * ro.completion_mask).abs()  # [n, C]
+        gap = ((mine.cpu() - ro.sampler_logprobs) * ro.completion_mask).abs()  # [n, C]
         return gap.max().item(), (gap.sum() / ro.completion_mask.sum().clamp(min=1)).item()
 
     def _generate(self, j: int) -> None:

@@ -158,7 +158,7 @@ class Updater:
             ctx.ref_logprobs = lpmod.batched_logprobs(self.reference, inputs["input_ids"], inputs["attention_mask"], C,
                                                       mb, cfg.train.share_prompt_forward, temperature=T).cpu()  # [N, C]
             self.meter.count("tokens/reference", tokens)
-        ctx.behavior_logprobs = rollouts.logprobs
+        ctx.sampler_logprobs = rollouts.sampler_logprobs
         asked = self.needs.old_logprobs or cfg.rollout.is_correction == "decoupled"
         if asked or self.steps_per_update > 1:
             self.meter.count("tokens/old_logprobs", tokens)
@@ -227,7 +227,7 @@ class Updater:
         before = None
         if self.steps_per_update > 1:
             before = self._check_drift(reduce_train_metrics(
-                self.sampling_metrics(global_totals(batch), ctx, rollouts.logprobs)), step)
+                self.sampling_metrics(global_totals(batch), ctx, rollouts.sampler_logprobs)), step)
         done: list[dict] = []
         for epoch in range(needs.epochs):
             ctx.epoch = epoch
@@ -242,7 +242,7 @@ class Updater:
                                              correction=self.correction,
                                              pairs=needs.pairs, critic=self.critic,
                                              share_prompts=cfg.train.share_prompt_forward, pad_to=pad_to,
-                                             sampler_logprobs=rollouts.logprobs, temperature=self.temperature)
+                                             sampler_logprobs=rollouts.sampler_logprobs, temperature=self.temperature)
                 m = reduce_train_metrics(m)
                 if before is None:  # the one optimizer step: its forward is the sampling weights'
                     m = self._check_drift(m, step)
