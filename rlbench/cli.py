@@ -81,7 +81,7 @@ def _eval_config(task: str, model: str, sets: list[str], engine: str | None = No
 
 def _cmd_eval(args) -> int:
     from rlbench.config import ConfigError
-    from rlbench.training.evaluation import evaluate
+    from rlbench.training.evaluation import EvalPlan, evaluate
     from rlbench.training.sampler import standalone
 
     for flag, value in (("--limit", args.limit), ("--samples", args.samples), ("--max-tokens", args.max_tokens)):
@@ -89,8 +89,8 @@ def _cmd_eval(args) -> int:
             raise ConfigError(f"rlbench eval: {flag} must be >= 1, got {value}")
     cfg = _eval_config(args.task, args.model, args.set or [], args.engine)
     with standalone(cfg) as (engine, task):
-        rec, _ = evaluate(engine, task, split=args.split, limit=args.limit, samples=args.samples,
-                          max_tokens=args.max_tokens, temperature=args.temperature, keep_completions=True)
+        rec, _ = evaluate(engine, task, EvalPlan(args.split, args.limit, args.samples, args.max_tokens,
+                                                 temperature=args.temperature, keep_completions=True))
     if rec["n"] == 0:  # the split is empty, or every prompt was too long
         raise ConfigError(f"rlbench eval: no problems to evaluate in the {args.split!r} split of task "
                           f"{cfg.names['task']!r}")

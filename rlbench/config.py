@@ -23,14 +23,14 @@ from rlbench.config_types import ConfigError, _check_type, _suggest
 from rlbench.ops import IS_CORRECTIONS
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "run"  # run directory name under --out (default runs/)
     seed: int = 0  # seeds data order, sampling and init (tiny-random)
     variant: str = ""  # a suite's variant label (matrix.variant); reports group by algorithm and variant
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     name: str = "smollm2-135m-instruct"  # alias, local path or Hugging Face id
     # auto: float32 on CPU (bf16 matmuls are ~400x slower there); on GPU float32 master weights
@@ -65,7 +65,7 @@ class ModelConfig:
             raise ValueError(f"name: {e}") from e
 
 
-@dataclass
+@dataclass(frozen=True)
 class RolloutConfig:
     prompts_per_step: int = 8  # B prompts sampled from the train split each step
     group_size: int = 8  # G completions per prompt (R1 recipe: >= 8 for stable advantages)
@@ -117,7 +117,7 @@ class RolloutConfig:
         if self.is_cap < 1:
             raise ValueError(f"is_cap must be >= 1, got {self.is_cap}")
         if isinstance(self.is_correction, bool):  # the older boolean form: true = truncate
-            self.is_correction = "truncate" if self.is_correction else "none"
+            object.__setattr__(self, "is_correction", "truncate" if self.is_correction else "none")  # validating
         if self.is_correction not in IS_CORRECTIONS:
             raise ValueError(f"is_correction must be one of {', '.join(IS_CORRECTIONS)} (or true / false); "
                              f"got {self.is_correction!r}")
@@ -133,7 +133,7 @@ class RolloutConfig:
             raise ValueError(f"long_prompts must be skip, truncate or error, got {self.long_prompts!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 20  # rollout batches (each is epochs x mini_batches optimizer steps when the algorithm asks)
     # > 0: also stop once this many completion tokens were generated (all sampling rounds counted),
@@ -174,7 +174,7 @@ class TrainConfig:
                 raise ValueError(f"{k} must be in [0, 1], got {getattr(self, k)}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     n: int = 200  # held-out problems, greedy pass@1 (>= 200 so ±2 SE is ~±7 points)
     every: int = 0  # evaluate every k steps (0 = only before and after training)
@@ -194,10 +194,10 @@ class EvalConfig:
         fr = self.at_budget_fractions
         if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f <= 1 for f in fr):
             raise ValueError(f"at_budget_fractions must be numbers in [0, 1], got {fr!r}")
-        self.at_budget_fractions = sorted({float(f) for f in fr})
+        object.__setattr__(self, "at_budget_fractions", sorted({float(f) for f in fr}))  # validating
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoggingConfig:
     # metrics.jsonl is always written (it is the run's record); these are extra sinks. Add "wandb" for W&B.
     loggers: list = field(default_factory=lambda: ["tensorboard"])
@@ -241,8 +241,12 @@ def auto_engine() -> str:
     return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
+    """A validated run configuration. Frozen, as its core sections are: nothing assigns to it after
+    ``resolve`` (a changed copy is ``dataclasses.replace``); plugin sections are the plugins' own
+    dataclasses, which the core only reads."""
+
     run: RunConfig
     model: ModelConfig
     task: Any

@@ -134,9 +134,12 @@ class TrainBatch:
         totals = {"seqs": float(rollouts.n), "tokens": float(mask.sum().clamp(min=1).item())}
         return cls({**base, **tensors}, totals)
 
-    def rows(self) -> torch.Tensor:
-        """``row`` [N]; a batch built by hand without it stands for rollouts rows 0..N−1."""
-        return self.tensors["row"] if "row" in self.tensors else torch.arange(self.size)
+    def with_rows(self) -> "TrainBatch":
+        """This batch with its ``row`` index [N]; a batch built by hand without it stands for
+        rollouts rows 0..N−1 (the one place that fallback is decided)."""
+        if "row" in self.tensors:
+            return self
+        return TrainBatch({**self.tensors, "row": torch.arange(self.size)}, self.totals, self.metrics)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.tensors[key]

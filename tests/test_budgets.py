@@ -2,6 +2,7 @@
 accuracy-vs-compute tables (rlbench/reporting/curves.py), paired randomness and the determinism tier.
 Real training runs on tiny-random with the hf engine; the suite-level FLOP budget over every
 algorithm is tests/test_suite_report.py::test_smoke_suite_under_a_flop_budget."""
+import dataclasses
 import json
 
 import pytest
@@ -80,10 +81,9 @@ def test_batch_invariance_resolves_per_engine_and_the_manifest_records_the_tier(
     cfg = tiny_config("rollout.batch_invariant_sampling=auto")
     assert resolve_batch_invariance(cfg, "cpu") is True  # hf honours per-prompt seeds
     cfg = tiny_config("rollout.batch_invariant_sampling=true")
-    cfg.names["engine"] = "vllm"
+    cfg = dataclasses.replace(cfg, names={**cfg.names, "engine": "vllm"})
     assert resolve_batch_invariance(cfg, "cpu") is True  # explicit: the user's choice (with a warning)
-    cfg.names["engine"] = "vllm"
-    cfg.rollout.batch_invariant_sampling = "auto"
+    cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, batch_invariant_sampling="auto"))
     assert resolve_batch_invariance(cfg, "cpu") is False
 
     start(tiny_config("train.steps=1", "rollout.batch_invariant_sampling=auto"), tmp_path / "r").run()

@@ -7,7 +7,7 @@ import torch
 from rlbench import rundir
 from rlbench.plugins.algorithms.dpo import DPO, DPOConfig, preference_pairs
 from rlbench.training.trainer import start
-from rlbench.training.accumulate import accumulate_gradients
+from rlbench.training.accumulate import MicroBatching, accumulate_gradients
 from rlbench.types import StepContext, TrainBatch
 
 from conftest import tiny_config
@@ -64,7 +64,7 @@ def test_pairs_stay_together_under_micro_batching(tokenizer):
     losses = []
     for micro in (4, 3, 2):  # 3 is rounded down to 2 so a pair is never split
         model = models.tiny_random(tokenizer, seed=0)
-        losses.append(accumulate_gradients(model, algo, batch, micro, ctx, pairs=True)["loss"])
+        losses.append(accumulate_gradients(model, algo, batch, ctx, MicroBatching(micro, pairs=True))["loss"])
     assert losses[1] == pytest.approx(losses[0], rel=1e-5) and losses[2] == pytest.approx(losses[0], rel=1e-5)
 
 

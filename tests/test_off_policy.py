@@ -18,7 +18,7 @@ from rlbench.training.async_rollouts import Version, behavior_version
 from rlbench.training.cost import CostMeter
 from rlbench.plugins.algorithms.cispo import CISPO, CISPOConfig
 from rlbench.plugins.engines.hf import HFEngine
-from rlbench.training.sampler import Sampler
+from rlbench.training.sampler import EngineSpec, Sampler
 from rlbench.training.trainer import Trainer, TrainingError, start
 from rlbench.types import StepContext, TrainBatch, batch_seed
 
@@ -170,7 +170,7 @@ def _async_run(path, *over):
 def _regenerate(cfg, s, weights_module, step):
     """Batch ``step`` sampled again, independently of the run: a fresh engine on the given
     weights, torch seeded as the worker seeds it."""
-    sampler = Sampler(cfg, s.task, s.tokenizer, s.needs, Version(0, weights_module), CostMeter(), "cpu", 0, 1)
+    sampler = Sampler(s, Version(0, weights_module), CostMeter(), EngineSpec.of(cfg), cfg.rollout, cfg.eval.max_tokens)
     torch.manual_seed(batch_seed(cfg.run.seed, step))
     ro = sampler.sample(step).sampled
     return ro.completion_ids, ro.sampler_logprobs

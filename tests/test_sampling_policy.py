@@ -7,7 +7,7 @@ import torch
 from rlbench.modeling import logprobs as lpmod
 from rlbench import rundir
 from rlbench.modeling import models
-from rlbench.training.accumulate import accumulate_gradients
+from rlbench.training.accumulate import MicroBatching, accumulate_gradients
 from rlbench.policy_gradient import GroupRelativeConfig, PolicyGradient
 from rlbench.training.trainer import start
 from rlbench.types import StepContext, TrainBatch
@@ -64,8 +64,7 @@ def test_trainer_logprobs_are_of_the_tempered_distribution(tmp_path):
     tr = start(tiny_config(*STEP1, f"rollout.temperature={T}", algorithm={"name": "grpo", "beta": 0.05}),
                tmp_path / "t")
     sample = tr.sampler.sample(1)
-    ctx = StepContext(step=1, max_tokens=8)
-    tr.updater.score(sample.rollouts, ctx)
+    ctx = tr.updater.score(sample.rollouts, 1)
     ro = sample.rollouts
     inp = ro.model_inputs()
     C = ro.completion_ids.shape[1]
@@ -94,7 +93,7 @@ def test_gradient_of_a_one_token_grpo_loss_is_the_tempered_score(tokenizer):
     batch = TrainBatch({"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": torch.ones(1, 1),
                         "advantages": torch.tensor([A])}, {"seqs": 1.0, "tokens": 1.0})
     algo = PolicyGradient(GroupRelativeConfig(beta=0.0))
-    accumulate_gradients(model, algo, batch, 4, StepContext(step=1, max_tokens=1), temperature=T)
+    accumulate_gradients(model, algo, batch, StepContext(step=1, max_tokens=1), MicroBatching(4, temperature=T))
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     logits = model(ids[:, :3]).logits[0, -1].float()  # [V]

@@ -4,11 +4,16 @@
 and accumulates its gradient: each micro-batch's loss is its share of the batch loss (normalised
 by whole-batch totals), so the sum over micro-batches is the whole batch's loss and gradient
 whatever the micro-batch size. Each micro-batch's loss gets the step's context for exactly its
-rows. Along the way it measures what every algorithm is logged with: the k3 KL to the reference,
-the entropy, and the trainer–sampler logprob gap of the sampled tokens (the stale-weight check).
-``mini_batches`` splits a batch into the shuffled parts of one epoch (PPO-style mini-batches).
+rows. Along the way it measures what every algorithm is logged with: the k3 KL to the reference
+and the entropy; ``extras`` add to the context or measure beside the loss (``CriticValues``, the
+trainer–sampler gap of ``SamplerGap``: the stale-weight check). ``MicroBatching`` is how a batch
+is cut and run; ``mini_batches`` splits a batch into the shuffled parts of one epoch (PPO-style
+mini-batches).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
@@ -17,79 +22,115 @@ from rlbench import ops
 from rlbench.types import Algorithm, StepContext, TrainBatch
 
 
-def split_micro_batches(batch: TrainBatch, micro_batch_size: int, pairs: bool = False,
-                        share_prompts: bool = True) -> list[TrainBatch]:
-    """The micro-batches ``accumulate_gradients`` runs, in order."""
-    if pairs:  # keep (chosen, rejected) rows together: original order, an even micro-batch size
-        return list(batch.split(max(2, micro_batch_size - micro_batch_size % 2)))
-    if share_prompts:  # a group's rows together (one prompt forward each), similar prompt lengths together
-        return list(batch.sorted_by_length(prompt_only=True).split(micro_batch_size))
-    return list(batch.sorted_by_length().split(micro_batch_size))  # similar lengths together: less padding
+@dataclass(frozen=True)
+class MicroBatching:
+    """How one optimizer batch is cut into micro-batches and run: the loss side's settings."""
+
+    size: int  # rows per micro-batch (train.micro_batch_size)
+    temperature: float = 1.0  # logprobs and entropy of π_T, the distribution the rollouts were sampled from
+    pairs: bool = False  # keep (chosen, rejected) rows together: original order, an even size (DPO)
+    share_prompts: bool = True  # a group's rows together, one prompt forward each (train.share_prompt_forward)
+    pad_to: int | None = None  # DeepSpeed, where every backward is a collective: backwards every rank makes
+    backward: Callable[[torch.Tensor], None] | None = None  # None: loss.backward()
+
+    def split(self, batch: TrainBatch) -> list[TrainBatch]:
+        """The micro-batches ``accumulate_gradients`` runs, in order."""
+        if self.pairs:
+            return list(batch.split(max(2, self.size - self.size % 2)))
+        if self.share_prompts:  # similar prompt lengths together
+            return list(batch.sorted_by_length(prompt_only=True).split(self.size))
+        return list(batch.sorted_by_length().split(self.size))  # similar lengths together: less padding
 
 
-def accumulate_gradients(model, algorithm: Algorithm, batch: TrainBatch, micro_batch_size: int, ctx: StepContext,
-                         backward=None, correction: ops.Correction | None = None, pairs: bool = False,
-                         critic=None, share_prompts: bool = True, pad_to: int | None = None,
-                         sampler_logprobs: torch.Tensor | None = None, temperature: float = 1.0) -> dict[str, float]:
-    """Forward + backward over micro-batches; gradients accumulate in ``.grad``.
+class SamplerGap:
+    """Against the engine's logprobs ``sampler`` [rows, C] (aligned like ``ctx``): the sync drift
+    (largest and mean |trainer − sampler| logprob of the sampled tokens: ``sync/logprob_drift``,
+    ``sync/logprob_drift_mean``), the k3 estimate of KL(sampler ‖ trainer) per token
+    (``behavior_kl``) and, with a ``correction``, the off-policy weights of ``ops.behavior_weights``
+    put into each micro-batch's ``ctx.is_weights`` (``is/weight_mean``, ``is/masked_frac``)."""
+
+    def __init__(self, sampler: torch.Tensor, correction: ops.Correction | None = None):
+        self.sampler, self.correction = sampler, correction
+        self.drift_max = self.drift_sum = self.kl_sum = self.is_sum = self.masked_sum = 0.0
+
+    def on_micro(self, micro: TrainBatch, mctx: StepContext, logp: torch.Tensor, counted: bool) -> None:
+        C, mask = logp.shape[1], micro["completion_mask"]  # [n, C]
+        sampler = self.sampler[micro["row"].to(self.sampler.device)][:, :C].to(logp.device)  # [n, C]
+        if self.correction is not None:  # decoupled: the proximal policy's logprobs, else the current ones
+            now = mctx.old_logprobs.to(logp.device) if self.correction.mode == "decoupled" else logp
+            mctx.is_weights, masked = self.correction.weights(now, sampler, mask)  # [n, C]
+        if not counted:  # a padding repeat (DeepSpeed) is measured once, as itself
+            return
+        gap = (logp.detach() - sampler) * mask  # [n, C]
+        self.drift_max = max(self.drift_max, gap.abs().max().item())
+        self.drift_sum += gap.abs().sum().item()
+        self.kl_sum += (ops.k3_kl(sampler, logp.detach()) * mask).sum().item()  # KL(behaviour ‖ π_θ)
+        if self.correction is not None:
+            self.is_sum += mctx.is_weights.sum().item()
+            self.masked_sum += masked.sum().item()
+
+    def totals(self, tokens: float) -> dict[str, float]:
+        out = {"sync/logprob_drift": self.drift_max, "sync/logprob_drift_mean": self.drift_sum / tokens,
+               "behavior_kl": self.kl_sum / tokens}
+        if self.correction is not None:
+            out["is/weight_mean"] = self.is_sum / tokens
+            if self.correction.mode != "truncate":
+                out["is/masked_frac"] = self.masked_sum / tokens
+        return out
+
+
+class CriticValues:
+    """The value model's predictions, with gradient, in each micro-batch's ``ctx.values`` (for the
+    algorithm's value loss)."""
+
+    def __init__(self, critic):
+        self.critic = critic
+
+    def on_micro(self, micro: TrainBatch, mctx: StepContext, logp: torch.Tensor, counted: bool) -> None:
+        mctx.values = self.critic(micro["input_ids"], micro["attention_mask"], logp.shape[1])  # [n, C]
+
+    def totals(self, tokens: float) -> dict[str, float]:
+        return {}
+
+
+def accumulate_gradients(model, algorithm: Algorithm, batch: TrainBatch, ctx: StepContext, plan: MicroBatching,
+                         extras: Sequence[SamplerGap | CriticValues] = ()) -> dict[str, float]:
+    """Forward + backward over ``plan``'s micro-batches; gradients accumulate in ``.grad``.
 
     ``ctx`` holds the step's per-row tensors for the rollouts rows that ``batch["row"]`` indexes
-    (``TrainBatch.rows``); each micro-batch's loss gets the context of its own rows
-    (``StepContext.select``), plus the critic's current values (``critic``) and, with a
-    ``correction``, the off-policy weights of ``ops.behavior_weights`` against ``sampler_logprobs``
-    as ``ctx.is_weights`` (``is/weight_mean``, ``is/masked_frac``). Returns the
-    batch's loss and the algorithm's metrics (summed shares), the trainer's own ``kl`` (mean k3 to
-    the reference over completion tokens, when reference logprobs are present), ``entropy``, and,
-    given ``sampler_logprobs`` [rows, C] (the engine's, aligned like ``ctx``), the sync drift: the
-    largest and mean |trainer − sampler| logprob of the sampled tokens (``sync/logprob_drift``,
-    ``sync/logprob_drift_mean``) and the k3 estimate of KL(sampler ‖ trainer) per token
-    (``behavior_kl``). A micro-batch whose loss is NaN/inf gets no backward and is
-    counted as ``nonfinite_loss`` (the caller skips the update).
+    (``TrainBatch.with_rows``); each micro-batch's loss gets the context of its own rows
+    (``StepContext.select``), completed by ``extras`` (the critic's values, the off-policy
+    weights) before the loss. Returns the batch's loss and the algorithm's metrics (summed
+    shares), the trainer's own ``kl`` (mean k3 to the reference over completion tokens, when
+    reference logprobs are present), ``entropy``, and what each of ``extras`` measured. A
+    micro-batch whose loss is NaN/inf gets no backward and is counted as ``nonfinite_loss`` (the
+    caller skips the update).
 
-    ``pad_to`` (DeepSpeed, where every backward is a collective): every micro-batch gets a
-    backward, non-finite ones included (``backward`` decides what to do with them), and the last
-    micro-batch is run again with a zero loss until ``pad_to`` backwards were made, so all ranks
-    make the same number.
-
-    ``temperature``: logprobs and entropy are of π_T, the distribution the rollouts were sampled
-    from (rlbench/modeling/logprobs.py); ``ctx``'s reference / old logprobs must be of π_T as well."""
-    backward = backward or (lambda loss: loss.backward())
+    ``plan.pad_to`` (DeepSpeed): every micro-batch gets a backward, non-finite ones included
+    (``plan.backward`` decides what to do with them), and the last micro-batch is run again with a
+    zero loss until ``pad_to`` backwards were made, so all ranks make the same number."""
+    backward = plan.backward or (lambda loss: loss.backward())
     totals: dict[str, float] = {"loss": 0.0}
-    kl_sum = ent_sum = drift_sum = is_sum = masked_sum = behavior_kl_sum = 0.0
-    drift_max = 0.0
-    if "row" not in batch:  # a batch built by hand: rows 0..N−1 of the context
-        batch = TrainBatch({**batch.tensors, "row": batch.rows()}, batch.totals, batch.metrics)
-    micro_batches = split_micro_batches(batch, micro_batch_size, pairs, share_prompts)
+    kl_sum = ent_sum = 0.0
+    micro_batches = plan.split(batch.with_rows())
     n_real = len(micro_batches)
-    micro_batches += micro_batches[-1:] * max(0, (pad_to or 0) - n_real)
+    micro_batches += micro_batches[-1:] * max(0, (plan.pad_to or 0) - n_real)
     for j, micro in enumerate(micro_batches):
-        micro = micro.trimmed()
-        C = micro["completion_mask"].shape[1]
+        micro, counted = micro.trimmed(), j < n_real
+        C, mask = micro["completion_mask"].shape[1], micro["completion_mask"]  # [n, C]
         mctx = ctx.select(micro["row"], C)
         logp, ent = lpmod.token_logprobs(model, micro["input_ids"], micro["attention_mask"], C, with_entropy=True,
-                                         share_prompts=share_prompts, temperature=temperature)  # [n, C] log π_T
-        mask = micro["completion_mask"]
-        if sampler_logprobs is not None:
-            sampler = sampler_logprobs[micro["row"].to(sampler_logprobs.device)][:, :C].to(logp.device)  # [n, C]
-            gap = (logp.detach() - sampler) * mask  # [n, C]
-            drift_max = max(drift_max, gap.abs().max().item())
-            drift_sum += gap.abs().sum().item()
-            behavior_kl_sum += (ops.k3_kl(sampler, logp.detach()) * mask).sum().item()  # KL(behaviour ‖ π_θ)
-            if correction is not None:  # decoupled: the proximal policy's logprobs, else the current ones
-                now = mctx.old_logprobs.to(logp.device) if correction.mode == "decoupled" else logp
-                mctx.is_weights, masked = correction.weights(now, sampler, mask)  # [n, C]
-                is_sum += mctx.is_weights.sum().item()
-                masked_sum += masked.sum().item()
-        if critic is not None:  # the value model's predictions, with gradient, for the algorithm's value loss
-            mctx.values = critic(micro["input_ids"], micro["attention_mask"], C)  # [n, C]
+                                         share_prompts=plan.share_prompts, temperature=plan.temperature)  # [n, C] log π_T
+        for extra in extras:
+            extra.on_micro(micro, mctx, logp, counted)
         loss, metrics = algorithm.loss(logp, micro, mctx)
-        if j >= n_real:  # padding: a backward that adds nothing
+        if not counted:  # padding: a backward that adds nothing
             backward(loss * 0.0)
             continue
         if not torch.isfinite(loss):  # no backward (or DeepSpeed's); the trainer skips the update (on every rank)
             totals["nonfinite_loss"] = totals.get("nonfinite_loss", 0.0) + 1.0
             totals.setdefault("nonfinite_value", loss.item())
-            if pad_to is not None:
+            if plan.pad_to is not None:
                 backward(loss)
             continue
         backward(loss)
@@ -99,17 +140,12 @@ def accumulate_gradients(model, algorithm: Algorithm, batch: TrainBatch, micro_b
         ent_sum += (ent * mask).sum().item()
         if mctx.ref_logprobs is not None:
             kl_sum += (ops.k3_kl(logp.detach(), mctx.ref_logprobs) * mask).sum().item()
-    totals["entropy"] = ent_sum / batch.totals["tokens"]
-    if sampler_logprobs is not None:
-        totals["sync/logprob_drift"] = drift_max
-        totals["sync/logprob_drift_mean"] = drift_sum / batch.totals["tokens"]
-        totals["behavior_kl"] = behavior_kl_sum / batch.totals["tokens"]
-        if correction is not None:
-            totals["is/weight_mean"] = is_sum / batch.totals["tokens"]
-            if correction.mode != "truncate":
-                totals["is/masked_frac"] = masked_sum / batch.totals["tokens"]
+    tokens = batch.totals["tokens"]
+    totals["entropy"] = ent_sum / tokens
     if ctx.ref_logprobs is not None:
-        totals["kl"] = kl_sum / batch.totals["tokens"]
+        totals["kl"] = kl_sum / tokens
+    for extra in extras:
+        totals.update(extra.totals(tokens))
     return totals
 
 

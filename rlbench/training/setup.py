@@ -106,6 +106,7 @@ class Setup:
     model_hash: str
     load_seconds: float
     max_drift: float  # rollout.max_logprob_drift, or its default for the device
+    seed: int  # run.seed: everything was seeded with it; the update's shuffles are derived from it
 
 
 def build(cfg: cfgmod.Config) -> Setup:
@@ -176,7 +177,7 @@ def build(cfg: cfgmod.Config) -> Setup:
                  algorithm=algorithm, needs=needs, model=model, optimizer=optimizer, scheduler=scheduler, critic=critic,
                  reference=reference, zero=zero, weights=PolicyWeights(accelerator, model, zero, use_lora),
                  n_params=n_params, n_critic=n_critic, model_hash=model_hash, load_seconds=load_seconds,
-                 max_drift=cfg.rollout.max_logprob_drift or (2.0 if use_cuda else 1e-3))
+                 max_drift=cfg.rollout.max_logprob_drift or (2.0 if use_cuda else 1e-3), seed=cfg.run.seed)
 
 
 def _critic(cfg, needs: Needs, policy, tok, dtype):
@@ -203,9 +204,9 @@ def reference_quantization_error(cfg, s: Setup, engine, run_dir: Path, resume: b
     inputs = {k: v.to(s.device) for k, v in ro.model_inputs().items()}
     C, mask = ro.completion_ids.shape[1], ro.completion_mask.to(s.device)
     s.model.eval()
-    mb = cfg.train.micro_batch_size
-    full = lpmod.batched_logprobs(s.weights.whole, inputs["input_ids"], inputs["attention_mask"], C, mb)  # [n, C]
-    quant = lpmod.batched_logprobs(s.reference, inputs["input_ids"], inputs["attention_mask"], C, mb)  # [n, C]
+    micro = cfg.train.micro_batch_size
+    full = lpmod.batched_logprobs(s.weights.whole, inputs["input_ids"], inputs["attention_mask"], C, micro)  # [n, C]
+    quant = lpmod.batched_logprobs(s.reference, inputs["input_ids"], inputs["attention_mask"], C, micro)  # [n, C]
     gap = (full - quant).abs() * mask
     tokens = mask.sum().clamp(min=1)
     return {"mode": cfg.model.reference_quantization, "mean_abs_logprob_error": (gap.sum() / tokens).item(),

@@ -51,11 +51,11 @@ from tqdm.auto import tqdm
 from rlbench import manager, rundir
 from rlbench.training import async_rollouts, dist, setup, step_metrics
 from rlbench import config as cfgmod
-from rlbench.training.checkpoints import Checkpoints, restore
+from rlbench.training.checkpoints import Checkpoints, Restorable, restore
 from rlbench.training.cost import CostMeter
 from rlbench.training.evaluation import during_training
 from rlbench.training.faults import FaultLog, NonFiniteError, StopSignals, TrainingError
-from rlbench.training.sampler import Sampler
+from rlbench.training.sampler import EngineSpec, Sampler
 from rlbench.types import StepContext, TrainBatch
 from rlbench.training.update import PlainStepper, Updater, ZeroStepper
 
@@ -75,10 +75,9 @@ class Trainer:
         self.meter = CostMeter(cfg.train.max_generated_tokens, cfg.train.max_flops, cfg.train.max_device_seconds,
                                n_params=s.n_params, n_critic=s.n_critic, world=s.world)
         self.meter.add_time("load", s.load_seconds, step=False)
-        stepper = ZeroStepper(s.zero, cfg.train.micro_batch_size, s.needs.pairs, cfg.train.share_prompt_forward) \
-            if s.zero else PlainStepper(s.accelerator, s.model, s.optimizer, s.critic, cfg.train.max_grad_norm)
-        self.updater = Updater(cfg, s.needs, s.algorithm, s.model, s.optimizer, s.scheduler, s.critic, s.reference,
-                               s.weights, stepper, self.meter, s.max_drift, s.device)
+        stepper = ZeroStepper(s.zero) if s.zero else \
+            PlainStepper(s.accelerator, s.model, s.optimizer, s.critic, cfg.train.max_grad_norm)
+        self.updater = Updater(s, stepper, self.meter, cfg.train, cfg.rollout, eval_kl=cfg.eval.kl)
         self.checkpoints = Checkpoints(self.run_dir, cfg.train.keep_checkpoints, s.rank)
         self.faults = FaultLog(self.run_dir, s.rank, s.world)
         self.signals = StopSignals()
@@ -90,8 +89,8 @@ class Trainer:
         if asynchronous:
             async_rollouts.check_supported(cfg, s)
         served = async_rollouts.Version.copy_of(s.weights, self.step_done) if asynchronous else s.weights
-        self.sampler = Sampler(cfg, s.task, s.tokenizer, s.needs, served, self.meter, s.device, s.rank, s.world,
-                               offline_rollouts=s.algorithm.offline_rollouts if s.needs.offline else None)
+        self.sampler = Sampler(s, served, self.meter, EngineSpec.of(cfg), cfg.rollout, cfg.eval.max_tokens)
+        self.batch_invariant = self.sampler.batch_invariant  # rollout.batch_invariant_sampling, resolved
         if asynchronous:
             self.sampler = async_rollouts.AsyncRollouts(self.sampler, s.weights, cfg, s.max_drift, pending,
                                                         timeline=self.timeline if self.is_main else None)
@@ -183,14 +182,13 @@ class Trainer:
         cfg, meter = self.cfg, self.meter
         meter.start_step()
         self.updater.applied = 0
-        ctx = StepContext(step=step, max_tokens=cfg.rollout.max_tokens)
         try:
             sample = self.sampler.sample(step)  # prompts, rollouts, rewards
             meter.count("tokens/generated", sample.generated_tokens)  # counted now: a skipped step still cost them
             meter.count("tokens/prompt", sample.prompt_tokens)
             extra = self._on_rollouts(step, sample)
             with meter.timed("reference"):  # the no-grad passes that prepare() may use
-                self.updater.score(sample.rollouts, ctx)
+                ctx = self.updater.score(sample.rollouts, step)
             batch = self._prepare(sample, ctx)
             lr = self.scheduler.get_last_lr()[0]  # the rate this step's (first) update uses
             with meter.timed("train"):
@@ -203,11 +201,11 @@ class Trainer:
         except NonFiniteError as e:  # raised on every rank alike (the decision is agreed on)
             return self._skipped(step, e)
         self.faults.streak = 0
-        trained_before = meter.counters["tokens/trained"]
         meter.flush()  # every rank's counts, summed
-        metrics = step_metrics.record(step, sample, train_metrics, batch.metrics, lr=lr, meter=meter,
-                                      trained_before=trained_before, ref_quant=self.ref_quant, extra=extra,
-                                      weights=self.weights)
+        metrics = step_metrics.record(step, sample, {**train_metrics, "lr": lr}, batch.metrics, meter, self.weights)
+        if self.ref_quant:
+            metrics["kl/ref_quant_error"] = self.ref_quant["mean_abs_logprob_error"]
+        metrics.update(extra)  # the event hooks'
         metrics.update(self.algorithm.after_step(metrics))
         return metrics
 
@@ -275,8 +273,7 @@ class Trainer:
     def evaluate(self, step: int) -> dict:
         """Held-out evaluation (``rlbench.training.evaluation.during_training``), written to eval.jsonl."""
         with self.sampler.evaluation() as sampler:  # asynchronous: the engine between two batches, current weights
-            rec = during_training(sampler, self.weights, self.reference, self.cfg, step, self.rank, self.world,
-                                  self.device)
+            rec = during_training(sampler, self.weights, self.reference, self.cfg.eval, self.updater.plan, step)
         if self.ref_quant:
             rec["ref_quant_error"] = self.ref_quant["mean_abs_logprob_error"]
         spent = self.meter.spent()  # the compute axes; the timed ones apart ("time…" keys: not reproducible)
@@ -319,8 +316,8 @@ class Trainer:
         if loaded is None:
             self.checkpoints.drop_records_after(0)
             return []
-        restore(loaded, policy=self.policy, optimizer=self.optimizer, scheduler=self.scheduler, algorithm=self.algorithm,
-                critic=self.accelerator.unwrap_model(self.critic) if self.critic is not None else None, zero=self.zero)
+        critic = self.accelerator.unwrap_model(self.critic) if self.critic is not None else None
+        restore(loaded, Restorable(self.policy, self.optimizer, self.scheduler, critic, self.algorithm, self.zero))
         self.meter.load_state_dict(loaded.state)
         self.faults.streak = loaded.state.get("nonfinite_streak", 0)
         self.step_done = loaded.state["step"]
@@ -348,7 +345,7 @@ def start(cfg: cfgmod.Config, run_dir: Path, resume: bool = False) -> Trainer:
             config=cfg.to_dict(), model_hash=trainer.model_hash, data_hash=data_hash, device=str(trainer.device),
             engine=cfg.names["engine"], seed=cfg.run.seed, engine_requested=cfg.names.get("engine_requested"))
         man["world_size"] = trainer.world
-        man["batch_invariant_sampling"] = cfg.rollout.batch_invariant_sampling  # resolved (auto -> on / off)
+        man["batch_invariant_sampling"] = trainer.batch_invariant  # resolved (auto -> on / off)
         man["determinism"] = rundir.determinism_tier(getattr(trainer.engine, "determinism", "none"), str(trainer.device),
                                                      trainer.world, cfg.rollout.off_policy_steps)
         if trainer.ref_quant:
