@@ -29,7 +29,7 @@ import pluggy
 if TYPE_CHECKING:  # for the annotations only: the hook interface imports nothing at run time
     import torch
 
-    from rlbench.config import Config
+    import rlbench  # the run's config is named in full (rlbench.config.Config), not imported: it stands above
     from rlbench.types import Algorithm, Executor, Logger, RolloutEngine, Rollouts, Task
 
 API_VERSION = 2
@@ -160,7 +160,7 @@ def rlbench_loggers() -> Mapping[str, str | type[Logger]]:
 
 @hookspec
 def rlbench_on_rollouts(step: int, rollouts: Rollouts, rewards: Mapping[str, torch.Tensor], run_dir: str,
-                        config: Config) -> Mapping[str, float] | None:
+                        config: rlbench.config.Config) -> Mapping[str, float] | None:
     """Called after rollouts of ``step`` are generated and scored, before training.
 
     ``rollouts`` is an ``rlbench.types.Rollouts``; ``rewards`` maps component

@@ -139,7 +139,8 @@ def test_hooks_are_typed_with_the_protocols_and_every_builtin_provides_its_own()
 
     from rlbench import config, types
 
-    names = {**vars(hookspecs), **vars(types), "Config": config.Config, "torch": torch}
+    names = {**vars(hookspecs), **vars(types), "rlbench": rlbench, "torch": torch}
+    assert config.Config  # rlbench.config is imported: the hooks name rlbench.config.Config
     for hook in HOOKS:  # every annotation resolves; no argument is left untyped
         fn = getattr(hookspecs, hook)
         hints = typing.get_type_hints(fn, globalns=names)
