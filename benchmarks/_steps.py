@@ -21,7 +21,7 @@ class Steps:
 
 def run_steps(config: str | Path, overrides: list[str], steps: int) -> Steps:
     from rlbench import config as cfgmod
-    from rlbench.trainer import start
+    from rlbench.training.trainer import start
 
     cfg = cfgmod.load(config, [*QUIET, f"train.steps={steps}", *overrides])
     out = Steps(engine=cfg.names["engine"])

@@ -117,7 +117,7 @@ def build_model_dir(shape: dict, tokenizer_dir: Path, out: Path, device: str) ->
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from rlbench import models
+    from rlbench.modeling import models
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     kind = shape["model_type"]
@@ -251,7 +251,7 @@ def carry_size(folder: Path) -> int:
 
 def prepare(folder: Path) -> int:
     """Write the carried set into ``folder`` and check its size against the limit."""
-    from rlbench import models
+    from rlbench.modeling import models
 
     folder = Path(folder)
     whl, tok = folder / "whl", folder / "tokenizer"
@@ -298,11 +298,11 @@ def main() -> int:
         if args.carry:
             tokenizer_dir = Path(args.carry) / "tokenizer"
         else:  # here: the converted embedded model's tokenizer
-            from rlbench import models
+            from rlbench.modeling import models
 
             tokenizer_dir = models.embedded_model_dir()
         result = run_case(args.case, tokenizer_dir, args.cpu_dry_run, Path(args.work))
-        from rlbench import dist
+        from rlbench.training import dist
 
         if dist.rank() == 0:
             print("CASE " + json.dumps(result), flush=True)

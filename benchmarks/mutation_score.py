@@ -1,8 +1,8 @@
 """Mutation score of the algorithm maths: bugs planted one at a time by mutmut, counted when the
 fast algorithm tests catch them.
 
-Scope (SCOPE): rlbench/ops.py, the algorithm plugins (plugins/algorithms/*.py) and the loss side
-of the trainer's update (rlbench/accumulate.py). Tests (TESTS, DESELECT): the hand-computed,
+Scope (SCOPE): rlbench/ops.py, rlbench/policy_gradient.py, the algorithm plugins (plugins/algorithms/*.py) and the loss side
+of the trainer's update (rlbench/training/accumulate.py). Tests (TESTS, DESELECT): the hand-computed,
 property and accumulation tests of the algorithms; the learnability runs and whole-trainer tests
 are left out (minutes each, and the bugs they would catch here are caught by the tests above).
 
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCOPE = ["rlbench/ops.py", "rlbench/accumulate.py", "rlbench/plugins/algorithms/*"]
+SCOPE = ["rlbench/ops.py", "rlbench/policy_gradient.py", "rlbench/training/accumulate.py", "rlbench/plugins/algorithms/*"]
 TESTS = ["test_ops.py", "test_properties.py", "test_accumulate.py", "test_algorithm_contracts.py", "test_grpo.py",
          "test_grpo_family.py", "test_dapo.py", "test_dpo.py",
          "test_ppo.py", "test_trainer.py", "test_off_policy.py"]

@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed repetitions per engine (median reported)")
     args = ap.parse_args()
 
-    from rlbench import models
+    from rlbench.modeling import models
     from rlbench.plugins.engines.hf import HFConfig, HFEngine
     from rlbench.plugins.engines.vllm import VLLMConfig, VLLMEngine
     from rlbench.tasks.arithmetic import Arithmetic, ArithmeticConfig

@@ -58,7 +58,7 @@ def run_trl(steps: int, use_vllm: bool) -> list[float]:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from rlbench import models
+    from rlbench.modeling import models
 
     path = str(models.embedded_model_dir())
     tok = models.load_tokenizer(models.EMBEDDED)

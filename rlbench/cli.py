@@ -27,8 +27,8 @@ def _cmd_plugins(args) -> int:
 
 def _cmd_run(args) -> int:
     from rlbench import config as cfgmod
-    from rlbench import dist
-    from rlbench import trainer as trmod
+    from rlbench.training import dist
+    from rlbench.training import trainer as trmod
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -81,16 +81,16 @@ def _eval_config(task: str, model: str, sets: list[str], engine: str | None = No
 
 def _cmd_eval(args) -> int:
     from rlbench.config import ConfigError
-    from rlbench.evaluation import evaluate
-    from rlbench.sampler import standalone
+    from rlbench.training.evaluation import EvalPlan, evaluate
+    from rlbench.training.sampler import standalone
 
     for flag, value in (("--limit", args.limit), ("--samples", args.samples), ("--max-tokens", args.max_tokens)):
         if value < 1:  # an evaluation of nothing has no accuracy: say so instead of printing 0.000
             raise ConfigError(f"rlbench eval: {flag} must be >= 1, got {value}")
     cfg = _eval_config(args.task, args.model, args.set or [], args.engine)
     with standalone(cfg) as (engine, task):
-        rec, _ = evaluate(engine, task, split=args.split, limit=args.limit, samples=args.samples,
-                          max_tokens=args.max_tokens, temperature=args.temperature, keep_completions=True)
+        rec, _ = evaluate(engine, task, EvalPlan(args.split, args.limit, args.samples, args.max_tokens,
+                                                 temperature=args.temperature, keep_completions=True))
     if rec["n"] == 0:  # the split is empty, or every prompt was too long
         raise ConfigError(f"rlbench eval: no problems to evaluate in the {args.split!r} split of task "
                           f"{cfg.names['task']!r}")
@@ -110,7 +110,7 @@ def _cmd_eval(args) -> int:
 
 def _cmd_probe(args) -> int:
     from rlbench import config as cfgmod
-    from rlbench import probe
+    from rlbench.suites import probe
 
     if args.prompts < 1:
         raise cfgmod.ConfigError(f"rlbench probe: --prompts must be >= 1, got {args.prompts}")
@@ -123,8 +123,9 @@ def _cmd_probe(args) -> int:
 
 
 def _cmd_reward(args) -> int:
-    from rlbench import manager, models
-    from rlbench.evaluation import score_rows
+    from rlbench import manager
+    from rlbench.modeling import models
+    from rlbench.training.evaluation import score_rows
     from rlbench.tasks.common import read_jsonl
 
     cfg = _eval_config(args.task, args.model, args.set or [])
@@ -146,7 +147,7 @@ def _cmd_reward(args) -> int:
 
 
 def _cmd_suite(args) -> int:
-    from rlbench import suite
+    from rlbench.suites import suite
 
     if args.action == "run":
         summary = suite.run_suite(args.target, args.out, jobs=args.jobs, executor_name=args.executor,
@@ -170,7 +171,7 @@ def _cmd_suite(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from rlbench.report import build
+    from rlbench.reporting.report import build
 
     command = "rlbench report " + " ".join(args.dirs) + f" --out {args.out}" + (
         f" --baseline {args.baseline}" if args.baseline else "") + (f" --mde {args.mde:g}" if args.mde else "") + (
@@ -182,7 +183,7 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from rlbench.export import export
+    from rlbench.training.export import export
 
     out = export(args.run_dir, args.out, step=args.step)
     print(f"exported to {out}")
@@ -264,11 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rlbench.config import ConfigError
     from rlbench.manager import PluginError
-    from rlbench.models import ModelError
-    from rlbench.faults import TrainingError
+    from rlbench.modeling.models import ModelError
+    from rlbench.training.faults import TrainingError
     from rlbench.tasks.sandbox import SandboxError
     from rlbench.types import DataError
-    from rlbench.report_runs import ReportError
+    from rlbench.reporting.runs import ReportError
 
     try:
         return args.func(args)

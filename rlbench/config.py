@@ -17,19 +17,20 @@ from typing import Any
 
 import yaml
 
-from rlbench import manager, models
+from rlbench import manager
+from rlbench.modeling import models
 from rlbench.config_types import ConfigError, _check_type, _suggest
 from rlbench.ops import IS_CORRECTIONS
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "run"  # run directory name under --out (default runs/)
     seed: int = 0  # seeds data order, sampling and init (tiny-random)
     variant: str = ""  # a suite's variant label (matrix.variant); reports group by algorithm and variant
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     name: str = "smollm2-135m-instruct"  # alias, local path or Hugging Face id
     # auto: float32 on CPU (bf16 matmuls are ~400x slower there); on GPU float32 master weights
@@ -41,7 +42,7 @@ class ModelConfig:
     tiny_hidden: int = 64
     tiny_init_std: float = 0.02  # larger (e.g. 0.5) gives a peaked, lower-entropy random model
     # LoRA (peft): > 0 trains adapters of this rank instead of every weight; the engine gets the
-    # merged weights at every sync (rlbench/lora.py). QLoRA = this plus a 4-bit reference.
+    # merged weights at every sync (rlbench/modeling/lora.py). QLoRA = this plus a 4-bit reference.
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -64,12 +65,12 @@ class ModelConfig:
             raise ValueError(f"name: {e}") from e
 
 
-@dataclass
+@dataclass(frozen=True)
 class RolloutConfig:
     prompts_per_step: int = 8  # B prompts sampled from the train split each step
     group_size: int = 8  # G completions per prompt (R1 recipe: >= 8 for stable advantages)
     # The sampling temperature T (> 0). The trainer's, reference's and old-policy logprobs are of
-    # π_T ∝ exp(logits / T), the distribution the completions were drawn from (rlbench/logprobs.py).
+    # π_T ∝ exp(logits / T), the distribution the completions were drawn from (rlbench/modeling/logprobs.py).
     temperature: float = 1.0
     top_p: float = 1.0  # < 1: nucleus sampling; the trainer's π_T is not renormalised over the nucleus
     max_tokens: int = 64  # completion budget; truncated completions finish with "length"
@@ -87,7 +88,7 @@ class RolloutConfig:
     is_low: float = 0.0  # mask: the lower bound; 0 = 1 / is_cap
     is_level: str = "token"  # mask: token | sequence
     # Asynchronous rollouts: the batch trained at step t is generated from the weights of k updates
-    # earlier, while step t - 1 trains (rlbench/async_rollouts.py). 0: synchronous, the default.
+    # earlier, while step t - 1 trains (rlbench/training/async_rollouts.py). 0: synchronous, the default.
     off_policy_steps: int = 0
     # Prompts longer than max_prompt_tokens (0 = the model's context minus max_tokens, so a
     # completion always fits) are skipped (default: truncating would cut the system prompt
@@ -116,7 +117,7 @@ class RolloutConfig:
         if self.is_cap < 1:
             raise ValueError(f"is_cap must be >= 1, got {self.is_cap}")
         if isinstance(self.is_correction, bool):  # the older boolean form: true = truncate
-            self.is_correction = "truncate" if self.is_correction else "none"
+            object.__setattr__(self, "is_correction", "truncate" if self.is_correction else "none")  # validating
         if self.is_correction not in IS_CORRECTIONS:
             raise ValueError(f"is_correction must be one of {', '.join(IS_CORRECTIONS)} (or true / false); "
                              f"got {self.is_correction!r}")
@@ -132,13 +133,13 @@ class RolloutConfig:
             raise ValueError(f"long_prompts must be skip, truncate or error, got {self.long_prompts!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 20  # rollout batches (each is epochs x mini_batches optimizer steps when the algorithm asks)
     # > 0: also stop once this many completion tokens were generated (all sampling rounds counted),
     # so runs of different algorithms get the same generation budget
     max_generated_tokens: int = 0
-    # Compute budgets (0 = none): stop once the run's FLOPs (every pass counted, rlbench/cost.py)
+    # Compute budgets (0 = none): stop once the run's FLOPs (every pass counted, rlbench/training/cost.py)
     # or device-seconds (training phases x processes; not loading, not eval) reach this. A run
     # stops after the step that reaches a budget (never before it), the same rule for every
     # algorithm; train.steps stays a cap, and the learning-rate schedule runs over train.steps.
@@ -154,7 +155,7 @@ class TrainConfig:
     micro_batch_size: int = 16  # sequences per forward/backward; gradients accumulate to the full batch
     gradient_checkpointing: bool = False
     # Run each distinct prompt of a micro-batch once and its G completions on its KV cache
-    # (rlbench/logprobs.py): the same logprobs and gradients (to float rounding), far fewer
+    # (rlbench/modeling/logprobs.py): the same logprobs and gradients (to float rounding), far fewer
     # tokens when prompts are long and answers short. Off automatically with gradient checkpointing.
     share_prompt_forward: bool = True
     checkpoint_every: int = 10  # steps between resumable checkpoints (0 = only at the end)
@@ -173,7 +174,7 @@ class TrainConfig:
                 raise ValueError(f"{k} must be in [0, 1], got {getattr(self, k)}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     n: int = 200  # held-out problems, greedy pass@1 (>= 200 so ±2 SE is ~±7 points)
     every: int = 0  # evaluate every k steps (0 = only before and after training)
@@ -193,10 +194,10 @@ class EvalConfig:
         fr = self.at_budget_fractions
         if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f <= 1 for f in fr):
             raise ValueError(f"at_budget_fractions must be numbers in [0, 1], got {fr!r}")
-        self.at_budget_fractions = sorted({float(f) for f in fr})
+        object.__setattr__(self, "at_budget_fractions", sorted({float(f) for f in fr}))  # validating
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoggingConfig:
     # metrics.jsonl is always written (it is the run's record); these are extra sinks. Add "wandb" for W&B.
     loggers: list = field(default_factory=lambda: ["tensorboard"])
@@ -240,8 +241,12 @@ def auto_engine() -> str:
     return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
+    """A validated run configuration. Frozen, as its core sections are: nothing assigns to it after
+    ``resolve`` (a changed copy is ``dataclasses.replace``); plugin sections are the plugins' own
+    dataclasses, which the core only reads."""
+
     run: RunConfig
     model: ModelConfig
     task: Any
@@ -362,7 +367,7 @@ def resolve(raw: dict, overrides: list[str] = ()) -> Config:
     if names["engine"] == "vllm" and built["rollout"].top_p < 1:
         raise ConfigError(f"config: rollout.top_p = {built['rollout'].top_p} with engine vllm: vLLM's sampled-token "
                           "logprobs are then renormalised over the nucleus, which the trainer's π_T does not model "
-                          "(rlbench/logprobs.py); use top_p: 1.0 or engine.name: hf")
+                          "(rlbench/modeling/logprobs.py); use top_p: 1.0 or engine.name: hf")
     return Config(names=names, labels=labels, **built)
 
 

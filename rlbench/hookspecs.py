@@ -16,19 +16,29 @@ strings are resolved lazily, only when a run selects that name, so that
 ``import rlbench`` and ``rlbench plugins`` never import vLLM, DeepSpeed or
 bitsandbytes (lm-eval's registry habit). A value may also be the object itself.
 
-What each registered object must provide is documented in ``rlbench.types``
-(``Algorithm``, ``RolloutEngine``, ``Task``, ``Logger`` protocols).
+What each registered object must provide is typed by the protocols of ``rlbench.types``
+(``Algorithm``, ``RolloutEngine``, ``Task``, ``Logger``, ``Executor``) and documented hook by
+hook below.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import pluggy
+
+if TYPE_CHECKING:  # for the annotations only: the hook interface imports nothing at run time
+    import torch
+
+    import rlbench  # the run's config is named in full (rlbench.config.Config), not imported: it stands above
+    from rlbench.types import Algorithm, Executor, Logger, RolloutEngine, Rollouts, Task
 
 API_VERSION = 2
 # 2: what the trainer computes (reference / old logprobs, the critic's values, importance
 #    weights) reaches an algorithm's ``loss`` through ``ctx`` (the micro-batch's rows), no longer
 #    copied into the batch; batches carry ``row``; ``max_tokens`` is ``ctx.max_tokens`` only.
+#    Renamed within 2 (rlbench 0.1.0, before any release): the sampler's logprobs have one name,
+#    ``Rollouts.sampler_logprobs`` and ``StepContext.sampler_logprobs`` (were ``Rollouts.logprobs``
+#    and ``ctx.behavior_logprobs``).
 
 hookspec = pluggy.HookspecMarker("rlbench")
 
@@ -38,7 +48,7 @@ hookspec = pluggy.HookspecMarker("rlbench")
 
 
 @hookspec
-def rlbench_algorithms() -> Mapping[str, Any]:
+def rlbench_algorithms() -> Mapping[str, str | type[Algorithm]]:
     """Register RL algorithms.
 
     Return ``{name: "module:Class"}``. The class has a ``Config`` dataclass (the
@@ -61,7 +71,7 @@ def rlbench_algorithms() -> Mapping[str, Any]:
       ``logprobs`` [n, C] carry the gradient; every logprob an algorithm sees (these,
       the reference's, the old policy's, the behaviour's) is of π_T, the distribution
       the rollouts were sampled from at ``rollout.temperature`` (T = 1 for offline
-      data; rlbench/logprobs.py); ``ctx`` is the step's context for
+      data; rlbench/modeling/logprobs.py); ``ctx`` is the step's context for
       exactly this micro-batch's rows (reference/old logprobs, the critic's current
       values with their gradient, the importance weights of
       ``rollout.is_correction``, the behaviour logprobs of the weights that generated the
@@ -76,19 +86,19 @@ def rlbench_algorithms() -> Mapping[str, Any]:
       (defaults in ``rlbench.types.AlgorithmBase``).
     * only with ``Needs(offline=True)``: ``offline_rollouts(step, n, tokenizer,
       max_tokens) -> (Rollouts, rewards)``, the step's data in place of sampling
-      (``Rollouts.logprobs`` None: there is no sampler to check against).
+      (``Rollouts.sampler_logprobs`` None: there is no sampler to check against).
     """
 
 
 @hookspec
-def rlbench_rollout_engines() -> Mapping[str, Any]:
+def rlbench_rollout_engines() -> Mapping[str, str | type[RolloutEngine]]:
     """Register rollout engines (samplers).
 
     Return ``{name: "module:Class"}``. The class has a ``Config`` dataclass and is
     constructed as ``Class(config, model, tokenizer, device, seed=seed)``; it
     implements ``generate(prompts, n, sampling) -> Rollouts`` (completions
     group-major, the sampled tokens' logprobs under π_T = softmax(logits / T), T the sampling
-    temperature, 1 for greedy decoding: rlbench/logprobs.py) and ``sync(model)``
+    temperature, 1 for greedy decoding: rlbench/modeling/logprobs.py) and ``sync(model)``
     (serve the policy's current weights). Optional: ``offload()`` / ``reload()``
     around the training phase, ``close()``, a ``determinism`` attribute (``"bitwise"``: the same
     seed gives the same tokens bit for bit on a CPU; ``"seeded"``: seeded, but kernels or batching
@@ -99,24 +109,24 @@ def rlbench_rollout_engines() -> Mapping[str, Any]:
 
 
 @hookspec
-def rlbench_executors() -> Mapping[str, Any]:
+def rlbench_executors() -> Mapping[str, str | type[Executor]]:
     """Register suite executors: where a suite's runs execute (``rlbench suite run --executor``).
 
     Return ``{name: "module:Class"}``. The class has a ``Config`` dataclass (the suite file's
     ``executor:`` section without ``name``) and a ``name``; it is constructed as
     ``Class(config, suite_dir)`` and has ``parallel`` (jobs it keeps submitted at once) and
-    implements ``submit(job: rlbench.jobs.Job) -> job_id`` (one run as one job; ``job.command()``
+    implements ``submit(job: rlbench.suites.jobs.Job) -> job_id`` (one run as one job; ``job.command()``
     is what to run, on every machine of a multi-process job; its output appended to ``job.log``),
     ``poll(job_ids) -> {job_id: "queued" | "running" | "done" | "gone"}`` (for ids submitted by an
     earlier controller too: that is how a restarted suite re-attaches) and ``cancel(job_ids)``.
     Optional: ``note(job_id) -> str``, the scheduler's word on an ended job (added to the error of
-    a failed run). Retries, resuming and re-attaching are the suite's (rlbench/jobs.py), the same
+    a failed run). Retries, resuming and re-attaching are the suite's (rlbench/suites/jobs.py), the same
     on every executor. Built in: ``local`` (the default), ``slurm`` (submitit), ``ray`` (Ray jobs).
     """
 
 
 @hookspec
-def rlbench_tasks() -> Mapping[str, Any]:
+def rlbench_tasks() -> Mapping[str, str | type[Task]]:
     """Register reward tasks.
 
     Return ``{name: "module:Class"}``. The class has a ``Config`` dataclass and is
@@ -133,7 +143,7 @@ def rlbench_tasks() -> Mapping[str, Any]:
 
 
 @hookspec
-def rlbench_loggers() -> Mapping[str, Any]:
+def rlbench_loggers() -> Mapping[str, str | type[Logger]]:
     """Register metric loggers.
 
     Return ``{name: "module:Class"}``. The class is constructed as
@@ -149,8 +159,8 @@ def rlbench_loggers() -> Mapping[str, Any]:
 
 
 @hookspec
-def rlbench_on_rollouts(step: int, rollouts: Any, rewards: Mapping[str, Any], run_dir: str,
-                        config: Any) -> Mapping[str, float] | None:
+def rlbench_on_rollouts(step: int, rollouts: Rollouts, rewards: Mapping[str, torch.Tensor], run_dir: str,
+                        config: rlbench.config.Config) -> Mapping[str, float] | None:
     """Called after rollouts of ``step`` are generated and scored, before training.
 
     ``rollouts`` is an ``rlbench.types.Rollouts``; ``rewards`` maps component

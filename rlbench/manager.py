@@ -27,7 +27,6 @@ import pluggy
 from rlbench import hookspecs
 
 GROUP = "rlbench"
-hookimpl = pluggy.HookimplMarker(GROUP)
 
 # kind -> registration hook name
 KINDS = {

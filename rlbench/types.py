@@ -42,7 +42,7 @@ class Rollouts:
     group: torch.Tensor  # [N] long, index into prompts
     completion_ids: torch.Tensor  # [N, C] long, right-padded with pad_id
     completion_mask: torch.Tensor  # [N, C] float, 1 for real completion tokens
-    logprobs: torch.Tensor | None  # [N, C] float, the sampled tokens' log π_T (rlbench/logprobs.py; 0 at padding); None for offline data
+    sampler_logprobs: torch.Tensor | None  # [N, C] float, the sampled tokens' log π_T (rlbench/modeling/logprobs.py; 0 at padding); None for offline data
     texts: list[str]  # N decoded completions (special tokens stripped)
     finish_reasons: list[str]  # N of "stop" (EOS / end-of-turn) or "length"
     pad_id: int = 0
@@ -66,7 +66,7 @@ class Rollouts:
             prompts=[self.prompts[g] for g in keep], prompt_ids=[self.prompt_ids[g] for g in keep],
             group=torch.tensor([new_index[g] for g in self.group[rows].tolist()], dtype=torch.long),
             completion_ids=self.completion_ids[rows], completion_mask=self.completion_mask[rows],
-            logprobs=None if self.logprobs is None else self.logprobs[rows],
+            sampler_logprobs=None if self.sampler_logprobs is None else self.sampler_logprobs[rows],
             texts=[self.texts[i] for i in rows.tolist()], finish_reasons=[self.finish_reasons[i] for i in rows.tolist()],
             pad_id=self.pad_id)
 
@@ -81,13 +81,13 @@ class Rollouts:
         offsets = [0]
         for r in parts[:-1]:
             offsets.append(offsets[-1] + len(r.prompts))
-        has_lp = all(r.logprobs is not None for r in parts)
+        has_lp = all(r.sampler_logprobs is not None for r in parts)
         return Rollouts(
             prompts=[p for r in parts for p in r.prompts], prompt_ids=[p for r in parts for p in r.prompt_ids],
             group=torch.cat([r.group + o for r, o in zip(parts, offsets)]),
             completion_ids=torch.cat([pad(r.completion_ids, parts[0].pad_id) for r in parts]),
             completion_mask=torch.cat([pad(r.completion_mask, 0) for r in parts]),
-            logprobs=torch.cat([pad(r.logprobs, 0.0) for r in parts]) if has_lp else None,
+            sampler_logprobs=torch.cat([pad(r.sampler_logprobs, 0.0) for r in parts]) if has_lp else None,
             texts=[t for r in parts for t in r.texts], finish_reasons=[f for r in parts for f in r.finish_reasons],
             pad_id=parts[0].pad_id)
 
@@ -134,9 +134,12 @@ class TrainBatch:
         totals = {"seqs": float(rollouts.n), "tokens": float(mask.sum().clamp(min=1).item())}
         return cls({**base, **tensors}, totals)
 
-    def rows(self) -> torch.Tensor:
-        """``row`` [N]; a batch built by hand without it stands for rollouts rows 0..N−1."""
-        return self.tensors["row"] if "row" in self.tensors else torch.arange(self.size)
+    def with_rows(self) -> "TrainBatch":
+        """This batch with its ``row`` index [N]; a batch built by hand without it stands for
+        rollouts rows 0..N−1 (the one place that fallback is decided)."""
+        if "row" in self.tensors:
+            return self
+        return TrainBatch({**self.tensors, "row": torch.arange(self.size)}, self.totals, self.metrics)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.tensors[key]
@@ -204,7 +207,7 @@ class Needs:
     group_size: int = 1  # completions per prompt the rollout engine must produce
     epochs: int = 1  # passes (μ) over each rollout batch; each pass is one optimizer step
     pairs: bool = False  # rows come in (chosen, rejected) pairs: keep order, never split a pair
-    critic: bool = False  # a value model (rlbench.critic.ValueModel) trained beside the policy
+    critic: bool = False  # a value model (rlbench.modeling.critic.ValueModel) trained beside the policy
     critic_lr: float = 0.0  # its learning rate (0 = train.lr)
     critic_model: str = ""  # the critic's body: "" = a copy of the policy's, else this model (same tokenizer)
     mini_batches: int = 1  # optimizer steps per epoch: the batch is shuffled and split (pairs kept whole)
@@ -227,7 +230,7 @@ class StepContext:
     their gradient in ``loss`` (a value loss trains the critic through them); ``is_weights`` (loss
     only) are the off-policy weights of ``rollout.is_correction`` (``ops.behavior_weights``:
     truncated, masked or decoupled importance weights against the behaviour policy);
-    ``behavior_logprobs`` are the engine's logprobs of the sampled tokens, from the weights that
+    ``sampler_logprobs`` are the engine's logprobs of the sampled tokens, from the weights that
     generated them (with ``rollout.off_policy_steps`` k > 0, k updates older than the trainer's);
     ``max_tokens`` is the completion budget (a constant length normaliser, as Dr. GRPO uses)."""
 
@@ -237,10 +240,10 @@ class StepContext:
     old_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
     is_weights: torch.Tensor | None = None
-    behavior_logprobs: torch.Tensor | None = None
+    sampler_logprobs: torch.Tensor | None = None
     max_tokens: int = 0
 
-    _ROW_TENSORS = ("ref_logprobs", "old_logprobs", "values", "is_weights", "behavior_logprobs")
+    _ROW_TENSORS = ("ref_logprobs", "old_logprobs", "values", "is_weights", "sampler_logprobs")
 
     def select(self, rows: torch.Tensor, columns: int) -> "StepContext":
         """This context for the rollouts rows ``rows`` and their first ``columns`` completion
@@ -269,7 +272,12 @@ class AlgorithmBase:
         pass
 
 
+# -- what a registered plugin provides (hookspecs.py says how each is registered and built) -----------
+
 class Algorithm(Protocol):
+    """``Class(config)``; ``needs`` tells the trainer what to compute, ``prepare`` turns a step's
+    rollouts into a batch, ``loss`` is one micro-batch's share (rlbench_algorithms)."""
+
     Config: type
 
     @classmethod
@@ -287,19 +295,57 @@ class Algorithm(Protocol):
 
 
 class RolloutEngine(Protocol):
+    """``Class(config, model, tokenizer, device, seed=seed)``; completions group-major with the
+    sampled tokens' logprobs of π_T (rlbench_rollout_engines)."""
+
     Config: type
 
-    def generate(self, prompts: list[Prompt], n: int, sampling: "Sampling") -> Rollouts: ...
+    def generate(self, prompts: list[Prompt], n: int, sampling: Sampling) -> Rollouts: ...
 
     def sync(self, model: torch.nn.Module) -> None: ...
 
 
 class Task(Protocol):
+    """``Class(config, tokenizer)``; named reward components, ``accuracy`` among them (rlbench_tasks)."""
+
     Config: type
 
     def prompts(self, split: str, n: int, seed: int) -> list[Prompt]: ...
 
     def score(self, prompts: list[Prompt], texts: list[str]) -> dict[str, list[float]]: ...
+
+
+class Logger(Protocol):
+    """``Class(run_dir, config)``; every step's metrics line (rlbench_loggers)."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Job(Protocol):
+    """One run of a suite as an executor sees it (rlbench.suites.jobs.Job)."""
+
+    name: str
+    log: Any  # Path: the file its output is appended to
+    processes: int  # processes per machine
+
+    def command(self, machines: int = 1, machine_rank: int = 0, main_ip: str = "127.0.0.1",
+                port: int | None = None) -> list[str]: ...
+
+
+class Executor(Protocol):
+    """``Class(config, suite_dir)``; where a suite's runs execute (rlbench_executors)."""
+
+    Config: type
+    name: str
+    parallel: int
+
+    def submit(self, job: Job) -> str: ...
+
+    def poll(self, job_ids: list[str]) -> dict[str, str]: ...
+
+    def cancel(self, job_ids: list[str]) -> None: ...
 
 
 @dataclass
@@ -337,7 +383,7 @@ def engine_seed(run_seed: int, step: int) -> int:
 
 def batch_seed(run_seed: int, step: int) -> int:
     """The seed torch's generator gets before step ``step``'s batch is sampled with
-    asynchronous rollouts (rlbench/async_rollouts.py): the samples depend on (seed, step) only."""
+    asynchronous rollouts (rlbench/training/async_rollouts.py): the samples depend on (seed, step) only."""
     return prompt_seed(run_seed, f"batch:{step}")
 
 

@@ -43,7 +43,7 @@ def tiny_config(*overrides: str, **sections: dict):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from rlbench import models
+    from rlbench.modeling import models
 
     return models.load_tokenizer("tiny-random")
 

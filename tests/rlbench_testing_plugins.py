@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass, field
 
 import rlbench
-from rlbench import dist
+from rlbench.training import dist
 from rlbench.plugins.algorithms.grpo import GRPO, GRPOConfig
 from rlbench.plugins.algorithms.reinforce_pp import ReinforcePP, ReinforcePPConfig
 from rlbench.types import Prompt

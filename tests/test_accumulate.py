@@ -1,4 +1,4 @@
-"""rlbench/accumulate.py against an independent computation: the micro-batches it forms, the
+"""rlbench/training/accumulate.py against an independent computation: the micro-batches it forms, the
 context each micro-batch's loss receives, the metrics it returns (loss, KL, entropy, sampler drift,
 importance weights), and its handling of non-finite losses and of DeepSpeed's padding backwards."""
 import math
@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-from rlbench import logprobs as lpmod
-from rlbench import models, ops
-from rlbench.accumulate import accumulate_gradients, mini_batches, split_micro_batches
+from rlbench.modeling import logprobs as lpmod
+from rlbench import ops
+from rlbench.modeling import models
+from rlbench.training.accumulate import MicroBatching, SamplerGap, accumulate_gradients, mini_batches
 from rlbench.types import StepContext, TrainBatch
 
 
@@ -49,15 +50,15 @@ class Spy:
 def test_micro_batches_by_prompt_length_by_length_and_in_pairs():
     b = _batch()
     # default: a group's rows together, longest prompt first (stable): prompt lengths 4,2,3,4,2,1
-    rows = [m["row"].tolist() for m in split_micro_batches(b, 2)]
+    rows = [m["row"].tolist() for m in MicroBatching(2).split(b)]
     assert rows == [[5, 2], [1, 0], [3, 4]]
     # share_prompts off: by whole length (prompt + completion) 9,3,6,6,7,5, longest first
-    assert [m["row"].tolist() for m in split_micro_batches(b, 4, share_prompts=False)] == [[5, 3, 1, 2], [4, 0]]
+    assert [m["row"].tolist() for m in MicroBatching(4, share_prompts=False).split(b)] == [[5, 3, 1, 2], [4, 0]]
     # pairs: original order, the size rounded down to an even number (3 → 2), never below 2
-    assert [m["row"].tolist() for m in split_micro_batches(b, 3, pairs=True)] == [[5, 0], [1, 2], [3, 4]]
-    assert [m["row"].tolist() for m in split_micro_batches(b, 1, pairs=True)] == [[5, 0], [1, 2], [3, 4]]
-    assert [m["row"].tolist() for m in split_micro_batches(b, 5, pairs=True)] == [[5, 0, 1, 2], [3, 4]]
-    assert all(m.totals == b.totals for m in split_micro_batches(b, 2))  # whole-batch normalisers kept
+    assert [m["row"].tolist() for m in MicroBatching(3, pairs=True).split(b)] == [[5, 0], [1, 2], [3, 4]]
+    assert [m["row"].tolist() for m in MicroBatching(1, pairs=True).split(b)] == [[5, 0], [1, 2], [3, 4]]
+    assert [m["row"].tolist() for m in MicroBatching(5, pairs=True).split(b)] == [[5, 0, 1, 2], [3, 4]]
+    assert all(m.totals == b.totals for m in MicroBatching(2).split(b))  # whole-batch normalisers kept
 
 
 def test_mini_batches_partition_and_keep_pairs():
@@ -102,9 +103,8 @@ def test_accumulate_gradients_metrics_and_context_by_an_independent_computation(
     weights = torch.exp(gap).clamp(max=1.5) * mask
     spy = Spy()
     calls = []
-    m = accumulate_gradients(model, spy, b, 2, ctx, backward=lambda loss: calls.append(loss.item()),
-                             correction=ops.Correction("truncate", 1.5),
-                             sampler_logprobs=sampler)
+    m = accumulate_gradients(model, spy, b, ctx, MicroBatching(2, backward=lambda loss: calls.append(loss.item())),
+                             [SamplerGap(sampler, ops.Correction("truncate", 1.5))])
     assert [c["rows"] for c in spy.calls] == [[5, 2], [1, 0], [3, 4]] and len(calls) == 3
     for c in spy.calls:  # each micro-batch got its own rows' context, trimmed to its columns
         r = torch.tensor(c["rows"])
@@ -124,26 +124,26 @@ def test_accumulate_gradients_metrics_and_context_by_an_independent_computation(
     assert "nonfinite_loss" not in m
     # without a reference, a sampler or the IS cap, those metrics are absent and the loss unweighted
     spy2 = Spy()
-    m2 = accumulate_gradients(model, spy2, b, 6, StepContext(step=2), backward=lambda loss: None)
+    m2 = accumulate_gradients(model, spy2, b, StepContext(step=2), MicroBatching(6, backward=lambda loss: None))
     assert set(m2) == {"loss", "entropy", "spy/rows"} and all(c["ctx"].is_weights is None for c in spy2.calls)
     assert m2["loss"] == pytest.approx((-(logp_all * mask).sum() / tokens).item(), rel=1e-5)
     # the gradient really accumulates: a real backward over micro-batches of 1 equals one of 6
     grads = []
     for micro in (1, 6):
         model.zero_grad()
-        accumulate_gradients(model, Spy(), b, micro, StepContext(step=2))
+        accumulate_gradients(model, Spy(), b, StepContext(step=2), MicroBatching(micro))
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0
 
 
 def test_share_prompts_off_orders_micro_batches_by_whole_length(tokenizer):
     spy = Spy()
-    accumulate_gradients(models.tiny_random(tokenizer, seed=0), spy, _batch(), 4, StepContext(step=1),
-                         backward=lambda loss: None, share_prompts=False)
+    accumulate_gradients(models.tiny_random(tokenizer, seed=0), spy, _batch(), StepContext(step=1),
+                         MicroBatching(4, share_prompts=False, backward=lambda loss: None))
     assert [c["rows"] for c in spy.calls] == [[5, 3, 1, 2], [4, 0]]
     spy = Spy()
-    accumulate_gradients(models.tiny_random(tokenizer, seed=0), spy, _batch(), 3, StepContext(step=1),
-                         backward=lambda loss: None, pairs=True)
+    accumulate_gradients(models.tiny_random(tokenizer, seed=0), spy, _batch(), StepContext(step=1),
+                         MicroBatching(3, pairs=True, backward=lambda loss: None))
     assert [c["rows"] for c in spy.calls] == [[5, 0], [1, 2], [3, 4]]
 
 
@@ -151,8 +151,8 @@ def test_a_batch_without_rows_stands_for_rows_in_order(tokenizer):
     b = _batch()
     del b.tensors["row"]
     spy = Spy()
-    accumulate_gradients(models.tiny_random(tokenizer, seed=0), spy, b, 3, StepContext(step=1),
-                         backward=lambda loss: None)
+    accumulate_gradients(models.tiny_random(tokenizer, seed=0), spy, b, StepContext(step=1),
+                         MicroBatching(3, backward=lambda loss: None))
     assert sorted(r for c in spy.calls for r in c["rows"]) == [0, 1, 2, 3, 4, 5]
 
 
@@ -161,24 +161,26 @@ def test_nonfinite_losses_and_padding_backwards(tokenizer):
     # a NaN loss on the 2nd micro-batch: counted, no backward for it, its loss and metrics left out
     calls = []
     spy = Spy(nan_on_call=2)
-    m = accumulate_gradients(model, spy, b, 2, StepContext(step=1), backward=lambda loss: calls.append(loss.item()))
+    m = accumulate_gradients(model, spy, b, StepContext(step=1), MicroBatching(2, backward=lambda loss: calls.append(loss.item())))
     assert m["nonfinite_loss"] == 1.0 and math.isnan(m["nonfinite_value"]) and len(calls) == 2
     assert m["loss"] == pytest.approx(sum(calls)) and m["spy/rows"] == 4.0
-    m = accumulate_gradients(model, Spy(nan_on_call=(1, 3)), b, 2, StepContext(step=1), backward=lambda loss: None)
+    m = accumulate_gradients(model, Spy(nan_on_call=(1, 3)), b, StepContext(step=1), MicroBatching(2, backward=lambda loss: None))
     assert m["nonfinite_loss"] == 2.0  # every bad micro-batch is counted
     # DeepSpeed (pad_to): every micro-batch gets a backward, the NaN one included, then zero-loss
     # repeats of the last one up to pad_to, so every rank makes the same number of backwards
     calls = []
-    m = accumulate_gradients(model, Spy(nan_on_call=2), b, 2, StepContext(step=1), pad_to=5,
-                             backward=lambda loss: calls.append(loss.item()))
+    m = accumulate_gradients(model, Spy(nan_on_call=2), b, StepContext(step=1),
+                             MicroBatching(2, pad_to=5, backward=lambda loss: calls.append(loss.item())))
     assert len(calls) == 5 and math.isnan(calls[1]) and calls[3:] == [0.0, 0.0] and calls[0] != 0.0
     assert m["nonfinite_loss"] == 1.0 and m["loss"] == pytest.approx(calls[0] + calls[2])
     spy = Spy()
     calls = []
-    accumulate_gradients(model, spy, b, 2, StepContext(step=1), pad_to=4, backward=lambda loss: calls.append(loss.item()))
+    accumulate_gradients(model, spy, b, StepContext(step=1),
+                         MicroBatching(2, pad_to=4, backward=lambda loss: calls.append(loss.item())))
     assert len(calls) == 4 and calls[3] == 0.0 and spy.calls[3]["rows"] == spy.calls[2]["rows"]  # the last one, again
     calls = []
-    accumulate_gradients(model, Spy(), b, 2, StepContext(step=1), pad_to=3, backward=lambda loss: calls.append(loss.item()))
+    accumulate_gradients(model, Spy(), b, StepContext(step=1),
+                         MicroBatching(2, pad_to=3, backward=lambda loss: calls.append(loss.item())))
     assert len(calls) == 3 and 0.0 not in calls  # nothing to pad
 
 
@@ -209,8 +211,8 @@ def test_off_policy_corrections_and_behaviour_kl_by_an_independent_computation(t
         keep = ((ratio <= correction.cap) & (ratio >= low)).float() * mask
         want, zeroed = ratio * keep, mask - keep
     spy = Spy()
-    m = accumulate_gradients(model, spy, b, 2, StepContext(step=1, old_logprobs=old), backward=lambda loss: None,
-                             correction=correction, sampler_logprobs=sampler)
+    m = accumulate_gradients(model, spy, b, StepContext(step=1, old_logprobs=old), MicroBatching(2, backward=lambda loss: None),
+                             [SamplerGap(sampler, correction)])
     for c in spy.calls:
         i = [by_row[x] for x in c["rows"]]
         assert torch.allclose(c["ctx"].is_weights, want[i][:, :c["C"]], atol=1e-5)

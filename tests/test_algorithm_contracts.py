@@ -112,7 +112,7 @@ def test_needs_of_ppo_dapo_and_dpo_specifics(tmp_path):
 
 # -- adaptive β and its checkpointed state ------------------------------------------------------------
 
-@pytest.mark.parametrize("name,key", [("grpo", "grpo/beta"), ("rloo", "grpo/beta"), ("ppo", "ppo/beta")])
+@pytest.mark.parametrize("name,key", [("grpo", "kl_coef"), ("rloo", "kl_coef"), ("ppo", "kl_coef")])
 def test_after_step_moves_beta_toward_the_kl_target_and_state_round_trips(name, key):
     cls, cfg = _config(name, beta=0.1, kl_target=0.01, kl_horizon=4.0)
     algo = cls(cfg)
@@ -135,7 +135,7 @@ def _rollouts(lengths, group_size, C, logprobs=None):
     return Rollouts(prompts=[Prompt(id=f"p{b}", text="", answer=None) for b in range(B)],
                     prompt_ids=[[5, 6 + b] for b in range(B)], group=torch.arange(B).repeat_interleave(group_size),
                     completion_ids=(mask * 9).long(), completion_mask=mask,
-                    logprobs=(logprobs if logprobs is not None else -mask), texts=[""] * N, finish_reasons=["stop"] * N)
+                    sampler_logprobs=(logprobs if logprobs is not None else -mask), texts=[""] * N, finish_reasons=["stop"] * N)
 
 
 def test_family_loss_terms_and_metrics_with_asymmetric_weights():
@@ -149,16 +149,16 @@ def test_family_loss_terms_and_metrics_with_asymmetric_weights():
         logp, batch, StepContext(step=1, is_weights=torch.tensor([[3.0, 0.5]])))
     assert loss.item() == pytest.approx(-(3.0 + 0.5) / 2) and set(m) == {"clip_frac"}  # β = 0: no KL term, no metric
     _, m = GRPO(GRPOConfig(beta=0.0)).loss(logp, batch, StepContext(step=1, ref_logprobs=torch.zeros(1, 2)))
-    assert "grpo/kl_term" not in m  # β = 0 with a reference (eval.kl computes one): still no KL term
+    assert "pg/kl_term" not in m  # β = 0 with a reference (eval.kl computes one): still no KL term
     # β > 0 without reference logprobs: the KL term is left out, not an error
     loss, m = GRPO(GRPOConfig(beta=0.5, loss_agg="token_mean")).loss(logp, batch, StepContext(step=1))
-    assert loss.item() == pytest.approx(-1.0) and "grpo/kl_term" not in m
+    assert loss.item() == pytest.approx(-1.0) and "pg/kl_term" not in m
     # the KL metric is aggregated like the loss: constant_length divides by seqs × max_tokens
     ref = torch.tensor([[math.log(2.0), 0.0]])  # k3 per token: (2 − ln2 − 1), 0
     loss, m = GRPO(GRPOConfig(beta=0.5, loss_agg="constant_length")).loss(
         logp, batch, StepContext(step=1, ref_logprobs=ref, max_tokens=4))
     k = 2 - math.log(2.0) - 1
-    assert m["grpo/kl_term"] == pytest.approx(k / 4) and loss.item() == pytest.approx((-2 + 0.5 * k) / 4)
+    assert m["pg/kl_term"] == pytest.approx(k / 4) and loss.item() == pytest.approx((-2 + 0.5 * k) / 4)
 
 
 def test_group_advantage_defaults_and_prepare_metrics():
@@ -169,8 +169,8 @@ def test_group_advantage_defaults_and_prepare_metrics():
     cls, cfg = _config("grpo", std_eps=0.5)
     batch = cls(cfg).prepare(_rollouts([2, 2, 1, 3], 4, 3), r, StepContext(step=1))
     assert batch["advantages"].tolist() == pytest.approx([0.75 / 1.0, -0.25, -0.25, -0.25])  # std 0.5 + eps 0.5
-    assert batch.metrics == pytest.approx({"grpo/zero_std_frac": 0.0, "grpo/zero_std_groups": 0.0,
-                                           "grpo/adv_abs_mean": 1.5 / 4})
+    assert batch.metrics == pytest.approx({"pg/zero_std_frac": 0.0, "pg/zero_std_groups": 0.0,
+                                           "pg/adv_abs_mean": 1.5 / 4})
 
 
 def test_ppo_prepare_and_loss_by_hand():

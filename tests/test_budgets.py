@@ -1,14 +1,17 @@
-"""Compute budgets and evaluations at budget fractions (rlbench/cost.py, rlbench/trainer.py), the
-accuracy-vs-compute tables (rlbench/curves.py), paired randomness and the determinism tier.
+"""Compute budgets and evaluations at budget fractions (rlbench/training/cost.py, rlbench/training/trainer.py), the
+accuracy-vs-compute tables (rlbench/reporting/curves.py), paired randomness and the determinism tier.
 Real training runs on tiny-random with the hf engine; the suite-level FLOP budget over every
 algorithm is tests/test_suite_report.py::test_smoke_suite_under_a_flop_budget."""
+import dataclasses
 import json
 
 import pytest
 from conftest import tiny_config
 
-from rlbench import config, curves, rundir, suite
-from rlbench.trainer import start
+from rlbench import config, rundir
+from rlbench.reporting import curves
+from rlbench.suites import suite
+from rlbench.training.trainer import start
 
 
 def test_evals_at_budget_fractions_of_the_steps_and_a_flop_budget(tmp_path):
@@ -71,17 +74,16 @@ def test_batch_invariance_resolves_per_engine_and_the_manifest_records_the_tier(
     from plugins.engines.hf import HFEngine
     from plugins.engines.vllm import VLLMEngine
 
-    from rlbench.sampler import resolve_batch_invariance
+    from rlbench.training.sampler import resolve_batch_invariance
 
     assert not VLLMEngine.supports_batch_invariance("cpu") and VLLMEngine.supports_batch_invariance("cuda")
     assert (HFEngine.determinism, VLLMEngine.determinism) == ("bitwise", "seeded")
     cfg = tiny_config("rollout.batch_invariant_sampling=auto")
     assert resolve_batch_invariance(cfg, "cpu") is True  # hf honours per-prompt seeds
     cfg = tiny_config("rollout.batch_invariant_sampling=true")
-    cfg.names["engine"] = "vllm"
+    cfg = dataclasses.replace(cfg, names={**cfg.names, "engine": "vllm"})
     assert resolve_batch_invariance(cfg, "cpu") is True  # explicit: the user's choice (with a warning)
-    cfg.names["engine"] = "vllm"
-    cfg.rollout.batch_invariant_sampling = "auto"
+    cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, batch_invariant_sampling="auto"))
     assert resolve_batch_invariance(cfg, "cpu") is False
 
     start(tiny_config("train.steps=1", "rollout.batch_invariant_sampling=auto"), tmp_path / "r").run()

@@ -39,7 +39,7 @@ def test_smoke_run_leaves_the_documented_run_directory(smoke_run):
     assert evals[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     from safetensors.torch import load_file
 
-    from rlbench import models
+    from rlbench.modeling import models
     initial = models.tiny_random(models.load_tokenizer("tiny-random"), seed=0).state_dict()
     final = load_file(str(smoke_run / "checkpoints" / "step_000003" / "model.safetensors"))
     moved = max((final[k] - initial[k]).abs().max().item() for k in final)
@@ -50,7 +50,7 @@ def test_smoke_run_leaves_the_documented_run_directory(smoke_run):
     cost = json.loads((smoke_run / "cost.json").read_text())
     assert cost["tokens_generated"] == sum(m["tokens/generated"] for m in metrics)
     assert cost["flops_estimate"] > 0 and cost["wall_seconds"]["train"] > 0
-    from rlbench.cost import price_table
+    from rlbench.training.cost import price_table
     prices, source = price_table()  # the table shipped in the package
     assert source == cost["price_table"] == "rlbench/prices.yaml" and prices["cpu_core_hour"] > 0
     assert cost["device_hours_unit"] == "cpu-core-hours"
@@ -80,7 +80,7 @@ def test_export_loads_with_transformers_and_answers(smoke_run, tmp_path):
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     # the exported model answers as the trained policy does: the checkpoint's weights in rlbench's own model
-    from rlbench import models
+    from rlbench.modeling import models
     policy, _ = models.load("tiny-random")
     policy.load_state_dict(trained, strict=False)
     policy.tie_weights()

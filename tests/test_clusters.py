@@ -128,7 +128,8 @@ def test_hook_rlbench_executors(tmp_path):
     import dataclasses
 
     import rlbench
-    from rlbench import manager, suite
+    from rlbench import manager
+    from rlbench.suites import suite
 
     @dataclasses.dataclass
     class InlineConfig:

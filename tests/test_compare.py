@@ -1,4 +1,4 @@
-"""rlbench/compare.py: saturating fits recover known curves, refuse unidentifiable ones; the power
+"""rlbench/reporting/compare.py: saturating fits recover known curves, refuse unidentifiable ones; the power
 numbers of a paired comparison against a hand-computed t-test and the noncentral t distribution."""
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from rlbench import compare
+from rlbench.reporting import compare
 
 
 def _power(effect, n, alpha=0.05):

@@ -1,4 +1,7 @@
-"""Strict config validation: typos name the key, its section and the closest valid key."""
+"""Strict config validation: typos name the key, its section and the closest valid key; a validated
+config is frozen."""
+import json
+
 import pytest
 
 from rlbench import config
@@ -71,7 +74,7 @@ def test_every_shipped_yaml_is_loaded_and_validated():
 
     from accelerate.commands.config.config_args import load_config_from_file
 
-    from rlbench import suite
+    from rlbench.suites import suite
 
     root = Path(__file__).resolve().parent.parent / "configs"
     seen = set()
@@ -94,3 +97,29 @@ def test_every_shipped_yaml_is_loaded_and_validated():
     assert seen == set(root.rglob("*.yaml"))
     assert config.load(root / "quickstart.yaml").names == {"task": "arithmetic", "engine": config.auto_engine(),
                                                           "engine_requested": "auto", "algorithm": "grpo"}
+
+
+def test_a_validated_config_is_never_assigned_to(tmp_path, monkeypatch):
+    import dataclasses
+
+    from rlbench.training.trainer import start
+
+    cfg = tiny_config("train.steps=2", "eval.every=1", "rollout.batch_invariant_sampling=auto")
+    for section in ("run", "model", "rollout", "train", "eval", "logging"):  # the core's sections are frozen
+        name = dataclasses.fields(getattr(cfg, section))[0].name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(getattr(cfg, section), name, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train = None
+    # plugin sections are the plugins' own dataclasses: made read-only here, a whole run (rollouts,
+    # update, evaluation, checkpoints, the resolved batch invariance) must only read them
+    def read_only(obj, key, value):
+        raise AssertionError(f"{type(obj).__name__}.{key} assigned after validation")
+
+    for section in ("task", "engine", "algorithm"):
+        monkeypatch.setattr(type(getattr(cfg, section)), "__setattr__", read_only)
+    tr = start(cfg, tmp_path / "r")
+    tr.run()
+    tr.close()
+    assert cfg.rollout.batch_invariant_sampling == "auto"  # resolved in the manifest, not in the config
+    assert json.loads((tmp_path / "r" / "manifest.json").read_text())["batch_invariant_sampling"] is True

@@ -9,7 +9,7 @@ import rlbench
 from rlbench import manager, rundir
 from rlbench.plugins.algorithms.dapo import DAPO, DAPOConfig, overlong_penalty
 from rlbench.plugins.algorithms.grpo import GRPO, GRPOConfig
-from rlbench.trainer import start
+from rlbench.training.trainer import start
 from rlbench.types import Prompt, Rollouts, StepContext, TrainBatch
 
 from conftest import tiny_config
@@ -24,7 +24,7 @@ def _rollouts(lengths, group_size, C=10):
     return Rollouts(prompts=[Prompt(id=f"p{b}", text="", answer=None) for b in range(B)],
                     prompt_ids=[[5, 6, 7 + b] for b in range(B)],
                     group=torch.arange(B).repeat_interleave(group_size), completion_ids=(mask * 9).long(),
-                    completion_mask=mask, logprobs=-mask, texts=[f"t{i}" for i in range(N)],
+                    completion_mask=mask, sampler_logprobs=-mask, texts=[f"t{i}" for i in range(N)],
                     finish_reasons=["length" if n == C else "stop" for n in lengths])
 
 
@@ -116,7 +116,7 @@ def test_dynamic_sampling_refills_zero_variance_groups(tmp_path, half_uniform_ta
         # about half the groups of each round are uniform: a full batch needs at least two rounds
         assert m["sampling/kept_groups"] == 4 and m["sampling/rounds"] >= 2
         assert m["sampling/dropped_groups"] >= 2 * m["sampling/rounds"]  # at least the odd prompts of every round
-        assert m["grpo/zero_std_frac"] == 0.0  # only informative groups reached the algorithm
+        assert m["pg/zero_std_frac"] == 0.0  # only informative groups reached the algorithm
         # reward metrics cover everything sampled: the always-1 half pulls the mean above the kept groups'
         assert m["reward/mean"] > 0.5
     # without dynamic sampling, the same task gives the algorithm half-uniform batches
@@ -124,7 +124,7 @@ def test_dynamic_sampling_refills_zero_variance_groups(tmp_path, half_uniform_ta
                       "eval.kl=false", algorithm={"name": "dapo", "dynamic_sampling": 0}, task={"name": "half_uniform"})
     start(cfg, tmp_path / "plain").run()
     for m in rundir.read_jsonl(tmp_path / "plain" / "metrics.jsonl"):
-        assert m["grpo/zero_std_frac"] >= 0.5 and "sampling/rounds" not in m
+        assert m["pg/zero_std_frac"] >= 0.5 and "sampling/rounds" not in m
 
 
 def test_dapo_learns_a_trivial_reward(tmp_path, first_char_task):

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlbench import jobs, rundir
+from rlbench import rundir
+from rlbench.suites import jobs
 
 from test_distributed import RUN, ROOT, _close, _run
 

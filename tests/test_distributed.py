@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlbench import jobs, rundir
+from rlbench import rundir
+from rlbench.suites import jobs
 
 from conftest import TINY
 

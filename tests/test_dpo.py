@@ -6,8 +6,8 @@ import torch
 
 from rlbench import rundir
 from rlbench.plugins.algorithms.dpo import DPO, DPOConfig, preference_pairs
-from rlbench.trainer import start
-from rlbench.accumulate import accumulate_gradients
+from rlbench.training.trainer import start
+from rlbench.training.accumulate import MicroBatching, accumulate_gradients
 from rlbench.types import StepContext, TrainBatch
 
 from conftest import tiny_config
@@ -53,7 +53,7 @@ def test_ipo_loss_by_hand():
 
 
 def test_pairs_stay_together_under_micro_batching(tokenizer):
-    from rlbench import models
+    from rlbench.modeling import models
 
     logp, batch, ctx = _two_pairs()
     g = torch.Generator().manual_seed(0)
@@ -64,7 +64,7 @@ def test_pairs_stay_together_under_micro_batching(tokenizer):
     losses = []
     for micro in (4, 3, 2):  # 3 is rounded down to 2 so a pair is never split
         model = models.tiny_random(tokenizer, seed=0)
-        losses.append(accumulate_gradients(model, algo, batch, micro, ctx, pairs=True)["loss"])
+        losses.append(accumulate_gradients(model, algo, batch, ctx, MicroBatching(micro, pairs=True))["loss"])
     assert losses[1] == pytest.approx(losses[0], rel=1e-5) and losses[2] == pytest.approx(losses[0], rel=1e-5)
 
 
@@ -135,7 +135,7 @@ def test_offline_rollouts_layout(tmp_path, tokenizer):
     for step in (1, 2, 3):  # 2 pairs per step over 3 pairs: the second pass is reshuffled
         ro, rewards = algo.offline_rollouts(step, 2, tokenizer, max_tokens=8)
         assert rewards.tolist() == [1.0, 0.0, 1.0, 0.0] and ro.group.tolist() == [0, 0, 1, 1]
-        assert ro.logprobs is None and "<|im_start|>assistant" in ro.prompts[0].text
+        assert ro.sampler_logprobs is None and "<|im_start|>assistant" in ro.prompts[0].text
         seen += [p.id for p in ro.prompts]
         chosen = tokenizer(ro.texts[0], add_special_tokens=False)["input_ids"]
         assert ro.completion_ids[0, :len(chosen) + 1].tolist() == chosen + [tokenizer.eos_token_id]

@@ -1,7 +1,7 @@
 """The hf rollout engine: shapes, group order, stop tokens, logprob convention."""
 import torch
 
-from rlbench import logprobs, models
+from rlbench.modeling import logprobs, models
 from rlbench.plugins.engines.hf import HFConfig, HFEngine
 from rlbench.types import Prompt, Sampling
 
@@ -24,9 +24,9 @@ def test_samples_are_group_major_and_logprobs_match_the_trainer(tokenizer):
     C = r.completion_ids.shape[1]
     lp, _ = logprobs.token_logprobs(model, inputs["input_ids"], inputs["attention_mask"], C, temperature=0.9)
     # logprobs of π_T at the sampling temperature (top-p not applied), so the trainer's recomputation agrees
-    assert (lp * r.completion_mask - r.logprobs).abs().max().item() < 1e-4
+    assert (lp * r.completion_mask - r.sampler_logprobs).abs().max().item() < 1e-4
     raw, _ = logprobs.token_logprobs(model, inputs["input_ids"], inputs["attention_mask"], C)
-    assert (raw * r.completion_mask - r.logprobs).abs().max().item() > 1e-3  # T = 1 would not agree
+    assert (raw * r.completion_mask - r.sampler_logprobs).abs().max().item() > 1e-3  # T = 1 would not agree
 
 
 def test_stops_at_chat_end_and_reports_finish_reasons():

@@ -6,8 +6,9 @@ import torch
 
 pytest.importorskip("vllm")
 
-from rlbench import logprobs, manager, models, rundir  # noqa: E402
-from rlbench.trainer import TrainingError, start  # noqa: E402
+from rlbench import manager, rundir
+from rlbench.modeling import logprobs, models  # noqa: E402
+from rlbench.training.trainer import TrainingError, start  # noqa: E402
 from rlbench.types import Prompt, Sampling  # noqa: E402
 
 from conftest import tiny_config  # noqa: E402
@@ -22,7 +23,7 @@ def _engine_vs_policy(tr, n_prompts=4):
     r = tr.engine.generate(prompts, 2, Sampling(temperature=1.0, max_tokens=4))
     inp = r.model_inputs()
     lp = logprobs.batched_logprobs(tr.policy, inp["input_ids"], inp["attention_mask"], r.completion_ids.shape[1], 16)
-    return ((lp - r.logprobs) * r.completion_mask).abs().max().item()
+    return ((lp - r.sampler_logprobs) * r.completion_mask).abs().max().item()
 
 
 def test_engine_serves_the_trained_weights_after_every_sync(tmp_path, first_char_task):
@@ -54,8 +55,8 @@ def test_engine_logprobs_are_of_the_tempered_distribution(tmp_path, first_char_t
     C = r.completion_ids.shape[1]
     tempered = logprobs.batched_logprobs(tr.policy, inp["input_ids"], inp["attention_mask"], C, 16, temperature=T)
     raw = logprobs.batched_logprobs(tr.policy, inp["input_ids"], inp["attention_mask"], C, 16)
-    assert ((tempered - r.logprobs) * r.completion_mask).abs().max() < 1e-4
-    assert ((raw - r.logprobs) * r.completion_mask).abs().max() > 1e-2  # T = 1 would not match
+    assert ((tempered - r.sampler_logprobs) * r.completion_mask).abs().max() < 1e-4
+    assert ((raw - r.sampler_logprobs) * r.completion_mask).abs().max() > 1e-2  # T = 1 would not match
     tr.close()
 
 
@@ -88,7 +89,7 @@ def test_same_rollouts_as_hf_on_the_embedded_model():
     assert v.texts == h.texts and v.finish_reasons == h.finish_reasons
     assert "length" in v.finish_reasons and "stop" in v.finish_reasons
     assert torch.equal(v.completion_mask, h.completion_mask) and torch.equal(v.completion_ids, h.completion_ids)
-    assert (v.logprobs - h.logprobs).abs().max().item() < 1e-3
+    assert (v.sampler_logprobs - h.sampler_logprobs).abs().max().item() < 1e-3
 
 
 def test_auto_engine_picks_vllm_when_installed(tmp_path):
@@ -162,7 +163,7 @@ def test_lora_run_syncs_merged_weights_to_vllm(tmp_path, first_char_task):
     tr.run()
     lines = rundir.read_jsonl(tmp_path / "v" / "metrics.jsonl")
     assert all(r["sync/logprob_drift"] < 1e-4 for r in lines), [r["sync/logprob_drift"] for r in lines]
-    from rlbench import lora
+    from rlbench.modeling import lora
 
     merged = lora.merged_state_dict(tr.policy)
     moved = max((merged[k] - v).abs().max().item() for k, v in tr.reference.state_dict().items())

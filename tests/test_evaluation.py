@@ -5,7 +5,7 @@ import math
 import pytest
 
 from rlbench import cli
-from rlbench.evaluation import interval, pass_at_k
+from rlbench.training.evaluation import interval, pass_at_k
 
 
 def test_pass_at_k_by_hand():

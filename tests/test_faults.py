@@ -18,7 +18,7 @@ import rlbench
 from rlbench import manager, rundir
 from rlbench.plugins.algorithms.grpo import GRPO, GRPOConfig
 from rlbench.plugins.engines.hf import HFConfig, HFEngine
-from rlbench.trainer import Trainer, TrainingError, start
+from rlbench.training.trainer import Trainer, TrainingError, start
 from rlbench.types import Prompt
 
 from conftest import TINY, tiny_config

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from rlbench.ops import AdaptiveKL, group_advantages, k3_kl
+from rlbench.ops import group_advantages, k3_kl
+from rlbench.policy_gradient import AdaptiveKL
 from rlbench.plugins.algorithms.grpo import GRPO, GRPOConfig
 from rlbench.types import StepContext, TrainBatch
 
@@ -71,7 +72,7 @@ def test_loss_beta_positive_by_hand(agg, kl_mean):
     logp, batch, ctx = _batch(ref)
     l0, _ = base.loss(logp, batch, ctx)
     l1, m = algo.loss(logp, batch, ctx)
-    assert m["grpo/kl_term"] == pytest.approx(kl_mean, abs=1e-6)
+    assert m["pg/kl_term"] == pytest.approx(kl_mean, abs=1e-6)
     assert (l1 - l0).item() == pytest.approx(0.1 * kl_mean, abs=1e-6)
 
 
@@ -80,10 +81,10 @@ def test_std_zero_group_gives_only_kl():
     from rlbench.types import Rollouts
     r = Rollouts(prompts=[None, None], prompt_ids=[[5, 6], [7]], group=torch.tensor([0, 0, 1, 1]),
                  completion_ids=torch.ones(4, 2, dtype=torch.long), completion_mask=torch.ones(4, 2),
-                 logprobs=torch.zeros(4, 2), texts=[""] * 4, finish_reasons=["stop"] * 4)
+                 sampler_logprobs=torch.zeros(4, 2), texts=[""] * 4, finish_reasons=["stop"] * 4)
     batch = algo.prepare(r, torch.tensor([1.0, 1.0, 0.0, 1.0]), StepContext(step=1))
     assert batch["advantages"][:2].tolist() == [0.0, 0.0]
-    assert batch.metrics["grpo/zero_std_groups"] == 1.0 and batch.metrics["grpo/zero_std_frac"] == 0.5
+    assert batch.metrics["pg/zero_std_groups"] == 1.0 and batch.metrics["pg/zero_std_frac"] == 0.5
     # left-padded prompt + completion layout
     assert batch["input_ids"][2].tolist() == [0, 7, 1, 1]
     assert batch["attention_mask"][2].tolist() == [0, 1, 1, 1]
@@ -99,7 +100,7 @@ def test_k3_properties():
 
 
 def test_k3_kl_of_models_zero_for_identical_positive_otherwise(tokenizer):
-    from rlbench import logprobs, models
+    from rlbench.modeling import logprobs, models
 
     a = models.tiny_random(tokenizer, seed=0)
     b = models.tiny_random(tokenizer, seed=0)

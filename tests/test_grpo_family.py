@@ -8,7 +8,7 @@ from rlbench.ops import kl_penalized_rewards, returns_to_go, whiten
 from rlbench.plugins.algorithms.dr_grpo import DrGRPO, DrGRPOConfig
 from rlbench.plugins.algorithms.gspo import GSPO, GSPOConfig
 from rlbench.plugins.algorithms.rloo import leave_one_out_advantages
-from rlbench.trainer import start
+from rlbench.training.trainer import start
 from rlbench.types import StepContext
 
 from conftest import tiny_config

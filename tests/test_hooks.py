@@ -5,7 +5,7 @@ import pytest
 
 import rlbench
 from rlbench import manager, rundir
-from rlbench.trainer import start
+from rlbench.training.trainer import start
 
 from conftest import tiny_config
 

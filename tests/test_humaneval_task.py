@@ -124,7 +124,7 @@ def test_splits(tokenizer):
 def test_a_training_run_on_humaneval_records_the_isolation(tmp_path):
     from conftest import tiny_config
     from rlbench import rundir
-    from rlbench.trainer import start
+    from rlbench.training.trainer import start
 
     cfg = tiny_config("train.steps=1", "rollout.prompts_per_step=2", "rollout.group_size=2", "eval.n=2", "eval.kl=false",
                       "eval.after=true", task={"name": "humaneval", "train_fraction": 0.5, "timeout_s": 3})

@@ -3,8 +3,8 @@ each distinct prompt embedded once."""
 import pytest
 import torch
 
-from rlbench import logprobs as lp
-from rlbench import models
+from rlbench.modeling import logprobs as lp
+from rlbench.modeling import models
 
 
 def _batch(tok, P=7, C=5):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlbench import rundir
-from rlbench.trainer import start
+from rlbench.training.trainer import start
 
 from conftest import tiny_config
 
@@ -41,7 +41,7 @@ def test_quantised_reference_with_its_error_measured(tmp_path, mode, layer, firs
 
 def test_lora_trains_adapters_only_and_merges_exactly(tmp_path, first_char_task):
     pytest.importorskip("peft")
-    from rlbench import lora
+    from rlbench.modeling import lora
 
     cfg = tiny_config("train.steps=3", "model.tiny_init_std=0.3", "train.lr=1e-2", "model.lora_rank=4",
                       task={"name": "first_char"})

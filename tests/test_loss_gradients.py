@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from rlbench.ops import AdaptiveKL
+from rlbench.policy_gradient import AdaptiveKL
 from rlbench.plugins.algorithms.cispo import CISPO, CISPOConfig
 from rlbench.plugins.algorithms.dr_grpo import DrGRPO, DrGRPOConfig
 from rlbench.plugins.algorithms.grpo import GRPO, GRPOConfig
@@ -87,7 +87,7 @@ def test_cispo_gradient_keeps_clipped_tokens_with_a_stopped_weight():
     algo = CISPO(CISPOConfig(epsilon_high=0.05))
     lp = LP.clone()
     lp[0, 1] = OLD[0, 1] + 0.5  # r = e^0.5, clipped to 1.05: still a gradient, −1.05·A per token
-    g = _grad(algo, _batch(adv), StepContext(step=1, behavior_logprobs=OLD), lp=lp)
+    g = _grad(algo, _batch(adv), StepContext(step=1, sampler_logprobs=OLD), lp=lp)
     w = torch.clamp(torch.exp(lp - OLD), 0.0, 1.05) * MASK  # ε_low 1: no lower bound
     assert torch.allclose(g, -adv.unsqueeze(-1) * w / 4, atol=1e-7)
     assert g[0, 1].item() == pytest.approx(-1.05 / 4)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from rlbench import models
+from rlbench.modeling import models
 
 
 def _load_by_config(path):

@@ -12,13 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlbench import config, manager, ops, rundir, setup
-from rlbench.async_rollouts import Version, behavior_version
-from rlbench.cost import CostMeter
+from rlbench import config, manager, ops, rundir
+from rlbench.training import setup
+from rlbench.training.async_rollouts import Version, behavior_version
+from rlbench.training.cost import CostMeter
 from rlbench.plugins.algorithms.cispo import CISPO, CISPOConfig
 from rlbench.plugins.engines.hf import HFEngine
-from rlbench.sampler import Sampler
-from rlbench.trainer import Trainer, TrainingError, start
+from rlbench.training.sampler import EngineSpec, Sampler
+from rlbench.training.trainer import Trainer, TrainingError, start
 from rlbench.types import StepContext, TrainBatch, batch_seed
 
 import rlbench
@@ -118,7 +119,7 @@ def test_cispo_loss_and_gradient_by_hand():
     logp = LOGP.clone().requires_grad_(True)
     adv = torch.tensor([2.0, -1.0])
     batch = TrainBatch({"completion_mask": MASK, "advantages": adv}, {"tokens": 5.0, "seqs": 2.0})
-    loss, m = algo.loss(logp, batch, StepContext(step=1, behavior_logprobs=BEHAV))
+    loss, m = algo.loss(logp, batch, StepContext(step=1, sampler_logprobs=BEHAV))
     # ρ row 0: 1.6487 → 1.2, 0.3679 → 0.5, 1 → 1; row 1: 0.6065 → 0.6065, 7.389 → 1.2
     wt = torch.tensor([[1.2, 0.5, 1.0], [math.exp(-0.5), 1.2, 0.0]])
     want = -((wt[0] * 2.0 * LOGP[0]).sum() + (wt[1, :2] * -1.0 * LOGP[1, :2]).sum()) / 5
@@ -154,7 +155,7 @@ class Recorder:
     @rlbench.hookimpl
     def rlbench_on_rollouts(self, step, rollouts, rewards, run_dir, config):
         self.ids[step] = rollouts.completion_ids.clone()
-        self.logprobs[step] = rollouts.logprobs.clone()
+        self.logprobs[step] = rollouts.sampler_logprobs.clone()
 
 
 def _async_run(path, *over):
@@ -169,10 +170,10 @@ def _async_run(path, *over):
 def _regenerate(cfg, s, weights_module, step):
     """Batch ``step`` sampled again, independently of the run: a fresh engine on the given
     weights, torch seeded as the worker seeds it."""
-    sampler = Sampler(cfg, s.task, s.tokenizer, s.needs, Version(0, weights_module), CostMeter(), "cpu", 0, 1)
+    sampler = Sampler(s, Version(0, weights_module), CostMeter(), EngineSpec.of(cfg), cfg.rollout, cfg.eval.max_tokens)
     torch.manual_seed(batch_seed(cfg.run.seed, step))
     ro = sampler.sample(step).sampled
-    return ro.completion_ids, ro.logprobs
+    return ro.completion_ids, ro.sampler_logprobs
 
 
 def test_a_lag_of_one_trains_step_t_on_samples_of_the_weights_after_step_t_minus_2(tmp_path, first_char_task):

@@ -24,7 +24,7 @@ def test_wheel_ships_the_price_table_and_task_data(tmp_path):
     assert "rlbench/prices.yaml" in names
     assert any(n.startswith("rlbench/tasks/data/") and n.endswith(".jsonl") for n in names)
     # the installed package, not the checkout, answers (sys.path comes before the editable finder)
-    code = ("import rlbench, rlbench.cost as c; t, src = c.price_table(); "
+    code = ("import rlbench, rlbench.training.cost as c; t, src = c.price_table(); "
             "print(rlbench.__file__); print(src, t['cpu_core_hour'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
                          env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}, cwd=tmp_path).stdout.split("\n")

@@ -47,7 +47,7 @@ def test_builtins_come_from_the_entry_point_group():
 
 
 def test_importing_the_core_never_imports_heavy_backends():
-    code = ("import sys, rlbench, rlbench.manager, rlbench.config, rlbench.trainer; "
+    code = ("import sys, rlbench, rlbench.manager, rlbench.config, rlbench.training.trainer; "
             "rlbench.manager.entries(); "
             "print([m for m in ('vllm', 'deepspeed', 'bitsandbytes', 'wandb', 'submitit', 'ray') if m in sys.modules])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -126,3 +126,33 @@ def test_every_hook_is_documented_and_tested(hook):
     assert len(doc.strip()) > 40, f"{hook} needs a docstring"
     tests = "".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
     assert f"def test_hook_{hook}" in tests, f"{hook} needs a test named test_hook_{hook}"
+
+
+PROTOCOLS = {"algorithm": "Algorithm", "engine": "RolloutEngine", "task": "Task", "logger": "Logger",
+             "executor": "Executor"}
+
+
+def test_hooks_are_typed_with_the_protocols_and_every_builtin_provides_its_own():
+    import typing
+
+    import torch
+
+    from rlbench import config, types
+
+    names = {**vars(hookspecs), **vars(types), "rlbench": rlbench, "torch": torch}
+    assert config.Config  # rlbench.config is imported: the hooks name rlbench.config.Config
+    for hook in HOOKS:  # every annotation resolves; no argument is left untyped
+        fn = getattr(hookspecs, hook)
+        hints = typing.get_type_hints(fn, globalns=names)
+        assert set(hints) == set(fn.__code__.co_varnames[:fn.__code__.co_argcount]) | {"return"}, hook
+    for kind, hook in manager.KINDS.items():  # a registration hook names its kind's protocol ...
+        protocol = getattr(types, PROTOCOLS[kind])
+        assert str(typing.get_type_hints(getattr(hookspecs, hook), globalns=names)["return"]).endswith(
+            f"str | type[rlbench.types.{PROTOCOLS[kind]}]]"), hook
+        members = {m for m in vars(protocol) if not m.startswith("_")} | set(protocol.__annotations__)
+        entries = manager.entries(kind)
+        assert entries, kind
+        for entry in entries:  # ... and every built-in has the protocol's members
+            obj = entry.load()
+            missing = {m for m in members if not hasattr(obj, m) and m not in getattr(obj, "__annotations__", {})}
+            assert not missing, f"{kind} {entry.name}: missing {sorted(missing)}"

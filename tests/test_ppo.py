@@ -7,9 +7,9 @@ import torch
 from rlbench import rundir
 from rlbench.ops import gae
 from rlbench.plugins.algorithms.ppo import PPO, PPOConfig, clipped_value_loss
-from rlbench.trainer import start
+from rlbench.training.trainer import start
 from rlbench.types import TrainBatch, shuffle_seed
-from rlbench.accumulate import mini_batches
+from rlbench.training.accumulate import mini_batches
 
 from conftest import tiny_config
 

@@ -1,4 +1,4 @@
-"""The learnability probe (rlbench/probe.py): its figures against hand counts, and the CLI on the tiny model."""
+"""The learnability probe (rlbench/suites/probe.py): its figures against hand counts, and the CLI on the tiny model."""
 import json
 import os
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import TINY
-from rlbench import probe
+from rlbench.suites import probe
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -55,7 +55,7 @@ def _case(seed: int, groups: int, group_size: int, C: int, pairs: bool):
     ro = Rollouts(prompts=[Prompt(id=f"p{b}", text="", answer=None) for b in range(groups)],
                   prompt_ids=[[3, 4 + b] for b in range(groups)], group=torch.arange(groups).repeat_interleave(group_size),
                   completion_ids=torch.randint(5, 50, (N, C), generator=g) * mask.long(), completion_mask=mask,
-                  logprobs=(-1.5 + 0.3 * torch.randn(N, C, generator=g)) * mask, texts=[""] * N,
+                  sampler_logprobs=(-1.5 + 0.3 * torch.randn(N, C, generator=g)) * mask, texts=[""] * N,
                   finish_reasons=["stop"] * N)
     rewards = torch.randint(0, 3, (N,), generator=g).float()
     if pairs:  # DPO needs a best and a worst in every group

@@ -14,7 +14,8 @@ import pytest
 import yaml
 from scipy import stats as sps
 
-from rlbench import compare, report, stats, suite
+from rlbench.reporting import compare, report, stats
+from rlbench.suites import suite
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -4,11 +4,12 @@ logprob is of π_T ∝ exp(logits / T), the distribution the rollouts were drawn
 import pytest
 import torch
 
-from rlbench import logprobs as lpmod
-from rlbench import models, rundir
-from rlbench.accumulate import accumulate_gradients
-from rlbench.ops import PolicyGradient, GroupRelativeConfig
-from rlbench.trainer import start
+from rlbench.modeling import logprobs as lpmod
+from rlbench import rundir
+from rlbench.modeling import models
+from rlbench.training.accumulate import MicroBatching, accumulate_gradients
+from rlbench.policy_gradient import GroupRelativeConfig, PolicyGradient
+from rlbench.training.trainer import start
 from rlbench.types import StepContext, TrainBatch
 
 from conftest import tiny_config
@@ -63,8 +64,7 @@ def test_trainer_logprobs_are_of_the_tempered_distribution(tmp_path):
     tr = start(tiny_config(*STEP1, f"rollout.temperature={T}", algorithm={"name": "grpo", "beta": 0.05}),
                tmp_path / "t")
     sample = tr.sampler.sample(1)
-    ctx = StepContext(step=1, max_tokens=8)
-    tr.updater.score(sample.rollouts, ctx)
+    ctx = tr.updater.score(sample.rollouts, 1)
     ro = sample.rollouts
     inp = ro.model_inputs()
     C = ro.completion_ids.shape[1]
@@ -82,7 +82,7 @@ def test_trainer_logprobs_are_of_the_tempered_distribution(tmp_path):
     # the engine reports the same π_T: the trainer's drift check passes at T = 0.5
     m = tr.updater.update(tr.algorithm.prepare(ro, sample.rewards, ctx), ctx, 1, ro, sample.rewards)
     assert m["sync/logprob_drift"] < 1e-4, m["sync/logprob_drift"]
-    assert ((ro.logprobs - hand).abs() * mask).max() < 1e-4
+    assert ((ro.sampler_logprobs - hand).abs() * mask).max() < 1e-4
     tr.close()
 
 
@@ -93,7 +93,7 @@ def test_gradient_of_a_one_token_grpo_loss_is_the_tempered_score(tokenizer):
     batch = TrainBatch({"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": torch.ones(1, 1),
                         "advantages": torch.tensor([A])}, {"seqs": 1.0, "tokens": 1.0})
     algo = PolicyGradient(GroupRelativeConfig(beta=0.0))
-    accumulate_gradients(model, algo, batch, 4, StepContext(step=1, max_tokens=1), temperature=T)
+    accumulate_gradients(model, algo, batch, StepContext(step=1, max_tokens=1), MicroBatching(4, temperature=T))
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     logits = model(ids[:, :3]).logits[0, -1].float()  # [V]

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlbench import report, rundir, suite
-from rlbench.stats import interval, iqm, mcnemar_exact, prob_improvement
+from rlbench import rundir
+from rlbench.reporting import report
+from rlbench.suites import suite
+from rlbench.reporting.stats import interval, iqm, mcnemar_exact, prob_improvement
 
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ["suite", "algorithm", "task", "model", "seed", "steps", "accuracy_before", "accuracy_after",
@@ -241,7 +243,7 @@ def test_statistics_by_hand():
 
 def test_token_budget_stops_a_run(tmp_path):
     from conftest import tiny_config
-    from rlbench.trainer import start
+    from rlbench.training.trainer import start
 
     cfg = tiny_config("train.steps=50", "train.max_generated_tokens=100", "rollout.max_tokens=8", "eval.kl=false",
                       algorithm={"name": "dapo", "dynamic_sampling": 2})
@@ -255,7 +257,7 @@ def test_token_budget_stops_a_run(tmp_path):
 def test_aha_detector(tmp_path, first_char_task):
     from conftest import tiny_config
     from rlbench.plugins.hooks import aha
-    from rlbench.trainer import start
+    from rlbench.training.trainer import start
 
     assert aha.find("Hmm, wait. Let me check that again.", ("wait",)).group(0) == "wait"
     assert aha.find("the waiter came", ("wait",)) is None  # whole words only
@@ -278,7 +280,7 @@ def test_aha_rate_counts_phrases(tmp_path):
     texts = ["2+2=5. Wait, let me check: 4.", "It is 4.", "I made an error; it is 4", "waiting room"]
     ro = Rollouts(prompts=[Prompt("p", "", None)], prompt_ids=[[1]], group=torch.zeros(4, dtype=torch.long),
                   completion_ids=torch.ones(4, 1, dtype=torch.long), completion_mask=torch.ones(4, 1),
-                  logprobs=torch.zeros(4, 1), texts=texts, finish_reasons=["stop"] * 4)
+                  sampler_logprobs=torch.zeros(4, 1), texts=texts, finish_reasons=["stop"] * 4)
     cfg = config.resolve({})
     out = aha.rlbench_on_rollouts(step=3, rollouts=ro, rewards={"accuracy": torch.tensor([1.0, 1, 0, 0])},
                                   run_dir=str(tmp_path), config=cfg)

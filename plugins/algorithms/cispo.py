@@ -8,7 +8,7 @@ every token's REINFORCE gradient:
     loss = −Σ_i Σ_t sg(r̂_t) · A_i · log π_θ(o_t)  /  Σ_i |o_i|       (token_mean)
 
 π_behav is the policy that generated the tokens: the engine's logprobs of the sampled tokens
-(``ctx.behavior_logprobs``), so with asynchronous rollouts (``rollout.off_policy_steps``) the
+(``ctx.sampler_logprobs``), so with asynchronous rollouts (``rollout.off_policy_steps``) the
 weight corrects for the lag; without them r_t is 1 up to the engine/trainer mismatch on the
 first epoch and moves with further epochs. The paper sets no lower bound ("ε_low large"):
 ε_low = 1 here, so r̂ ≥ 0; ε_high = 0.28 as DAPO's clip-higher (the paper tunes it and does not
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 import rlbench
-from rlbench.ops import GroupRelativeConfig, PolicyGradient
+from rlbench.policy_gradient import GroupRelativeConfig, PolicyGradient
 
 
 @rlbench.hookimpl
@@ -55,5 +55,5 @@ class CISPO(PolicyGradient):
 
     def surrogate(self, logprobs, old, batch, ctx):
         c = self.config
-        behavior = ctx.behavior_logprobs if ctx.behavior_logprobs is not None else old  # [n, C]
+        behavior = ctx.sampler_logprobs if ctx.sampler_logprobs is not None else old  # [n, C]
         return cispo_surrogate(logprobs, behavior, batch["advantages"], c.epsilon_low, c.epsilon_high)

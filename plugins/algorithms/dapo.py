@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 import rlbench
-from rlbench.ops import GroupRelativeConfig, PolicyGradient
+from rlbench.policy_gradient import GroupRelativeConfig, PolicyGradient
 from rlbench.types import Needs, TrainBatch
 
 

@@ -160,7 +160,7 @@ class DPO(AlgorithmBase):
             mask[i, :len(c)] = 1.0
         texts = [tokenizer.decode(c, skip_special_tokens=True) for c in comps]
         ro = Rollouts(prompts=prompts, prompt_ids=prompt_ids, group=torch.arange(len(prompts)).repeat_interleave(2),
-                      completion_ids=ids, completion_mask=mask, logprobs=None, texts=texts, finish_reasons=finish,
+                      completion_ids=ids, completion_mask=mask, sampler_logprobs=None, texts=texts, finish_reasons=finish,
                       pad_id=pad)
         return ro, torch.tensor([1.0, 0.0]).repeat(len(prompts))  # [2n]
 

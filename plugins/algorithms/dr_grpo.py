@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import rlbench
-from rlbench.ops import GroupRelativeConfig, PolicyGradient
+from rlbench.policy_gradient import GroupRelativeConfig, PolicyGradient
 
 
 @rlbench.hookimpl

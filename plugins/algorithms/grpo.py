@@ -18,7 +18,7 @@ Choices that frameworks make differently, all config values here:
   std_eps 1e-4 (TRL's; verl uses 1e-6) · scale_std (Dr. GRPO drops it) ·
   β 0.04 (DeepSeekMath) · ε 0.2 · adaptive β off unless ``kl_target`` is set.
 A group whose rewards are all equal (std = 0) has zero advantage: it adds only
-the KL term, and is counted in ``grpo/zero_std_frac``.
+the KL term, and is counted in ``pg/zero_std_frac``.
 
 With μ = 1 (``epochs``) and one mini-batch the old policy is the current one:
 ρ = 1 in value but its gradient is the policy gradient, so no old-logprob pass
@@ -27,7 +27,7 @@ rollout batch) the trainer stores old logprobs from a no-grad pass first.
 
 The maths is in ``rlbench.ops`` (``group_advantages``, ``clipped_surrogate``, ``k3_kl``,
 ``aggregate``, ``AdaptiveKL``), shared with the family's other members through
-``ops.PolicyGradient``; this file is GRPO's choice of them.
+``rlbench.policy_gradient.PolicyGradient``; this file is GRPO's choice of them.
 
 Left out: dynamic sampling of zero-variance groups and overlong shaping (``dapo``),
 sequence-level ratios (``gspo``) — each its own plugin.
@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import rlbench
-from rlbench.ops import GroupRelativeConfig, PolicyGradient
+from rlbench.policy_gradient import GroupRelativeConfig, PolicyGradient
 
 
 @rlbench.hookimpl

@@ -14,7 +14,7 @@ with V_clip = V_old + clip(V − V_old, ±``value_clip``). β is fixed or adapti
 toward ``kl_target``. Each of ``epochs`` passes shuffles the batch and splits it
 into ``mini_batches`` parts, one optimizer step each (old logprobs and old values
 are stored before the first; the trainer does the shuffling). The critic
-(``rlbench.critic.ValueModel``) is a copy of the policy's body with a scalar
+(``rlbench.modeling.critic.ValueModel``) is a copy of the policy's body with a scalar
 head, or the body of ``critic_model`` (a smaller model with the same
 tokenizer), trained by the same optimizer at ``critic_lr``.
 
@@ -29,7 +29,8 @@ import torch
 
 import rlbench
 from rlbench import ops
-from rlbench.types import AlgorithmBase, Needs, TrainBatch
+from rlbench.policy_gradient import KLControlled
+from rlbench.types import Needs, TrainBatch
 
 
 @rlbench.hookimpl
@@ -67,12 +68,10 @@ def clipped_value_loss(v: torch.Tensor, v_old: torch.Tensor, returns: torch.Tens
     return 0.5 * torch.maximum(a, b), (b > a).float()
 
 
-class PPO(AlgorithmBase):
-    Config = PPOConfig
+class PPO(KLControlled):
+    """The KL coefficient (``beta``, adaptive toward ``kl_target``) is the family's controller."""
 
-    def __init__(self, config: PPOConfig):
-        self.config = config
-        self.kl_ctl = ops.AdaptiveKL(config.beta, config.kl_target, config.kl_horizon)
+    Config = PPOConfig
 
     @classmethod
     def needs(cls, config: PPOConfig) -> Needs:
@@ -83,7 +82,7 @@ class PPO(AlgorithmBase):
     def prepare(self, rollouts, rewards, ctx) -> TrainBatch:
         c = self.config
         mask = rollouts.completion_mask.float()  # [N, C]
-        old = ctx.old_logprobs if ctx.old_logprobs is not None else rollouts.logprobs  # [N, C]
+        old = ctx.old_logprobs if ctx.old_logprobs is not None else rollouts.sampler_logprobs  # [N, C]
         kl = ops.k1_kl(old, ctx.ref_logprobs) if ctx.ref_logprobs is not None else torch.zeros_like(mask)  # [N, C]
         token_r = ops.kl_penalized_rewards(rewards, mask, kl, self.kl_ctl.beta)  # [N, C]
         values = ctx.values * mask  # [N, C] before the update
@@ -108,12 +107,3 @@ class PPO(AlgorithmBase):
         return loss, {"clip_frac": ((clipped * mask).sum() / n).item(),
                       "ppo/value_loss": ((vloss * mask).sum() / n).item(),
                       "ppo/value_clip_frac": ((vclipped * mask).sum() / n).item()}
-
-    def after_step(self, metrics):
-        return {"ppo/beta": self.kl_ctl.update(metrics.get("kl", float("nan")))}
-
-    def state_dict(self):
-        return {"beta": self.kl_ctl.beta}
-
-    def load_state_dict(self, state):
-        self.kl_ctl.beta = state["beta"]

@@ -20,6 +20,7 @@ import torch
 
 import rlbench
 from rlbench import ops
+from rlbench.policy_gradient import PolicyGradient, PolicyGradientConfig
 from rlbench.types import Needs, TrainBatch
 
 
@@ -29,12 +30,12 @@ def rlbench_algorithms():
 
 
 @dataclass
-class ReinforcePPConfig(ops.PolicyGradientConfig):
+class ReinforcePPConfig(PolicyGradientConfig):
     beta: float = 0.01  # KL-in-reward coefficient
     loss_agg: str = "token_mean"
 
 
-class ReinforcePP(ops.PolicyGradient):
+class ReinforcePP(PolicyGradient):
     Config = ReinforcePPConfig
     kl_in_loss = False  # the KL penalty is already in the token rewards
 
@@ -45,7 +46,7 @@ class ReinforcePP(ops.PolicyGradient):
 
     def prepare(self, rollouts, rewards, ctx) -> TrainBatch:
         mask = rollouts.completion_mask.float()  # [N, C]
-        old = ctx.old_logprobs if ctx.old_logprobs is not None else rollouts.logprobs  # [N, C]
+        old = ctx.old_logprobs if ctx.old_logprobs is not None else rollouts.sampler_logprobs  # [N, C]
         kl = ops.k1_kl(old, ctx.ref_logprobs) if ctx.ref_logprobs is not None else torch.zeros_like(mask)  # [N, C]
         token_r = ops.kl_penalized_rewards(rewards, mask, kl, self.kl_ctl.beta)  # [N, C]
         adv = ops.whiten(ops.returns_to_go(token_r, mask), mask)  # [N, C]

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 import rlbench
-from rlbench.ops import PolicyGradient, PolicyGradientConfig, uniform_groups
+from rlbench.ops import uniform_groups
+from rlbench.policy_gradient import PolicyGradient, PolicyGradientConfig
 
 
 @rlbench.hookimpl

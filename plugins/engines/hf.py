@@ -4,7 +4,7 @@ Batched with left padding, n samples per prompt (group-major rows), stops at
 EOS or the chat end-of-turn token, and reports each sampled token's logprob
 under π_T, log_softmax(logits / T) of the unprocessed logits at the sampling
 temperature T (greedy decoding: T = 1), top-p not applied — the trainer's
-convention (rlbench/logprobs.py), so the two compare like with like. It samples from the live policy module,
+convention (rlbench/modeling/logprobs.py), so the two compare like with like. It samples from the live policy module,
 so ``sync`` has nothing to copy: its weights are never stale. (Under DeepSpeed ZeRO-3 the
 trainer hands it a whole copy of the weights, refreshed at every sync.)
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 import rlbench
-from rlbench.models import stop_token_ids
+from rlbench.modeling.models import stop_token_ids
 from rlbench.types import Prompt, Rollouts, Sampling, prompt_seed
 
 
@@ -89,7 +89,7 @@ class HFEngine:
         finish = [f for p in pieces for f in p[3]]
         texts = tok.batch_decode([r[: int(m.sum())].tolist() for r, m in zip(ids, mask)], skip_special_tokens=True)
         return Rollouts(prompts=list(prompts), prompt_ids=prompt_ids, group=torch.tensor(rows), completion_ids=ids,
-                        completion_mask=mask, logprobs=lps, texts=texts, finish_reasons=finish, pad_id=pad)
+                        completion_mask=mask, sampler_logprobs=lps, texts=texts, finish_reasons=finish, pad_id=pad)
 
     def _generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling):
         tok = self.tok

@@ -8,7 +8,7 @@ sampled tokens' logprobs and finish reasons, so algorithms cannot tell them apar
 Logprob convention: the sampling distribution's, π_T = softmax(logits / T)
 (``logprobs_mode="processed_logprobs"``: after temperature, and after top-k /
 top-p, which rlbench leaves off; greedy requests get the unscaled model's,
-T = 1). The trainer computes π_T the same way (rlbench/logprobs.py), so
+T = 1). The trainer computes π_T the same way (rlbench/modeling/logprobs.py), so
 ``sync/logprob_drift`` compares like with like at any temperature. With
 ``top_p`` < 1 vLLM's processed logprobs are renormalised over the nucleus,
 which the trainer does not model: sampling with logprobs refuses it here (the
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 import rlbench
-from rlbench.models import save_whole, stop_token_ids
+from rlbench.modeling.models import save_whole, stop_token_ids
 from rlbench.types import Prompt, Rollouts, Sampling, prompt_seed
 
 
@@ -178,5 +178,5 @@ class VLLMEngine:
         texts = tok.batch_decode([c.token_ids for c in rows], skip_special_tokens=True)
         group = torch.arange(len(prompts)).repeat_interleave(n)  # [N]
         return Rollouts(prompts=list(prompts), prompt_ids=prompt_ids, group=group, completion_ids=ids,
-                        completion_mask=mask, logprobs=lps, texts=texts, finish_reasons=finish,
+                        completion_mask=mask, sampler_logprobs=lps, texts=texts, finish_reasons=finish,
                         pad_id=tok.pad_token_id)

@@ -31,6 +31,7 @@ class LocalConfig:
 class LocalExecutor:
     Config = LocalConfig
     name = "local"
+    parallel: int  # jobs kept submitted at once (from the config)
 
     def __init__(self, config: LocalConfig, root: Path):
         self.config, self.root = config, Path(root)

@@ -52,6 +52,7 @@ class RayConfig:
 class RayExecutor:
     Config = RayConfig
     name = "ray"
+    parallel: int  # jobs kept submitted at once (from the config)
 
     def __init__(self, config: RayConfig, root: Path):
         self.config, self.root = config, Path(root)
@@ -124,7 +125,7 @@ def launch(spec: dict) -> int:
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from rlbench import jobs
+    from rlbench.suites import jobs
 
     ray.init(address="auto")
     n = spec["machines"]

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import rlbench
-from rlbench.suite import has_checkpoint
+from rlbench.suites.suite import has_checkpoint
 
 
 @dataclass
@@ -106,6 +106,7 @@ class RunJob:
 class SlurmExecutor:
     Config = SlurmConfig
     name = "slurm"
+    parallel: int  # jobs kept submitted at once (from the config)
 
     def __init__(self, config: SlurmConfig, root: Path):
         self.config, self.root = config, Path(root)

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlbench import dist, rundir
-from rlbench.faults import TrainingError
+from rlbench import rundir
+from rlbench.training import dist
+from rlbench.training.faults import TrainingError
 
 
 def seed_all(seed: int) -> None:
@@ -94,11 +95,12 @@ class Checkpoints:
             refresh()
             zero.save(tmp / "deepspeed")
         if self.is_main:
-            self._write(step, tmp, final, model_state(), critic_state(), state(), zero)
+            self._write(step, tmp, model_state(), critic_state(), state(), zero)
         dist.barrier()
         return final
 
-    def _write(self, step: int, tmp: Path, final: Path, model_sd: dict, critic_sd: dict | None, state: dict, zero) -> None:
+    def _write(self, step: int, tmp: Path, model_sd: dict, critic_sd: dict | None, state: dict, zero) -> None:
+        final = self.dir / f"step_{step:06d}"
         save_file(model_sd, str(tmp / "model.safetensors"))
         if critic_sd is not None:
             save_file({k: v.detach().contiguous().cpu().clone() for k, v in critic_sd.items()},
@@ -169,10 +171,24 @@ class Checkpoints:
             rundir.truncate_jsonl(self.run_dir / name, lambda r: r.get("step", 0) <= step)
 
 
-def restore(loaded: Loaded, *, policy, optimizer, scheduler, critic, algorithm, zero) -> None:
+@dataclass
+class Restorable:
+    """What a checkpoint is restored into: the run's trained parts."""
+
+    policy: torch.nn.Module  # unwrapped (or DeepSpeed's, with ``zero``)
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    critic: torch.nn.Module | None  # unwrapped
+    algorithm: object  # its state_dict / load_state_dict
+    zero: object | None
+
+
+def restore(loaded: Loaded, into: Restorable) -> None:
     """Apply a loaded checkpoint: weights (DeepSpeed: its own files, each rank its partition),
     optimizer, scheduler, critic, algorithm state and the RNG streams."""
     ck, state = loaded.path, loaded.state
+    policy, optimizer, scheduler, critic, algorithm, zero = (into.policy, into.optimizer, into.scheduler, into.critic,
+                                                             into.algorithm, into.zero)
     if zero:
         if not zero.load(ck / "deepspeed"):
             raise TrainingError(f"checkpoint {ck}: DeepSpeed could not load {ck / 'deepspeed'}")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from rlbench import dist
-from rlbench.update import sum_over_ranks
+from rlbench.training import dist
+from rlbench.training.update import sum_over_ranks
 
 
 def gathered(sample) -> tuple[dict, torch.Tensor, list]:
@@ -37,10 +37,10 @@ def over_ranks(batch_metrics: dict, sample_metrics: dict) -> tuple[dict, dict]:
     return batch_metrics, sample_metrics
 
 
-def record(step: int, sample, train_metrics: dict, batch_metrics: dict, *, lr: float, meter, trained_before: float,
-           ref_quant: dict | None, extra: dict, weights) -> dict:
-    """The step's metrics (before the algorithm's ``after_step`` adds its own). Call after
-    ``meter.flush()``: token totals are then global."""
+def record(step: int, sample, train_metrics: dict, batch_metrics: dict, meter, weights) -> dict:
+    """The step's metrics (before the event hooks' and the algorithm's ``after_step`` are added).
+    ``train_metrics``: the update's (and the learning rate); ``batch_metrics``: ``prepare``'s. Call
+    after ``meter.flush()``: token totals are then global, ``meter.flushed`` this step's."""
     components, lengths, finish = gathered(sample)
     batch_metrics, sample_metrics = over_ranks(batch_metrics, sample.metrics)
     total_reward = torch.stack(list(components.values())).sum(0) if components else None  # [N sampled]
@@ -55,16 +55,13 @@ def record(step: int, sample, train_metrics: dict, batch_metrics: dict, *, lr: f
         "completion_len/mean": lengths.float().mean().item(),
         "completion_len/max": lengths.max().item(),
         "truncated_frac": sum(f == "length" for f in finish) / len(finish),
-        "lr": lr,
         **{f"time/{k}": v for k, v in meter.last.items()},
         "tokens/generated": 0.0 if sample.offline else float(lengths.sum().item()),
         "tokens/generated_total": meter.counters["tokens/generated"],
-        "tokens/trained": meter.counters["tokens/trained"] - trained_before,  # prompt + completion, all epochs
+        "tokens/trained": meter.flushed.get("tokens/trained", 0.0),  # prompt + completion, all epochs
         # run totals on the budgets' axes (the timed ones under time_spent/: they differ between reruns)
         **{(f"spent/{k}" if k in ("flops", "tokens") else f"time_spent/{k}"): v for k, v in meter.spent().items()},
-        **({"kl/ref_quant_error": ref_quant["mean_abs_logprob_error"]} if ref_quant else {}),
         **meter.fault_totals(),
-        **extra,
     }
     if dist.active():  # replicas must hold the same weights: a float64 checksum, compared over ranks
         with torch.no_grad():

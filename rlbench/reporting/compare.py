@@ -10,7 +10,7 @@
   when its root finder fails, as it does for small effects). No "seeds for the observed
   difference": that is post-hoc power, a restatement of p.
 * ``seed_comparisons`` / ``answer_paragraph``: the per-pair tests with Holm-adjusted p-values
-  beside the raw ones, and with ≥ 3 algorithms the two-way model (rlbench/stats.py) that pools the
+  beside the raw ones, and with ≥ 3 algorithms the two-way model (rlbench/reporting/stats.py) that pools the
   residual variance of all algorithms of the suite.
 * ``fit_saturating``: ScaleRL's accuracy-vs-compute curve (Khatri et al. 2025, arXiv 2510.13786),
   R(C) = R0 + (A − R0) / (1 + (C_mid / C)^B), with R0 the accuracy before training (C = 0)
@@ -74,7 +74,7 @@ def paired_power(diffs, alpha: float = ALPHA, power: float = POWER, mde: float |
     detectable difference and the seeds needed for ``mde``, each with the range the sd's interval implies."""
     from scipy import stats as sps
 
-    from rlbench import stats
+    from rlbench.reporting import stats
 
     d = np.asarray([x for x in diffs if x is not None and math.isfinite(x)], dtype=float)
     n = len(d)
@@ -203,7 +203,7 @@ def bootstrap_fit(C, curves, n: int = 200, seed: int = 0, flat: float = 0.02) ->
     if Y.shape[0] < 2:
         out["why"] = "a single seed: no interval over seeds to tell the fit from noise"
         return out
-    from rlbench.stats import T_BELOW
+    from rlbench.reporting.stats import T_BELOW
 
     if Y.shape[0] < T_BELOW:  # resamples of 3 seeds are at most 10 distinct mean curves: no valid interval
         out["identifiable"] = True
@@ -240,7 +240,7 @@ def seed_comparisons(summary, baseline: str, metric: str = "accuracy_after", mde
     """Per task × algorithm group: ``paired_power`` of ``metric`` against ``baseline``, runs matched by
     seed (a report's summary table: columns task, algorithm, seed, ``metric``); Holm-adjusted p-values
     over each task's comparisons."""
-    from rlbench import stats
+    from rlbench.reporting import stats
 
     rows = []
     for (task, algo), g in summary.groupby(["task", "algorithm"], sort=False):
@@ -277,8 +277,8 @@ def seed_comparisons(summary, baseline: str, metric: str = "accuracy_after", mde
 
 def two_way_rows(summary, baseline: str, metric: str = "accuracy_after") -> list[dict]:
     """Per task with ≥ 3 algorithm groups: the two-way model's differences from ``baseline``
-    (rlbench/stats.py), with Holm-adjusted p-values over the task's comparisons."""
-    from rlbench import stats
+    (rlbench/reporting/stats.py), with Holm-adjusted p-values over the task's comparisons."""
+    from rlbench.reporting import stats
 
     out = []
     for task, g in summary.groupby("task", sort=False):

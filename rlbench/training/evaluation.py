@@ -12,19 +12,25 @@ Temperatures: training evaluations are greedy; ``rlbench eval --samples N`` samp
 ``--temperature``. The exact KL to the reference (``during_training``) is of the models' own
 distributions (T = 1) on the greedy completions, whatever ``rollout.temperature`` is: it measures
 how far the model moved. The training-step ``kl`` is of π_T, the sampling distribution
-(rlbench/logprobs.py).
+(rlbench/modeling/logprobs.py).
 """
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from math import comb
+from typing import TYPE_CHECKING
 
 import torch
 
-from rlbench import dist
-from rlbench import logprobs as lpmod
-from rlbench.types import DataError, Prompt, Sampling
+from rlbench.training import dist
+from rlbench.modeling import logprobs as lpmod
+from rlbench.types import DataError, Prompt, RolloutEngine, Sampling, Task
+
+if TYPE_CHECKING:
+    from rlbench.config import EvalConfig
+    from rlbench.training.accumulate import MicroBatching
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -45,10 +51,23 @@ def interval(values: list[float]) -> tuple[float, float, float]:
     return mean, se, 1.96 * se
 
 
-def evaluate(engine, task, *, split: str = "test", limit: int = 200, samples: int = 1, max_tokens: int = 512,
-             temperature: float = 0.8, top_p: float = 1.0, keep_completions: bool = False, fit_prompts=None,
-             generate=None, shard: tuple[int, int] | None = None, gather=None):
-    """Generate on ``limit`` held-out problems and score them with the task's verifier.
+@dataclass(frozen=True)
+class EvalPlan:
+    """What one evaluation generates: ``limit`` problems of ``split``, ``samples`` completions each
+    (1: greedy), and the sampler settings of sampled ones."""
+
+    split: str = "test"
+    limit: int = 200
+    samples: int = 1
+    max_tokens: int = 512
+    temperature: float = 0.8  # samples > 1 only
+    top_p: float = 1.0
+    keep_completions: bool = False  # every completion with its reward components, for auditing the verifier
+
+
+def evaluate(engine: RolloutEngine, task: Task, plan: EvalPlan = EvalPlan(), fit_prompts=None, generate=None,
+             shard: tuple[int, int] | None = None):
+    """Generate on ``plan.limit`` held-out problems and score them with the task's verifier.
 
     Returns (record, rollouts): the record holds accuracy (pass@1), its standard
     error and 95% interval, pass@k for k = 1, 2, 4, … ≤ samples, the mean of every
@@ -57,10 +76,11 @@ def evaluate(engine, task, *, split: str = "test", limit: int = 200, samples: in
     The trainer passes ``fit_prompts`` (its long-prompt policy; what it skipped or truncated is
     recorded as prompts_skipped / prompts_truncated) and ``generate`` (its engine-fault recovery).
     In a multi-process run it passes ``shard`` = (rank, world): this process generates for its
-    contiguous share of the problems, and ``gather`` (every rank's raw results, in rank order)
-    makes the record cover all of them; ``rollouts`` stay this rank's."""
+    contiguous share of the problems, and every rank's raw results, gathered in rank order, make
+    the record cover all of them; ``rollouts`` stay this rank's."""
     t = time.perf_counter()
-    prompts = task.prompts(split, limit, seed=0)
+    split, samples, keep_completions = plan.split, plan.samples, plan.keep_completions
+    prompts = task.prompts(split, plan.limit, seed=0)
     fitted: dict = {}
     if fit_prompts is not None:
         prompts = fit_prompts(prompts, fitted)
@@ -69,7 +89,8 @@ def evaluate(engine, task, *, split: str = "test", limit: int = 200, samples: in
         bounds = [len(prompts) * i // w for i in range(w + 1)]
         prompts = prompts[bounds[r]:bounds[r + 1]]
     greedy = samples == 1
-    sampling = Sampling(temperature=temperature, top_p=top_p, max_tokens=max_tokens, greedy=greedy, logprobs=False)
+    sampling = Sampling(temperature=plan.temperature, top_p=plan.top_p, max_tokens=plan.max_tokens, greedy=greedy,
+                        logprobs=False)
     rollouts = (generate or engine.generate)(prompts, samples, sampling) if prompts else None
     raw = {"ids": [p.id for p in prompts], "group": [], "scores": {}, "lengths": [], "finish": [], "texts": []}
     if rollouts is not None:
@@ -77,8 +98,8 @@ def evaluate(engine, task, *, split: str = "test", limit: int = 200, samples: in
         raw.update(group=rollouts.group.tolist(), scores=task.score(expanded, rollouts.texts),
                    lengths=rollouts.lengths().tolist(), finish=list(rollouts.finish_reasons),
                    texts=list(rollouts.texts) if keep_completions else [])
-    if gather is not None:
-        raw = merge_raw(gather(raw))
+    if shard is not None and shard[1] > 1:
+        raw = merge_raw(dist.gather_objects(raw))
     rec = {"split": split, **summarize(raw, samples, keep_completions)}
     rec.update({k.replace("/", "_"): v for k, v in fitted.items()})
     rec["time"] = time.perf_counter() - t
@@ -86,19 +107,18 @@ def evaluate(engine, task, *, split: str = "test", limit: int = 200, samples: in
 
 
 @torch.no_grad()
-def during_training(sampler, weights, reference, cfg, step: int, rank: int, world: int, device) -> dict:
+def during_training(sampler, weights, reference, ev: EvalConfig, plan: MicroBatching, step: int) -> dict:
     """The trainer's held-out evaluation: greedy pass@1 on ``eval.n`` problems through ``evaluate``
-    (its engine, long-prompt policy and engine-fault recovery; sharded over ranks) plus, with
-    ``eval.kl``, the exact KL(policy ‖ reference) summed over the vocabulary on those completions,
-    the same measure for every algorithm."""
-    ev = cfg.eval
+    (the sampler's engine, long-prompt policy and engine-fault recovery; sharded over its ranks)
+    plus, with ``eval.kl``, the exact KL(policy ‖ reference) summed over the vocabulary on those
+    completions (micro-batched as ``plan``; of the models' own distributions, T = 1), the same
+    measure for every algorithm."""
     t = time.perf_counter()
-    rec, rollouts = evaluate(sampler.engine, sampler.task, split="test", limit=ev.n, samples=1,
-                             max_tokens=ev.max_tokens,
+    device, world = sampler.device, sampler.world
+    rec, rollouts = evaluate(sampler.engine, sampler.task, EvalPlan("test", ev.n, samples=1, max_tokens=ev.max_tokens),
                              fit_prompts=lambda ps, m: sampler.fit_prompts(ps, m, step, count=False),
                              generate=lambda ps, n, smp: sampler.generate(ps, n, smp, step),
-                             shard=(rank, world) if world > 1 else None,
-                             gather=dist.gather_objects if world > 1 else None)
+                             shard=(sampler.rank, world) if world > 1 else None)
     rec = {"step": step, **rec}
     if ev.kl:
         kl_sum, tokens = 0.0, 0.0
@@ -107,7 +127,7 @@ def during_training(sampler, weights, reference, cfg, step: int, rank: int, worl
             weights.model.eval()
             kl = lpmod.exact_kl(weights.whole, reference, inputs["input_ids"].to(device),
                                 inputs["attention_mask"].to(device), rollouts.completion_mask.to(device),
-                                cfg.train.micro_batch_size, cfg.train.share_prompt_forward)  # [n, C]
+                                plan.size, plan.share_prompts)  # [n, C]
             kl_sum, tokens = kl.sum().item(), rollouts.completion_mask.sum().item()
         kl_sum, tokens = dist.sum_floats([kl_sum, tokens])
         rec["kl"] = kl_sum / max(1.0, tokens)
@@ -155,7 +175,7 @@ def summarize(raw: dict, samples: int, keep_completions: bool = False) -> dict:
     return rec
 
 
-def score_rows(task, rows: list[dict], where: str = "input") -> list[dict]:
+def score_rows(task: Task, rows: list[dict], where: str = "input") -> list[dict]:
     """``rlbench reward``: rows with ``completion`` and the task's reference field(s); each
     comes back with ``reward`` (the sum) and ``components``."""
     prompts, texts = [], []

@@ -6,7 +6,7 @@
     ``faults.jsonl``; ``train.max_nonfinite_steps`` such steps in a row stop the run.
   * ``StopSignals``: SIGINT / SIGTERM ask the loop to stop after the current step (a second one
     raises KeyboardInterrupt at once).
-Engine failures (out of memory, a dead engine) are recovered in ``rlbench.sampler``.
+Engine failures (out of memory, a dead engine) are recovered in ``rlbench.training.sampler``.
 """
 from __future__ import annotations
 
@@ -71,11 +71,11 @@ class FaultLog:
             f"{good_checkpoint if good_checkpoint else '(none written yet)'}.")
 
 
-def batch_payload(rollouts, rewards, mb, epoch: int, index: int) -> dict:
+def batch_payload(rollouts, rewards, mini_batch, epoch: int, index: int) -> dict:
     """What faults/step_N.pt holds for a bad update: the mini-batch's tensors, the step's
     prompts, completions and rewards."""
-    return {"epoch": epoch, "mini_batch": index, "tensors": {k: v.detach().cpu() for k, v in mb.tensors.items()},
-            "totals": dict(mb.totals), "prompts": [p.text for p in rollouts.prompts], "texts": rollouts.texts,
+    return {"epoch": epoch, "mini_batch": index, "tensors": {k: v.detach().cpu() for k, v in mini_batch.tensors.items()},
+            "totals": dict(mini_batch.totals), "prompts": [p.text for p in rollouts.prompts], "texts": rollouts.texts,
             "group": rollouts.group, "rewards": rewards}
 
 

@@ -1,6 +1,6 @@
 """report.md → a self-contained report.html: tables as HTML, plots embedded as data URIs.
 
-Not covered: Markdown beyond what rlbench/report.py writes (headings, paragraphs, pipe tables,
+Not covered: Markdown beyond what rlbench/reporting/report.py writes (headings, paragraphs, pipe tables,
 fenced code, images on a line of their own).
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Accuracy against compute: the report's curves, tables and fits on a shared compute axis.
 
 A run with ``eval.at_budget_fractions`` evaluates when the spent share of its budget first
-reaches each fraction (rlbench/trainer.py); each eval record carries what was spent by then
+reaches each fraction (rlbench/training/trainer.py); each eval record carries what was spent by then
 (``budget_fraction``: the actual share; ``spent``: FLOPs, generated tokens; ``time_spent``:
 device-seconds, training wall seconds). A step is indivisible, so an algorithm whose steps are
 costly (PPO's critic: about twice a GRPO step) reaches several nominal fractions in one step.
@@ -13,13 +13,13 @@ Here every comparison uses what was actually spent:
   rule), and an algorithm whose runs took fewer steps than there are fractions gets a
   warning (the budget is too coarse for its step);
 * the curve per algorithm group × task: held-out accuracy at each nominal fraction, mean and a
-  95% interval over seeds (``rlbench.stats.interval``: Student t below 10 seeds), placed at the
+  95% interval over seeds (``rlbench.reporting.stats.interval``: Student t below 10 seeds), placed at the
   mean actual compute on the chosen axis (``--x flops|tokens|device_hours|wall_seconds``);
 * the normalised area under each run's curve over its *actual* fractions (its distinct
   evaluations; the trapezoid divided by the span: the mean accuracy over the budget);
 * paired differences against the baseline at each fraction (runs matched by seed): mean, t
   interval, scipy's paired t-test, and both sides' actual fractions;
-* ScaleRL's saturating fit (rlbench.compare.bootstrap_fit) drawn over the points, or the reason
+* ScaleRL's saturating fit (rlbench.reporting.compare.bootstrap_fit) drawn over the points, or the reason
   the points cannot identify it, in words.
 
 Not covered: runs without ``eval.at_budget_fractions`` (their step-wise evals are not on a shared
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlbench import compare
+from rlbench.reporting import compare
 
 AXES = {  # --x: (key of the eval record's "spent", scale, axis label)
     "flops": ("flops", 1.0, "FLOPs (nominal, every pass counted)"),
@@ -80,7 +80,7 @@ def _auc(evals: list[dict]) -> float:
 def build(runs: list[dict], baseline: str, x: str = "flops") -> dict | None:
     """Curve, AUC, paired-difference and fit tables (lists of dicts) of the runs with budget-fraction
     evals, and warnings; None when no run has them."""
-    from rlbench import stats
+    from rlbench.reporting import stats
 
     if x not in AXES:
         raise ValueError(f"--x must be one of {', '.join(AXES)}, got {x!r}")

@@ -32,9 +32,9 @@ import time
 import torch
 
 from rlbench import ops
-from rlbench.evaluation import evaluate
-from rlbench.faults import TrainingError
-from rlbench.sampler import standalone
+from rlbench.training.evaluation import EvalPlan, evaluate
+from rlbench.training.faults import TrainingError
+from rlbench.training.sampler import standalone
 
 SATURATED = 0.9  # sampled accuracy above this: little left to learn
 FLAT = 0.02  # sampled accuracy below this: almost no reward to follow
@@ -48,10 +48,9 @@ def run(cfg, prompts: int = 32) -> dict:
     ro = cfg.rollout
     with standalone(cfg) as (engine, task):  # vLLM: seeded by types.engine_seed
         torch.manual_seed(cfg.run.seed)  # the hf engine samples from torch's global RNG: the same probe twice
-        sampled, rollouts = evaluate(engine, task, split="train", limit=prompts, samples=ro.group_size,
-                                     max_tokens=ro.max_tokens, temperature=ro.temperature, top_p=ro.top_p,
-                                     keep_completions=True)
-        greedy, _ = evaluate(engine, task, split="train", limit=prompts, samples=1, max_tokens=ro.max_tokens)
+        sampled, rollouts = evaluate(engine, task, EvalPlan("train", prompts, ro.group_size, ro.max_tokens,
+                                                            ro.temperature, ro.top_p, keep_completions=True))
+        greedy, _ = evaluate(engine, task, EvalPlan("train", prompts, samples=1, max_tokens=ro.max_tokens))
     rec = summarize(sampled, greedy, ro.group_size, ro.prompts_per_step, ro.max_tokens,
                     groups=rollouts.group.tolist() if rollouts is not None else [])
     rec.update(model=cfg.model.name, task=cfg.label("task"), engine=cfg.names["engine"],

@@ -21,13 +21,15 @@ from pathlib import Path
 import torch
 
 from rlbench import config as cfgmod
-from rlbench import dist, manager, models, rundir
-from rlbench import logprobs as lpmod
-from rlbench import lora
-from rlbench.checkpoints import seed_all
-from rlbench.critic import ValueModel
-from rlbench.types import Needs, Sampling
-from rlbench.zero import Zero
+from rlbench import manager, rundir
+from rlbench.modeling import models
+from rlbench.training import dist
+from rlbench.modeling import logprobs as lpmod
+from rlbench.modeling import lora
+from rlbench.training.checkpoints import seed_all
+from rlbench.modeling.critic import ValueModel
+from rlbench.types import Algorithm, Needs, Sampling, Task
+from rlbench.training.zero import Zero
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -89,21 +91,22 @@ class Setup:
     rank: int
     world: int
     tokenizer: object
-    task: object
-    algorithm: object
+    task: Task
+    algorithm: Algorithm
     needs: Needs
     model: torch.nn.Module  # the policy as accelerate / DeepSpeed prepared it (the training forward)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     critic: torch.nn.Module | None  # prepared
     reference: torch.nn.Module
-    zero: object | None  # rlbench.zero.Zero under DeepSpeed
+    zero: object | None  # rlbench.training.zero.Zero under DeepSpeed
     weights: PolicyWeights
     n_params: int
     n_critic: int
     model_hash: str
     load_seconds: float
     max_drift: float  # rollout.max_logprob_drift, or its default for the device
+    seed: int  # run.seed: everything was seeded with it; the update's shuffles are derived from it
 
 
 def build(cfg: cfgmod.Config) -> Setup:
@@ -174,7 +177,7 @@ def build(cfg: cfgmod.Config) -> Setup:
                  algorithm=algorithm, needs=needs, model=model, optimizer=optimizer, scheduler=scheduler, critic=critic,
                  reference=reference, zero=zero, weights=PolicyWeights(accelerator, model, zero, use_lora),
                  n_params=n_params, n_critic=n_critic, model_hash=model_hash, load_seconds=load_seconds,
-                 max_drift=cfg.rollout.max_logprob_drift or (2.0 if use_cuda else 1e-3))
+                 max_drift=cfg.rollout.max_logprob_drift or (2.0 if use_cuda else 1e-3), seed=cfg.run.seed)
 
 
 def _critic(cfg, needs: Needs, policy, tok, dtype):
@@ -201,9 +204,9 @@ def reference_quantization_error(cfg, s: Setup, engine, run_dir: Path, resume: b
     inputs = {k: v.to(s.device) for k, v in ro.model_inputs().items()}
     C, mask = ro.completion_ids.shape[1], ro.completion_mask.to(s.device)
     s.model.eval()
-    mb = cfg.train.micro_batch_size
-    full = lpmod.batched_logprobs(s.weights.whole, inputs["input_ids"], inputs["attention_mask"], C, mb)  # [n, C]
-    quant = lpmod.batched_logprobs(s.reference, inputs["input_ids"], inputs["attention_mask"], C, mb)  # [n, C]
+    micro = cfg.train.micro_batch_size
+    full = lpmod.batched_logprobs(s.weights.whole, inputs["input_ids"], inputs["attention_mask"], C, micro)  # [n, C]
+    quant = lpmod.batched_logprobs(s.reference, inputs["input_ids"], inputs["attention_mask"], C, micro)  # [n, C]
     gap = (full - quant).abs() * mask
     tokens = mask.sum().clamp(min=1)
     return {"mode": cfg.model.reference_quantization, "mean_abs_logprob_error": (gap.sum() / tokens).item(),

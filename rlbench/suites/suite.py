@@ -17,7 +17,7 @@ A suite file (``configs/suites/*.yaml``)::
     baseline: grpo                 # the report's reference algorithm
     keep_checkpoints: 1            # checkpoints a complete run keeps (newest first; 0 = none)
     probe: {prompts: 32}           # the learnability probe of each task, once, before the runs (false: none)
-    executor: {name: local, jobs: 2}   # where runs execute: local (default), slurm, ray (rlbench/jobs.py);
+    executor: {name: local, jobs: 2}   # where runs execute: local (default), slurm, ray (rlbench/suites/jobs.py);
                                    # max_attempts: failed jobs per run per start (default 2)
 
 Paired randomness: runs of one seed see the same prompts in the same order (the data order is
@@ -36,7 +36,7 @@ output and retried up to ``max_attempts`` (seen here: a full disk failed one run
 write; the suite went on and the retry completed it). A complete run keeps only
 its newest ``keep_checkpoints`` checkpoints. Starting the suite again re-attaches to jobs still
 queued or running, skips complete runs, resumes interrupted ones from their newest checkpoint and
-retries failed ones (rlbench/jobs.py).
+retries failed ones (rlbench/suites/jobs.py).
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ from pathlib import Path
 import yaml
 
 from rlbench import config as cfgmod
-from rlbench import jobs as jobsmod
+from rlbench.suites import jobs as jobsmod
 
 SUITE_KEYS = {"name", "base", "budget", "matrix", "set", "baseline", "description", "keep_checkpoints", "probe",
               "executor"}

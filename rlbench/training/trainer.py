@@ -11,19 +11,19 @@ One step (``Trainer.step``), its phases in order:
      gradient accumulation (loss shares normalised by whole-batch totals, so micro-batching does
      not change the loss or gradient), clipping, AdamW, warmup + cosine; before the first
      optimizer step the sampler's logprobs are checked against the trained weights and the
-     sampling policy's KL and entropy are measured (rlbench/update.py);
+     sampling policy's KL and entropy are measured (rlbench/training/update.py);
   5. ``Sampler.sync``: the engine serves the new weights.
-With ``rollout.off_policy_steps`` k > 0 the sampler is ``AsyncRollouts`` (rlbench/async_rollouts.py):
+With ``rollout.off_policy_steps`` k > 0 the sampler is ``AsyncRollouts`` (rlbench/training/async_rollouts.py):
 phase 1 takes the batch a background worker generated from the weights of k updates earlier while
 the previous steps trained, and phase 5 pushes the new weights to it as the next version.
 Held-out evaluation (greedy pass@1 and the exact KL to the reference on the policy's own greedy
 completions, the same for every algorithm) runs before, every ``eval.every`` steps and after.
 
-Where the rest lives: run setup (models, reference, optimizer, schedule) in rlbench/setup.py,
-sampling and engine faults in rlbench/sampler.py, the update and its steppers in
-rlbench/update.py (gradient accumulation in rlbench/accumulate.py), checkpoints in rlbench/checkpoints.py, counters and cost.json in
-rlbench/cost.py, the fault types and signals in rlbench/faults.py, the metrics line in
-rlbench/step_metrics.py.
+Where the rest lives: run setup (models, reference, optimizer, schedule) in rlbench/training/setup.py,
+sampling and engine faults in rlbench/training/sampler.py, the update and its steppers in
+rlbench/training/update.py (gradient accumulation in rlbench/training/accumulate.py), checkpoints in rlbench/training/checkpoints.py, counters and cost.json in
+rlbench/training/cost.py, the fault types and signals in rlbench/training/faults.py, the metrics line in
+rlbench/training/step_metrics.py.
 
 Faults: a step whose rewards, loss or gradient norm is NaN/inf applies no (further) update
 (counted, its batch saved under faults/), ``train.max_nonfinite_steps`` in a row stop the run;
@@ -31,7 +31,7 @@ SIGINT/SIGTERM finish the current step, write a checkpoint and return.
 
 Several processes (``accelerate launch``): each rank samples a shard of the step's prompts; loss
 normalisers and gradients are summed over ranks; rank 0 writes. DeepSpeed ZeRO-2/3: the
-DeepSpeed engine reduces, clips and steps (rlbench/zero.py).
+DeepSpeed engine reduces, clips and steps (rlbench/training/zero.py).
 
 Not covered: tensor/pipeline parallelism; a critic (PPO) or ZeRO-3 LoRA under DeepSpeed; DeepSpeed
 checkpoints resumed at another world size (DeepSpeed's universal checkpoints are not wired in).
@@ -48,15 +48,16 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from rlbench import async_rollouts, dist, manager, rundir, setup, step_metrics
+from rlbench import manager, rundir
+from rlbench.training import async_rollouts, dist, setup, step_metrics
 from rlbench import config as cfgmod
-from rlbench.checkpoints import Checkpoints, restore
-from rlbench.cost import CostMeter
-from rlbench.evaluation import during_training
-from rlbench.faults import FaultLog, NonFiniteError, StopSignals, TrainingError
-from rlbench.sampler import Sampler
+from rlbench.training.checkpoints import Checkpoints, Restorable, restore
+from rlbench.training.cost import CostMeter
+from rlbench.training.evaluation import during_training
+from rlbench.training.faults import FaultLog, NonFiniteError, StopSignals, TrainingError
+from rlbench.training.sampler import EngineSpec, Sampler
 from rlbench.types import StepContext, TrainBatch
-from rlbench.update import PlainStepper, Updater, ZeroStepper
+from rlbench.training.update import PlainStepper, Updater, ZeroStepper
 
 __all__ = ["Trainer", "TrainingError", "NonFiniteError", "start"]
 
@@ -74,10 +75,9 @@ class Trainer:
         self.meter = CostMeter(cfg.train.max_generated_tokens, cfg.train.max_flops, cfg.train.max_device_seconds,
                                n_params=s.n_params, n_critic=s.n_critic, world=s.world)
         self.meter.add_time("load", s.load_seconds, step=False)
-        stepper = ZeroStepper(s.zero, cfg.train.micro_batch_size, s.needs.pairs, cfg.train.share_prompt_forward) \
-            if s.zero else PlainStepper(s.accelerator, s.model, s.optimizer, s.critic, cfg.train.max_grad_norm)
-        self.updater = Updater(cfg, s.needs, s.algorithm, s.model, s.optimizer, s.scheduler, s.critic, s.reference,
-                               s.weights, stepper, self.meter, s.max_drift, s.device)
+        stepper = ZeroStepper(s.zero) if s.zero else \
+            PlainStepper(s.accelerator, s.model, s.optimizer, s.critic, cfg.train.max_grad_norm)
+        self.updater = Updater(s, stepper, self.meter, cfg.train, cfg.rollout, eval_kl=cfg.eval.kl)
         self.checkpoints = Checkpoints(self.run_dir, cfg.train.keep_checkpoints, s.rank)
         self.faults = FaultLog(self.run_dir, s.rank, s.world)
         self.signals = StopSignals()
@@ -85,12 +85,12 @@ class Trainer:
         self._fractions_done: set[float] = set()  # eval.at_budget_fractions already evaluated
         self._timeline_lock = threading.Lock()
         pending = self._resume() if resume else []  # the engine is built next, from the restored weights
-        asynchronous = cfg.rollout.off_policy_steps > 0  # a worker owns the engine (rlbench/async_rollouts.py)
+        asynchronous = cfg.rollout.off_policy_steps > 0  # a worker owns the engine (rlbench/training/async_rollouts.py)
         if asynchronous:
             async_rollouts.check_supported(cfg, s)
         served = async_rollouts.Version.copy_of(s.weights, self.step_done) if asynchronous else s.weights
-        self.sampler = Sampler(cfg, s.task, s.tokenizer, s.needs, served, self.meter, s.device, s.rank, s.world,
-                               offline_rollouts=s.algorithm.offline_rollouts if s.needs.offline else None)
+        self.sampler = Sampler(s, served, self.meter, EngineSpec.of(cfg), cfg.rollout, cfg.eval.max_tokens)
+        self.batch_invariant = self.sampler.batch_invariant  # rollout.batch_invariant_sampling, resolved
         if asynchronous:
             self.sampler = async_rollouts.AsyncRollouts(self.sampler, s.weights, cfg, s.max_drift, pending,
                                                         timeline=self.timeline if self.is_main else None)
@@ -182,14 +182,13 @@ class Trainer:
         cfg, meter = self.cfg, self.meter
         meter.start_step()
         self.updater.applied = 0
-        ctx = StepContext(step=step, max_tokens=cfg.rollout.max_tokens)
         try:
             sample = self.sampler.sample(step)  # prompts, rollouts, rewards
             meter.count("tokens/generated", sample.generated_tokens)  # counted now: a skipped step still cost them
             meter.count("tokens/prompt", sample.prompt_tokens)
             extra = self._on_rollouts(step, sample)
             with meter.timed("reference"):  # the no-grad passes that prepare() may use
-                self.updater.score(sample.rollouts, ctx)
+                ctx = self.updater.score(sample.rollouts, step)
             batch = self._prepare(sample, ctx)
             lr = self.scheduler.get_last_lr()[0]  # the rate this step's (first) update uses
             with meter.timed("train"):
@@ -202,11 +201,11 @@ class Trainer:
         except NonFiniteError as e:  # raised on every rank alike (the decision is agreed on)
             return self._skipped(step, e)
         self.faults.streak = 0
-        trained_before = meter.counters["tokens/trained"]
         meter.flush()  # every rank's counts, summed
-        metrics = step_metrics.record(step, sample, train_metrics, batch.metrics, lr=lr, meter=meter,
-                                      trained_before=trained_before, ref_quant=self.ref_quant, extra=extra,
-                                      weights=self.weights)
+        metrics = step_metrics.record(step, sample, {**train_metrics, "lr": lr}, batch.metrics, meter, self.weights)
+        if self.ref_quant:
+            metrics["kl/ref_quant_error"] = self.ref_quant["mean_abs_logprob_error"]
+        metrics.update(extra)  # the event hooks'
         metrics.update(self.algorithm.after_step(metrics))
         return metrics
 
@@ -272,10 +271,9 @@ class Trainer:
             lg.close()
 
     def evaluate(self, step: int) -> dict:
-        """Held-out evaluation (``rlbench.evaluation.during_training``), written to eval.jsonl."""
+        """Held-out evaluation (``rlbench.training.evaluation.during_training``), written to eval.jsonl."""
         with self.sampler.evaluation() as sampler:  # asynchronous: the engine between two batches, current weights
-            rec = during_training(sampler, self.weights, self.reference, self.cfg, step, self.rank, self.world,
-                                  self.device)
+            rec = during_training(sampler, self.weights, self.reference, self.cfg.eval, self.updater.plan, step)
         if self.ref_quant:
             rec["ref_quant_error"] = self.ref_quant["mean_abs_logprob_error"]
         spent = self.meter.spent()  # the compute axes; the timed ones apart ("time…" keys: not reproducible)
@@ -318,8 +316,8 @@ class Trainer:
         if loaded is None:
             self.checkpoints.drop_records_after(0)
             return []
-        restore(loaded, policy=self.policy, optimizer=self.optimizer, scheduler=self.scheduler, algorithm=self.algorithm,
-                critic=self.accelerator.unwrap_model(self.critic) if self.critic is not None else None, zero=self.zero)
+        critic = self.accelerator.unwrap_model(self.critic) if self.critic is not None else None
+        restore(loaded, Restorable(self.policy, self.optimizer, self.scheduler, critic, self.algorithm, self.zero))
         self.meter.load_state_dict(loaded.state)
         self.faults.streak = loaded.state.get("nonfinite_streak", 0)
         self.step_done = loaded.state["step"]
@@ -347,7 +345,7 @@ def start(cfg: cfgmod.Config, run_dir: Path, resume: bool = False) -> Trainer:
             config=cfg.to_dict(), model_hash=trainer.model_hash, data_hash=data_hash, device=str(trainer.device),
             engine=cfg.names["engine"], seed=cfg.run.seed, engine_requested=cfg.names.get("engine_requested"))
         man["world_size"] = trainer.world
-        man["batch_invariant_sampling"] = cfg.rollout.batch_invariant_sampling  # resolved (auto -> on / off)
+        man["batch_invariant_sampling"] = trainer.batch_invariant  # resolved (auto -> on / off)
         man["determinism"] = rundir.determinism_tier(getattr(trainer.engine, "determinism", "none"), str(trainer.device),
                                                      trainer.world, cfg.rollout.off_policy_steps)
         if trainer.ref_quant:

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from rlbench import dist, rundir
+from rlbench import rundir
+from rlbench.training import dist
 
 COUNTERS = ("tokens/generated", "tokens/prompt", "tokens/trained", "tokens/reference", "tokens/old_logprobs", "tokens/critic",
             "nonfinite/skipped", "grad/clipped", "prompts/skipped", "prompts/truncated", "engine/retries",
@@ -64,6 +65,7 @@ class CostMeter:
         self.times: dict[str, float] = {}  # run total wall seconds per phase (load, rollout, …, eval)
         self.last: dict[str, float] = {}  # this step's seconds per phase (time/<phase> in metrics)
         self._pending: dict[str, float] = {}  # this rank's increments of the shared counters, not yet summed
+        self.flushed: dict[str, float] = {}  # the increments the last ``flush`` added, summed over ranks
         self._wall: float | None = None  # the metered wall seconds, the largest over ranks at the last flush
 
     # -- time --------------------------------------------------------------------------------
@@ -101,6 +103,7 @@ class CostMeter:
         totals = dist.sum_floats([self._pending.get(k, 0.0) for k in keys])
         for k, v in zip(keys, totals):
             self.counters[k] += v
+        self.flushed = dict(zip(keys, totals))
         self._pending = {}
         self._wall = dist.max_floats([self._metered_wall()])[0]  # ranks agree on the device-second budget
 

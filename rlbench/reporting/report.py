@@ -1,17 +1,17 @@
 """Comparison reports: run directories → summary.csv, aggregate.csv, power.csv, report.md, report.html, plots.
 
 Groups: every table, curve, fit, power row, paired test, infrastructure check and plot is per
-task group × algorithm group — the labels the suite names (rlbench/report_runs.py) — so labelled
+task group × algorithm group — the labels the suite names (rlbench/reporting/runs.py) — so labelled
 variants of one plugin stay apart; two runs of one group and seed are an error, and so is a
 ``--baseline`` that names no group.
 
 Per group over seeds (aggregate.csv): the mean with a 95% interval that holds at the seed count
-(rlbench/stats.py: Student t below 10 seeds, the percentile bootstrap from 10; ``*_ci_method``
+(rlbench/reporting/stats.py: Student t below 10 seeds, the percentile bootstrap from 10; ``*_ci_method``
 names it), the interquartile mean from 4 seeds up, the probability of improvement over the
 baseline, P(X > Y) + ½P(X = Y) over all seed pairs (Agarwal et al. 2021), and the runs that regressed.
 
 The answer: per pair, a paired t-test over seeds with its power and Holm-adjusted p-values
-(rlbench/compare.py); with ≥ 3 algorithm groups also the two-way model (algorithm + seed) that
+(rlbench/reporting/compare.py); with ≥ 3 algorithm groups also the two-way model (algorithm + seed) that
 pools the residual variance. The problem-level test: McNemar per seed on the two runs' answers to
 the same held-out problems, and a Cochran–Mantel–Haenszel test stratified by seed and problem —
 conditional on the trained runs (it measures evaluation noise, not training randomness), and
@@ -26,9 +26,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlbench import compare, curves, stats
-from rlbench.report_html import page
-from rlbench.report_runs import (SUMMARY_COLUMNS, ReportError, by_seed, answers, check_groups, find_runs,
+from rlbench.reporting import compare, curves, stats
+from rlbench.reporting.html import page
+from rlbench.reporting.runs import (SUMMARY_COLUMNS, ReportError, by_seed, answers, check_groups, find_runs,
                                  infra_differences, load_run)
 
 __all__ = ["build", "ReportError", "find_runs", "load_run", "infra_differences", "SUMMARY_COLUMNS"]

@@ -42,11 +42,11 @@ from collections import deque
 
 import torch
 
-from rlbench import logprobs as lpmod
-from rlbench import lora
-from rlbench.cost import CostMeter
-from rlbench.faults import NonFiniteError, TrainingError, stale_weights
-from rlbench.sampler import Sample
+from rlbench.modeling import logprobs as lpmod
+from rlbench.modeling import lora
+from rlbench.training.cost import CostMeter
+from rlbench.training.faults import NonFiniteError, TrainingError, stale_weights
+from rlbench.training.sampler import Sample
 from rlbench.types import Sampling, batch_seed
 
 PROBE_PROMPTS, PROBE_TOKENS, PROBE_SEED = 2, 8, 7_919  # the fixed sequences every push is checked on
@@ -270,7 +270,7 @@ class AsyncRollouts:
         C = ro.completion_ids.shape[1]
         mine, _ = lpmod.token_logprobs(self.current.module, inputs["input_ids"].to(device),
                                     inputs["attention_mask"].to(device), C)
-        gap = ((mine.cpu() - ro.logprobs) * ro.completion_mask).abs()  # [n, C]
+        gap = ((mine.cpu() - ro.sampler_logprobs) * ro.completion_mask).abs()  # [n, C]
         return gap.max().item(), (gap.sum() / ro.completion_mask.sum().clamp(min=1)).item()
 
     def _generate(self, j: int) -> None:

@@ -5,38 +5,45 @@ An update is ``Needs.epochs`` μ passes over the batch, each split into ``Needs.
 mini-batches (a fresh seeded shuffle per epoch, preference pairs kept whole), one optimizer step
 per mini-batch. A mini-batch's loss normalisers are summed over ranks first, so every rank's loss
 is its share of the global mini-batch's; its micro-batches accumulate gradients
-(rlbench/accumulate.py: a micro-batch's loss shares sum to the mini-batch loss exactly). Then a
+(rlbench/training/accumulate.py: a micro-batch's loss shares sum to the mini-batch loss exactly). Then a
 stepper reduces and steps: ``PlainStepper`` sums the gradients over ranks once, clips and steps
-AdamW; ``ZeroStepper`` hands that to DeepSpeed (rlbench/zero.py). The first update of a step is
+AdamW; ``ZeroStepper`` hands that to DeepSpeed (rlbench/training/zero.py). The first update of a step is
 checked against the sampler (the stale-weight check); a non-finite loss or gradient norm raises
 ``NonFiniteError`` after the stepper has done what it must (DeepSpeed steps to discard the
 poisoned gradients; plain training does not step at all).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 
-from rlbench import dist, ops
-from rlbench import logprobs as lpmod
-from rlbench.accumulate import accumulate_gradients, mini_batches, split_micro_batches
-from rlbench.faults import NonFiniteError, batch_payload, stale_weights
+from rlbench import ops
+from rlbench.training import dist
+from rlbench.modeling import logprobs as lpmod
+from rlbench.training.accumulate import CriticValues, MicroBatching, SamplerGap, accumulate_gradients, mini_batches
+from rlbench.training.faults import NonFiniteError, batch_payload, stale_weights
 from rlbench.types import StepContext, TrainBatch, shuffle_seed
+
+if TYPE_CHECKING:
+    from rlbench.config import RolloutConfig, TrainConfig
+    from rlbench.training.setup import Setup
 
 
 # -- reductions over ranks ---------------------------------------------------------------------------
 
-def global_totals(mb: TrainBatch) -> TrainBatch:
+def global_totals(batch: TrainBatch) -> TrainBatch:
     """The loss normalisers summed over ranks: each rank's loss is its share of the global batch's."""
     if not dist.active():
-        return mb
-    keys = [k for k in ("seqs", "tokens", "pairs") if k in mb.totals]
-    totals = dict(mb.totals)
-    totals.update(zip(keys, dist.sum_floats([mb.totals[k] for k in keys])))
-    return TrainBatch(mb.tensors, totals, mb.metrics)
+        return batch
+    keys = [k for k in ("seqs", "tokens", "pairs") if k in batch.totals]
+    totals = dict(batch.totals)
+    totals.update(zip(keys, dist.sum_floats([batch.totals[k] for k in keys])))
+    return TrainBatch(batch.tensors, totals, batch.metrics)
 
 
 def sum_over_ranks(d: dict) -> dict:
@@ -66,9 +73,9 @@ class PlainStepper:
         self.accelerator, self.model, self.optimizer, self.critic = accelerator, model, optimizer, critic
         self.max_grad_norm = max_grad_norm
 
-    def backward(self, mb: TrainBatch):
-        """(backward function, pad_to) for the micro-batches of one optimizer step's mini-batch."""
-        return self.accelerator.backward, None
+    def plan(self, mini_batch: TrainBatch, plan: MicroBatching) -> MicroBatching:
+        """How the micro-batches of one optimizer step's mini-batch get their backward."""
+        return dataclasses.replace(plan, backward=self.accelerator.backward)
 
     @contextmanager
     def no_sync(self):
@@ -95,16 +102,15 @@ class PlainStepper:
 
 
 class ZeroStepper(PlainStepper):
-    """DeepSpeed reduces, clips and steps, or discards NaN/inf gradients (rlbench/zero.py); every
+    """DeepSpeed reduces, clips and steps, or discards NaN/inf gradients (rlbench/training/zero.py); every
     rank makes the same number of backwards."""
 
-    def __init__(self, zero, micro_batch_size: int, pairs: bool, share_prompts: bool):
-        self.zero, self.micro_batch_size, self.pairs, self.share_prompts = zero, micro_batch_size, pairs, share_prompts
+    def __init__(self, zero):
+        self.zero = zero
 
-    def backward(self, mb: TrainBatch):
-        n_micro = len(split_micro_batches(mb, self.micro_batch_size, self.pairs, self.share_prompts))
-        pad_to = int(dist.max_floats([float(n_micro)])[0])  # the most micro-batches of any rank
-        return self.zero.backward_fn(pad_to), pad_to
+    def plan(self, mini_batch: TrainBatch, plan: MicroBatching) -> MicroBatching:
+        pad_to = int(dist.max_floats([float(len(plan.split(mini_batch)))])[0])  # the most micro-batches of any rank
+        return dataclasses.replace(plan, backward=self.zero.backward_fn(pad_to), pad_to=pad_to)
 
     @contextmanager
     def no_sync(self):
@@ -119,22 +125,23 @@ class ZeroStepper(PlainStepper):
 class Updater:
     """No-grad passes and the update of one step (see the module docstring)."""
 
-    def __init__(self, cfg, needs, algorithm, model, optimizer, scheduler, critic, reference, weights, stepper,
-                 meter, max_drift: float, device):
-        self.cfg, self.needs, self.algorithm = cfg, needs, algorithm
-        self.model, self.optimizer, self.scheduler, self.critic = model, optimizer, scheduler, critic
-        self.reference, self.weights, self.stepper, self.meter = reference, weights, stepper, meter
-        self.max_drift, self.device = max_drift, device
-        # logprobs of π_T, the distribution the rollouts were sampled from (rlbench/logprobs.py);
+    def __init__(self, s: Setup, stepper, meter, train: TrainConfig, rollout: RolloutConfig, eval_kl: bool):
+        self.needs, self.algorithm, self.stepper, self.meter = s.needs, s.algorithm, stepper, meter
+        self.model, self.optimizer, self.scheduler, self.critic = s.model, s.optimizer, s.scheduler, s.critic
+        self.reference, self.weights, self.max_drift, self.device = s.reference, s.weights, s.max_drift, s.device
+        self.seed, self.max_grad_norm, self.max_tokens = s.seed, train.max_grad_norm, rollout.max_tokens
+        self.with_reference = s.needs.reference or eval_kl  # eval.kl logs the KL of algorithms without one
+        # logprobs of π_T, the distribution the rollouts were sampled from (rlbench/modeling/logprobs.py);
         # offline data (needs.offline) has no sampler: the model's own distribution, T = 1
-        self.temperature = 1.0 if needs.offline else cfg.rollout.temperature
+        self.plan = MicroBatching(train.micro_batch_size, temperature=1.0 if s.needs.offline else rollout.temperature,
+                                  pairs=s.needs.pairs, share_prompts=train.share_prompt_forward)
         self._before = None  # score's no-grad pass of the sampling weights: (logprobs, entropy) [N, C]
         self.applied = 0  # optimizer steps applied in the current step
-        r = cfg.rollout
+        r = rollout
         self.correction = ops.Correction(r.is_correction, r.is_cap, r.is_low, r.is_level) \
             if r.is_correction != "none" else None
         # asynchronous rollouts: the batch comes from older weights by design, so the sampler is
-        # checked at every push instead (rlbench/async_rollouts.py)
+        # checked at every push instead (rlbench/training/async_rollouts.py)
         self.on_policy = r.off_policy_steps == 0
 
     @property
@@ -143,35 +150,36 @@ class Updater:
         return self.needs.epochs * self.needs.mini_batches
 
     @torch.no_grad()
-    def score(self, rollouts, ctx: StepContext) -> None:
-        """Fill ``ctx`` before ``prepare``: reference logprobs (the algorithm's, or ``eval.kl``'s
-        logged KL), old-policy logprobs (μ > 1, mini-batches, or the proximal policy of the
-        decoupled correction), the critic's values, the engine's behaviour logprobs [N, C]; all of
-        π_T (``self.temperature``). When the update takes several optimizer steps, the no-grad
+    def score(self, rollouts, step: int) -> StepContext:
+        """The step's context before ``prepare``: reference logprobs (the algorithm's, or
+        ``eval.kl``'s logged KL), old-policy logprobs (μ > 1, mini-batches, or the proximal policy
+        of the decoupled correction), the critic's values, the sampler's logprobs [N, C]; all of
+        π_T (``self.plan.temperature``). When the update takes several optimizer steps, the no-grad
         pass of the sampling weights also gives the step's sampling-policy metrics (``update``)."""
-        cfg, mb, T = self.cfg, self.cfg.train.micro_batch_size, self.temperature
+        ctx = StepContext(step=step, max_tokens=self.max_tokens, sampler_logprobs=rollouts.sampler_logprobs)
+        micro, T, share = self.plan.size, self.plan.temperature, self.plan.share_prompts
         inputs = {k: v.to(self.device) for k, v in rollouts.model_inputs().items()}
         C, tokens = rollouts.completion_ids.shape[1], inputs["attention_mask"].sum().item()
         self._before = None
-        if self.needs.reference or cfg.eval.kl:
+        if self.with_reference:
             ctx.ref_logprobs = lpmod.batched_logprobs(self.reference, inputs["input_ids"], inputs["attention_mask"], C,
-                                                      mb, cfg.train.share_prompt_forward, temperature=T).cpu()  # [N, C]
+                                                      micro, share, temperature=T).cpu()  # [N, C]
             self.meter.count("tokens/reference", tokens)
-        ctx.behavior_logprobs = rollouts.logprobs
-        asked = self.needs.old_logprobs or cfg.rollout.is_correction == "decoupled"
+        asked = self.needs.old_logprobs or (self.correction is not None and self.correction.mode == "decoupled")
         if asked or self.steps_per_update > 1:
             self.meter.count("tokens/old_logprobs", tokens)
             self.model.eval()
-            old, ent = lpmod.batched_logprobs(self.weights.whole, inputs["input_ids"], inputs["attention_mask"], C, mb,
-                                              cfg.train.share_prompt_forward, temperature=T, with_entropy=True)
+            old, ent = lpmod.batched_logprobs(self.weights.whole, inputs["input_ids"], inputs["attention_mask"], C, micro,
+                                              share, temperature=T, with_entropy=True)
             self._before = (old.cpu(), ent.cpu())  # [N, C] each: the sampling weights, before any update
             if asked:
                 ctx.old_logprobs = self._before[0]
         if self.critic is not None:
             self.meter.count("tokens/critic", tokens)
             self.critic.eval()
-            ctx.values = torch.cat([self.critic(inputs["input_ids"][i:i + mb], inputs["attention_mask"][i:i + mb], C)
-                                    for i in range(0, rollouts.n, mb)]).cpu()  # [N, C]
+            ctx.values = torch.cat([self.critic(inputs["input_ids"][i:i + micro], inputs["attention_mask"][i:i + micro], C)
+                                    for i in range(0, rollouts.n, micro)]).cpu()  # [N, C]
+        return ctx
 
     def sampling_metrics(self, batch: TrainBatch, ctx: StepContext, sampler_logprobs) -> dict[str, float]:
         """The sampling policy's metrics over the whole batch from ``score``'s no-grad pass, before
@@ -217,31 +225,28 @@ class Updater:
         * measured during the update (``loss``, ``clip_frac``, ``grad_norm``, ``grad_clipped``, value
           loss, the algorithm's loss metrics, ``is/*``): the mean over all of the step's optimizer
           steps (every epoch and mini-batch)."""
-        cfg, needs = self.cfg, self.needs
+        needs = self.needs
         self.model.train()
         if self.critic is not None:
             self.critic.train()
-        if "row" not in batch:
-            batch = TrainBatch({**batch.tensors, "row": batch.rows()}, batch.totals, batch.metrics)
+        batch = batch.with_rows()
         before = None
         if self.steps_per_update > 1:
             before = self._check_drift(reduce_train_metrics(
-                self.sampling_metrics(global_totals(batch), ctx, rollouts.logprobs)), step)
+                self.sampling_metrics(global_totals(batch), ctx, rollouts.sampler_logprobs)), step)
         done: list[dict] = []
         for epoch in range(needs.epochs):
             ctx.epoch = epoch
-            for i, mb in enumerate(mini_batches(batch, needs.mini_batches, shuffle_seed(cfg.run.seed, step, epoch),
-                                                needs.pairs)):
+            for i, mini in enumerate(mini_batches(batch, needs.mini_batches, shuffle_seed(self.seed, step, epoch),
+                                                  needs.pairs)):
                 self.optimizer.zero_grad(set_to_none=True)
-                mb = global_totals(mb)
-                backward, pad_to = self.stepper.backward(mb)
+                mini = global_totals(mini)
+                extras = ([SamplerGap(rollouts.sampler_logprobs, self.correction)]
+                          if rollouts.sampler_logprobs is not None else [])
+                extras += [CriticValues(self.critic)] if self.critic is not None else []
                 with self.stepper.no_sync():  # gradients are reduced over ranks once, by the stepper
-                    m = accumulate_gradients(self.model, self.algorithm, mb, cfg.train.micro_batch_size, ctx,
-                                             backward=backward,
-                                             correction=self.correction,
-                                             pairs=needs.pairs, critic=self.critic,
-                                             share_prompts=cfg.train.share_prompt_forward, pad_to=pad_to,
-                                             sampler_logprobs=rollouts.logprobs, temperature=self.temperature)
+                    m = accumulate_gradients(self.model, self.algorithm, mini, ctx, self.stepper.plan(mini, self.plan),
+                                             extras)
                 m = reduce_train_metrics(m)
                 if before is None:  # the one optimizer step: its forward is the sampling weights'
                     m = self._check_drift(m, step)
@@ -252,13 +257,14 @@ class Updater:
                 grad_norm, applied, seconds = self.stepper.step(skip=bad_loss)
                 if bad_loss:
                     raise NonFiniteError("loss", step, f"{m.get('nonfinite_value', float('nan'))}",
-                                         batch_payload(rollouts, rewards, mb, epoch, i))
+                                         batch_payload(rollouts, rewards, mini, epoch, i))
                 if not applied or not math.isfinite(grad_norm):
-                    raise NonFiniteError("gradient norm", step, f"{grad_norm}", batch_payload(rollouts, rewards, mb, epoch, i))
+                    raise NonFiniteError("gradient norm", step, f"{grad_norm}",
+                                         batch_payload(rollouts, rewards, mini, epoch, i))
                 self.scheduler.step()
                 self.meter.add_time("optimizer", seconds, run=False)  # part of time/train
                 self.applied += 1
-                clipped = float(grad_norm > cfg.train.max_grad_norm)
+                clipped = float(grad_norm > self.max_grad_norm)
                 self.meter.counters["grad/clipped"] += clipped
                 m.update(grad_norm=grad_norm, grad_clipped=clipped)
                 done.append(m)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlbench import config as cfgmod
-from rlbench import models
+from rlbench.modeling import models
 
 
 class ExportError(Exception):

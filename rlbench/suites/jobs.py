@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlbench.types import Executor
+
 ACTIVE = ("queued", "running")  # states an executor's poll() may return, besides "done" and "gone"
 
 
@@ -72,13 +74,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def settings(executor) -> dict:
+def settings(executor: Executor) -> dict:
     """The resolved executor settings, for status.json."""
     cfg = executor.config
     return {"name": executor.name, **(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {})}
 
 
-def run_jobs(todo: list, executor, status, *, make_job, finish, tail, max_attempts: int = 2,
+def run_jobs(todo: list, executor: Executor, status, *, make_job, finish, tail, max_attempts: int = 2,
              poll_seconds: float = 2.0, echo=print) -> dict[str, str]:
     """Run every (name, cfg) in ``todo`` to completion on ``executor``; returns name -> result.
 
@@ -149,7 +151,7 @@ def run_jobs(todo: list, executor, status, *, make_job, finish, tail, max_attemp
     return results
 
 
-def cancel(executor, status) -> list[str]:
+def cancel(executor: Executor, status) -> list[str]:
     """Cancel the suite's queued and running jobs on ``executor``; returns their job ids."""
     ids = [st["job_id"] for st in status.data["runs"].values()
            if st.get("job_id") and st.get("executor") == executor.name and st.get("state") in ACTIVE]

@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from rlbench.logprobs import position_ids
+from rlbench.modeling.logprobs import position_ids
 
 
 class ValueModel(nn.Module):

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from rlbench import config as cfgmod
-from rlbench import dist
+from rlbench.training import dist
 
 TAG = "state"  # DeepSpeed's checkpoint tag inside a checkpoint's deepspeed/ directory
 
