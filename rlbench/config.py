@@ -9,8 +9,8 @@ valid key; values are type-checked (an int is accepted where a float is due).
 from __future__ import annotations
 
 import dataclasses
+import sys
 import importlib.util
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import yaml
 
 from rlbench import manager
 from rlbench.modeling import models
-from rlbench.config_types import ConfigError, _check_type, _suggest
+from rlbench.config_types import ConfigError, _suggest, build_section
 from rlbench.ops import IS_CORRECTIONS
 
 
@@ -204,12 +204,6 @@ class LoggingConfig:
     wandb_project: str = "rlbench"
     wandb_mode: str = "offline"  # offline | online | disabled
     progress: bool = True  # a progress bar with the live reward
-    # aha-moment detector (plugins/hooks/aha.py): share of completions with a self-verification
-    # phrase, logged as aha/rate, examples in aha.jsonl; matched case-insensitively on word boundaries
-    aha_phrases: list = field(default_factory=lambda: [
-        "wait", "let me check", "let me verify", "let me re-check", "let me recheck", "let me reconsider",
-        "i made an error", "i made a mistake", "that's not right", "that is not right", "on second thought"])
-    aha_examples: int = 2  # example snippets saved per step
 
 
 def _positive(obj, *keys: str) -> None:
@@ -260,6 +254,8 @@ class Config:
     # section -> label (task, algorithm): what reports call the entry (default: the plugin name);
     # two entries of one plugin with different options are told apart by it
     labels: dict = field(default_factory=dict)
+    # hook plugin name -> its options (rlbench_hook_options; the config's hooks section)
+    hooks: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         out = {}
@@ -268,36 +264,12 @@ class Config:
             if sec in PLUGIN_SECTIONS:
                 d = {"name": self.names[sec], **({"label": self.labels[sec]} if self.labels.get(sec) else {}), **d}
             out[sec] = d
+        out["hooks"] = {name: dataclasses.asdict(options) for name, options in self.hooks.items()}
         return out
 
     def label(self, section: str) -> str:
         """What reports call this run's task or algorithm: its ``label``, else the plugin name."""
         return self.labels.get(section) or self.names[section]
-
-
-def build_section(section: str, cls: type, values: dict | None, *, ignore: tuple = ()) -> Any:
-    values = dict(values or {})
-    if not isinstance(values, dict):
-        raise ConfigError(f"config: section {section!r} must be a mapping")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in values.items():
-        if key in ignore:
-            continue
-        if key not in fields:
-            raise ConfigError(f"config: unknown key {key!r} in section {section!r}{_suggest(key, list(fields))}")
-        kwargs[key] = _check_type(section, key, value, hints[key])
-    obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if callable(validate):
-        try:
-            validate()
-        except ValueError as e:
-            first = str(e).split(" ", 1)[0].rstrip(":")
-            where = f"{section}." if first in fields else f"section {section!r}: "
-            raise ConfigError(f"config: {where}{e}") from e
-    return obj
 
 
 def _set_dotted(raw: dict, assignment: str) -> None:
@@ -332,7 +304,8 @@ def resolve(raw: dict, overrides: list[str] = ()) -> Config:
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for a in overrides:
         _set_dotted(raw, a)
-    valid_sections = list(CORE_SECTIONS) + list(PLUGIN_SECTIONS)
+    _move_renamed(raw)
+    valid_sections = list(CORE_SECTIONS) + list(PLUGIN_SECTIONS) + ["hooks"]
     for sec in raw:
         if sec not in valid_sections:
             raise ConfigError(f"config: unknown section {sec!r}{_suggest(sec, valid_sections)}")
@@ -368,7 +341,32 @@ def resolve(raw: dict, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"config: rollout.top_p = {built['rollout'].top_p} with engine vllm: vLLM's sampled-token "
                           "logprobs are then renormalised over the nucleus, which the trainer's π_T does not model "
                           "(rlbench/modeling/logprobs.py); use top_p: 1.0 or engine.name: hf")
-    return Config(names=names, labels=labels, **built)
+    return Config(names=names, labels=labels, hooks=_hook_sections(raw.get("hooks")), **built)
+
+
+# keys that moved: (section, key) -> (hook plugin, option); read where they are now, with a warning
+RENAMED = {("logging", "aha_phrases"): ("aha", "phrases"), ("logging", "aha_examples"): ("aha", "examples")}
+
+
+def _move_renamed(raw: dict) -> None:
+    for (sec, key), (hook, option) in RENAMED.items():
+        if isinstance(raw.get(sec), dict) and key in raw[sec]:
+            print(f"rlbench: config: {sec}.{key} is now hooks.{hook}.{option} (read as such)", file=sys.stderr)
+            hooks = raw.setdefault("hooks", {}) or {}
+            raw["hooks"] = {**hooks, hook: {option: raw[sec].pop(key), **(hooks.get(hook) or {})}}
+
+
+def _hook_sections(values: dict | None) -> dict:
+    """``hooks.<name>`` for every registered hook plugin's options: the config's values over the
+    dataclass's defaults; a name no plugin registered is refused."""
+    values = values or {}
+    if not isinstance(values, dict):
+        raise ConfigError("config: section 'hooks' must be a mapping of hook plugin names to their options")
+    registered = {e.name: e for e in manager.entries("hook")}
+    for name in values:
+        if name not in registered:
+            raise ConfigError(f"config: unknown hook plugin {name!r} in section 'hooks'{_suggest(name, list(registered))}")
+    return {name: build_section(f"hooks.{name}", e.load(), values.get(name)) for name, e in sorted(registered.items())}
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Config:

@@ -1,8 +1,10 @@
-"""Checking one config value against its dataclass field: the type rules and the did-you-mean
-hint that rlbench/config.py's strict validation uses (an int accepted where a float is due, YAML's
-3e-3 string read as a float, lists and mappings checked by kind)."""
+"""Building one config section from its values: unknown keys refused with a did-you-mean hint,
+each value checked against its dataclass field (an int accepted where a float is due, YAML's
+3e-3 string read as a float, lists and mappings checked by kind), then the section's own
+``validate``. rlbench/config.py builds every section (core, plugin, hook) with it."""
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import typing
 from typing import Any
@@ -52,3 +54,28 @@ def _check_type(section: str, key: str, value: Any, tp: Any) -> Any:
             return value
         raise ConfigError(f"config: {section}.{key} must be a mapping, got {type(value).__name__} {value!r}")
     return value
+
+
+def build_section(section: str, cls: type, values: dict | None, *, ignore: tuple = ()) -> Any:
+    values = dict(values or {})
+    if not isinstance(values, dict):
+        raise ConfigError(f"config: section {section!r} must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key in ignore:
+            continue
+        if key not in fields:
+            raise ConfigError(f"config: unknown key {key!r} in section {section!r}{_suggest(key, list(fields))}")
+        kwargs[key] = _check_type(section, key, value, hints[key])
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ValueError as e:
+            first = str(e).split(" ", 1)[0].rstrip(":")
+            where = f"{section}." if first in fields else f"section {section!r}: "
+            raise ConfigError(f"config: {where}{e}") from e
+    return obj

@@ -143,6 +143,18 @@ def rlbench_tasks() -> Mapping[str, str | type[Task]]:
 
 
 @hookspec
+def rlbench_hook_options() -> Mapping[str, str | type]:
+    """Register the options of an event-hook plugin (the hooks below).
+
+    Return ``{name: "module:Config"}``: a dataclass whose fields are the plugin's options, set
+    in the config's ``hooks.<name>`` section and validated like every section (unknown keys
+    rejected with a suggestion). Every registered name gets its section, with the dataclass's
+    defaults when the config does not mention it; the hook reads it as
+    ``config.hooks[name]``. A hook plugin without options registers nothing here.
+    """
+
+
+@hookspec
 def rlbench_loggers() -> Mapping[str, str | type[Logger]]:
     """Register metric loggers.
 

@@ -35,6 +35,7 @@ KINDS = {
     "task": "rlbench_tasks",
     "logger": "rlbench_loggers",
     "executor": "rlbench_executors",
+    "hook": "rlbench_hook_options",  # the options of event-hook plugins (the config's hooks section)
 }
 
 

@@ -67,6 +67,11 @@ class _Cfg:
     scale: float = 1.0
 
 
+@dataclass(frozen=True)
+class _ZooHookOptions:
+    threshold: float = 0.5  # an event-hook plugin's own option
+
+
 class _Zoo:
     """Registers one object of each kind, as a third-party package would."""
 
@@ -85,6 +90,16 @@ class _Zoo:
     @rlbench.hookimpl
     def rlbench_loggers(self):
         return {"zoo_logger": "tests_missing_module:Nope"}
+
+    @rlbench.hookimpl
+    def rlbench_hook_options(self):
+        return {"zoo_hook": _ZooHookOptions}
+
+    seen: list = []
+
+    @rlbench.hookimpl
+    def rlbench_on_rollouts(self, step, config):
+        self.seen.append((step, config.hooks["zoo_hook"].threshold))
 
 
 @pytest.fixture
@@ -139,3 +154,24 @@ def test_wandb_logger_writes_offline_run(tmp_path, monkeypatch):
     start(cfg, tmp_path / "wb").run()
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert runs and list(runs[0].glob("*.wandb"))
+
+
+def test_hook_rlbench_hook_options(zoo, tmp_path, capsys):
+    from rlbench import config
+    from rlbench.config import ConfigError
+
+    cfg = tiny_config("train.steps=1", hooks={"zoo_hook": {"threshold": 0.25}})
+    assert cfg.hooks["zoo_hook"] == _ZooHookOptions(0.25) and cfg.hooks["aha"].examples == 2  # every hook: defaults
+    with pytest.raises(ConfigError, match=r"unknown key 'treshold' in section 'hooks.zoo_hook'; did you mean 'threshold'"):
+        tiny_config(hooks={"zoo_hook": {"treshold": 1.0}})
+    with pytest.raises(ConfigError, match=r"unknown hook plugin 'zoo_hok' in section 'hooks'; did you mean 'zoo_hook'"):
+        tiny_config(hooks={"zoo_hok": {}})
+    _Zoo.seen.clear()
+    start(cfg, tmp_path / "h").run()
+    assert _Zoo.seen == [(1, 0.25)]  # the hook read its own option from the run's config
+    again = config.load(tmp_path / "h" / "config.yaml")  # written with the hooks section, read back the same
+    assert again.hooks["zoo_hook"].threshold == 0.25 and again.hooks["aha"] == cfg.hooks["aha"]
+    # the aha detector's options moved from logging: the old keys are read where they are now
+    old = tiny_config(logging={"loggers": [], "progress": False, "aha_phrases": ["hmm"], "aha_examples": 0})
+    assert old.hooks["aha"].phrases == ["hmm"] and old.hooks["aha"].examples == 0
+    assert "logging.aha_phrases is now hooks.aha.phrases" in capsys.readouterr().err

@@ -262,12 +262,12 @@ def test_aha_detector(tmp_path, first_char_task):
     assert aha.find("Hmm, wait. Let me check that again.", ("wait",)).group(0) == "wait"
     assert aha.find("the waiter came", ("wait",)) is None  # whole words only
     cfg = tiny_config("train.steps=2", "eval.kl=false", "rollout.max_tokens=4",
-                      logging={"loggers": [], "progress": False, "aha_phrases": ["a", "the", "i", "to", "of"]})
+                      logging={"loggers": [], "progress": False}, hooks={"aha": {"phrases": ["a", "the", "i", "to", "of"]}})
     start(cfg, tmp_path / "aha").run()
     rates = [m["aha/rate"] for m in rundir.read_jsonl(tmp_path / "aha" / "metrics.jsonl")]
     assert len(rates) == 2 and all(0 <= r <= 1 for r in rates)
     cfg = tiny_config("train.steps=1", "eval.kl=false",
-                      logging={"loggers": [], "progress": False, "aha_phrases": []})
+                      logging={"loggers": [], "progress": False}, hooks={"aha": {"phrases": []}})
     start(cfg, tmp_path / "off").run()
     assert "aha/rate" not in rundir.read_jsonl(tmp_path / "off" / "metrics.jsonl")[0]
 

@@ -1,11 +1,13 @@
 """Event-hook plugin: the aha-moment detector (DeepSeek-R1's "wait, let me re-check").
 
 After each step's rollouts it counts completions that contain a
-self-verification phrase (``logging.aha_phrases``, case-insensitive, on word
+self-verification phrase (``hooks.aha.phrases``, case-insensitive, on word
 boundaries), logs the share as ``aha/rate`` (and ``aha/rate_correct``: among
-completions whose accuracy is 1), and appends up to ``logging.aha_examples``
+completions whose accuracy is 1), and appends up to ``hooks.aha.examples``
 snippets (80 characters around the phrase) per step to ``aha.jsonl`` in the
-run directory. It only observes: rewards and training are untouched.
+run directory. It only observes: rewards and training are untouched. Its options
+are its own (``AhaConfig``, the config's ``hooks.aha`` section; they were
+``logging.aha_phrases`` / ``logging.aha_examples`` before 2026-12-07).
 
 Not covered: phrases in other languages; whether a "wait" actually leads to a
 correction (compare ``aha/rate_correct`` with the accuracy).
@@ -14,10 +16,29 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import rlbench
+
+
+@dataclass(frozen=True)
+class AhaConfig:
+    # self-verification phrases, matched case-insensitively on word boundaries ([] turns it off)
+    phrases: list = field(default_factory=lambda: [
+        "wait", "let me check", "let me verify", "let me re-check", "let me recheck", "let me reconsider",
+        "i made an error", "i made a mistake", "that's not right", "that is not right", "on second thought"])
+    examples: int = 2  # example snippets saved per step
+
+    def validate(self):
+        if self.examples < 0:
+            raise ValueError(f"examples must be >= 0, got {self.examples}")
+
+
+@rlbench.hookimpl
+def rlbench_hook_options():
+    return {"aha": AhaConfig}
 
 
 @lru_cache(maxsize=8)
@@ -31,7 +52,8 @@ def find(text: str, phrases: tuple[str, ...]) -> re.Match | None:
 
 @rlbench.hookimpl
 def rlbench_on_rollouts(step, rollouts, rewards, run_dir, config):
-    phrases = tuple(config.logging.aha_phrases)
+    options = config.hooks["aha"]
+    phrases = tuple(options.phrases)
     if not phrases or rollouts.n == 0:
         return None
     hits = [find(t, phrases) for t in rollouts.texts]
@@ -40,7 +62,7 @@ def rlbench_on_rollouts(step, rollouts, rewards, run_dir, config):
     out = {"aha/rate": sum(h is not None for h in hits) / rollouts.n}
     if correct:
         out["aha/rate_correct"] = sum(hits[i] is not None for i in correct) / len(correct)
-    examples = [(i, h) for i, h in enumerate(hits) if h is not None][: config.logging.aha_examples]
+    examples = [(i, h) for i, h in enumerate(hits) if h is not None][: options.examples]
     if examples:
         with open(Path(run_dir) / "aha.jsonl", "a") as f:
             for i, h in examples:
