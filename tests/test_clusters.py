@@ -337,6 +337,7 @@ def test_slurm_suite_reattaches_cancels_resumes_and_matches_local(slurm, local, 
     assert all(v["job_id"] in s.stdout for v in st.values())
 
 
+@pytest.mark.slow  # about 4 minutes: it waits out a real Slurm time limit and the requeue
 def test_slurm_time_limit_requeues_and_resumes(slurm, tmp_path):
     # 2 minutes per job and 50 steps of at least 2 s: no job can finish the run. SIGUSR2 30 s
     # before the limit (Slurm may send it up to 60 s earlier): the run checkpoints and submitit

@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CASES = ["tiny", "0.5b-gc", "0.5b-noshare", "1.5b-lora", "0.5b-zero2"]  # every knob once; the dry shapes are all tiny
+# every knob at least once (gradient checkpointing with the shared prompt forward off, LoRA, ZeRO-2
+# under accelerate); the dry shapes are all tiny
+CASES = ["0.5b-gc", "1.5b-lora", "0.5b-zero2"]
 
 
 def test_cpu_dry_run_runs_every_kind_of_case_and_writes_its_figures(tmp_path):
@@ -21,6 +23,6 @@ def test_cpu_dry_run_runs_every_kind_of_case_and_writes_its_figures(tmp_path):
         assert c["device"] == "cpu" and c["step_seconds"] > 0 and c["generate_tokens_per_s"] > 0, name
         assert 0 < c["mfu"] and all(math.isfinite(x) for x in c["loss"] + c["grad_norm"]), name
         assert c["drift_max"] < 1e-3, name  # the CPU float32 default of rollout.max_logprob_drift holds
-    assert report["cases"]["0.5b-zero2"]["zero"] and not report["cases"]["tiny"]["zero"]  # DeepSpeed really ran
+    assert report["cases"]["0.5b-zero2"]["zero"] and not report["cases"]["0.5b-gc"]["zero"]  # DeepSpeed really ran
     assert (tmp_path / "gpu_check.log").read_text().count("=== ") == len(CASES)
     assert "0.5b-zero2" in p.stdout and "figures in" in p.stdout

@@ -180,6 +180,7 @@ def test_killed_suite_resumes_without_redoing_finished_runs(tmp_path):
     spec.write_text(f"""name: kill
 base: {ROOT / 'configs/smoke.yaml'}
 budget: {{steps: 6}}
+probe: false
 matrix: {{algorithm: [grpo, rloo], seed: [0]}}
 set: ["rollout.max_tokens=8", "eval.n=8", "eval.max_tokens=8", "train.checkpoint_every=1", "logging.loggers=[]"]
 """)
@@ -218,6 +219,7 @@ def test_a_failing_run_is_recorded_and_the_suite_goes_on(tmp_path):
     spec.write_text(f"""name: bad
 base: {ROOT / 'configs/smoke.yaml'}
 budget: {{steps: 1}}
+probe: false
 matrix: {{algorithm: [grpo], task: [arithmetic, {{name: gsm8k, test_file: {tmp_path / 'broken.jsonl'}}}]}}
 set: ["rollout.max_tokens=4", "eval.n=4", "eval.max_tokens=4", "logging.loggers=[]"]
 """)
