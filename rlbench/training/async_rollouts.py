@@ -110,10 +110,12 @@ class AsyncRollouts:
     """The trainer's sampler when ``rollout.off_policy_steps`` > 0 (see the module docstring):
     ``sample(step)``, ``sync()``, ``pending()``, ``evaluation()``, ``close()``."""
 
-    def __init__(self, sampler, weights, cfg, max_drift: float, pending: list | None = None, timeline=None):
-        """``sampler``: a Sampler whose engine was built from a ``Version`` (its ``weights``)."""
-        self.sampler, self.weights, self.cfg, self.meter = sampler, weights, cfg, sampler.meter
-        self.k, self.max_drift, self.timeline = cfg.rollout.off_policy_steps, max_drift, timeline
+    def __init__(self, sampler, weights, lag: int, steps: int, max_drift: float, pending: list | None = None,
+                 timeline=None):
+        """``sampler``: a Sampler whose engine was built from a ``Version`` (its ``weights``); ``lag``:
+        ``rollout.off_policy_steps``; batches are generated up to step ``steps`` (``train.steps``)."""
+        self.sampler, self.weights, self.meter = sampler, weights, sampler.meter
+        self.k, self.steps, self.max_drift, self.timeline = lag, steps, max_drift, timeline
         self.current: Version = sampler.weights  # what the engine serves
         step_done = self.current.number
         self.version = step_done  # the trainer's: pushed versions are numbered by the step that made them
@@ -162,7 +164,7 @@ class AsyncRollouts:
     def pending(self, step_done: int) -> list:
         """The batches step_done + 1 … step_done + k, generated (a checkpoint stores them)."""
         self._start()
-        last = min(step_done + self.k, self.cfg.train.steps)
+        last = min(step_done + self.k, self.steps)
         out = []
         for s in range(step_done + 1, last + 1):
             item = self._peek(s)
@@ -226,10 +228,10 @@ class AsyncRollouts:
     def _work(self) -> None:
         j = self.next
         try:
-            if j <= self.cfg.train.steps:  # the version the engine was built with is checked like a push
+            if j <= self.steps:  # the version the engine was built with is checked like a push
                 with self.lock:
                     self._check(j)
-            while not self.stop.is_set() and j <= self.cfg.train.steps:
+            while not self.stop.is_set() and j <= self.steps:
                 need = behavior_version(j, self.k)
                 while self.current.number < need:
                     version = self.pushes.get()
@@ -277,7 +279,7 @@ class AsyncRollouts:
         meter = CostMeter()
         with self.lock:
             self.sampler.meter = meter
-            torch.manual_seed(batch_seed(self.cfg.run.seed, j))  # this batch's samples: (seed, step) only
+            torch.manual_seed(batch_seed(self.sampler.seed, j))  # this batch's samples: (seed, step) only
             start = time.time()
             try:
                 sample = self.sampler.sample(j)

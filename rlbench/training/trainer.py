@@ -92,8 +92,9 @@ class Trainer:
         self.sampler = Sampler(s, served, self.meter, EngineSpec.of(cfg), cfg.rollout, cfg.eval.max_tokens)
         self.batch_invariant = self.sampler.batch_invariant  # rollout.batch_invariant_sampling, resolved
         if asynchronous:
-            self.sampler = async_rollouts.AsyncRollouts(self.sampler, s.weights, cfg, s.max_drift, pending,
-                                                        timeline=self.timeline if self.is_main else None)
+            self.sampler = async_rollouts.AsyncRollouts(
+                self.sampler, s.weights, cfg.rollout.off_policy_steps, cfg.train.steps, s.max_drift, pending,
+                timeline=self.timeline if self.is_main else None)
         self.ref_quant = setup.reference_quantization_error(cfg, s, self.sampler.engine, self.run_dir, resume)
         self.loggers = [manager.get("logger", name)(self.run_dir, cfg) for name in cfg.logging.loggers] \
             if self.is_main else []
