@@ -22,7 +22,7 @@ def _engine_vs_policy(tr, n_prompts=4):
     prompts = tr.task.prompts("train", n_prompts, seed=123)
     r = tr.engine.generate(prompts, 2, Sampling(temperature=1.0, max_tokens=4))
     inp = r.model_inputs()
-    lp = logprobs.batched_logprobs(tr.policy, inp["input_ids"], inp["attention_mask"], r.completion_ids.shape[1], 16)
+    lp = logprobs.batched_logprobs(tr.policy, inp, r.completion_ids.shape[1], 16)
     return ((lp - r.sampler_logprobs) * r.completion_mask).abs().max().item()
 
 
@@ -53,8 +53,8 @@ def test_engine_logprobs_are_of_the_tempered_distribution(tmp_path, first_char_t
     r = tr.engine.generate(tr.task.prompts("train", 4, seed=5), 2, Sampling(temperature=T, max_tokens=4))
     inp = r.model_inputs()
     C = r.completion_ids.shape[1]
-    tempered = logprobs.batched_logprobs(tr.policy, inp["input_ids"], inp["attention_mask"], C, 16, temperature=T)
-    raw = logprobs.batched_logprobs(tr.policy, inp["input_ids"], inp["attention_mask"], C, 16)
+    tempered = logprobs.batched_logprobs(tr.policy, inp, C, 16, temperature=T)
+    raw = logprobs.batched_logprobs(tr.policy, inp, C, 16)
     assert ((tempered - r.sampler_logprobs) * r.completion_mask).abs().max() < 1e-4
     assert ((raw - r.sampler_logprobs) * r.completion_mask).abs().max() > 1e-2  # T = 1 would not match
     tr.close()

@@ -77,7 +77,7 @@ def test_trainer_logprobs_are_of_the_tempered_distribution(tmp_path):
             hand[i, :k] = torch.log_softmax(logits, -1).gather(-1, ids[L - k:].unsqueeze(-1)).squeeze(-1)
     mask = ro.completion_mask
     assert torch.allclose(ctx.ref_logprobs * mask, hand * mask, atol=1e-4)
-    raw = lpmod.batched_logprobs(tr.reference, inp["input_ids"], inp["attention_mask"], C, 16)  # T = 1
+    raw = lpmod.batched_logprobs(tr.reference, inp, C, 16)  # T = 1
     assert ((raw - hand).abs() * mask).max() > 0.1  # the temperature matters at this T
     # the engine reports the same π_T: the trainer's drift check passes at T = 0.5
     m = tr.updater.update(tr.algorithm.prepare(ro, sample.rewards, ctx), ctx, 1, ro, sample.rewards)

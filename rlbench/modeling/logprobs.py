@@ -94,15 +94,17 @@ def completion_states(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         uniq, inverse = torch.unique(key, dim=0, return_inverse=True)  # [U, 2P], [N]
         if len(uniq) < len(key):
             return _shared_prompt_states(model, body, uniq[:, :P], uniq[:, P:].to(attention_mask.dtype), inverse,
-                                         input_ids[:, P:], attention_mask, C)
+                                         input_ids[:, P:], attention_mask)
     states, _ = _forward(model, body, C + 1, input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids(attention_mask), use_cache=False)
     return states[:, :-1]  # [N, C, ·]
 
 
 def _shared_prompt_states(model, body, prompts: torch.Tensor, prompt_mask: torch.Tensor, inverse: torch.Tensor,
-                          completions: torch.Tensor, attention_mask: torch.Tensor, C: int) -> torch.Tensor:
-    """``completion_states`` with each distinct prompt run once (see the module docstring)."""
+                          completions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``completion_states`` with each distinct prompt run once (see the module docstring);
+    ``completions`` [N, C] are the completion columns of the rows."""
+    C = completions.shape[1]
     name = _cache_kwarg(model)
     first_states, first = _forward(model, body, 1, input_ids=prompts, attention_mask=prompt_mask,
                                    position_ids=position_ids(prompt_mask), use_cache=True)
@@ -183,11 +185,12 @@ def _length_chunks(attention_mask: torch.Tensor, C: int, batch_size: int, by_pro
 
 
 @torch.no_grad()
-def batched_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, C: int,
-                     batch_size: int, share_prompts: bool = True, temperature: float = 1.0,
-                     with_entropy: bool = False):
-    """No-grad log π_T [N, C] in length-sorted chunks of ``batch_size`` rows, padding trimmed
-    (reference / old-policy passes); with ``with_entropy`` a pair (logprobs, entropy), both [N, C]."""
+def batched_logprobs(model, inputs: dict[str, torch.Tensor], C: int, batch_size: int, share_prompts: bool = True,
+                     temperature: float = 1.0, with_entropy: bool = False):
+    """No-grad log π_T [N, C] of ``inputs`` (``Rollouts.model_inputs``: input_ids, attention_mask
+    [N, P + C]) in length-sorted chunks of ``batch_size`` rows, padding trimmed (reference /
+    old-policy passes); with ``with_entropy`` a pair (logprobs, entropy), both [N, C]."""
+    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
     P = input_ids.shape[1] - C
     out = torch.zeros(input_ids.shape[0], C, device=input_ids.device)
     ent = torch.zeros_like(out) if with_entropy else None

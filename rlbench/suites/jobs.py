@@ -23,6 +23,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 from rlbench.types import Executor
@@ -80,14 +81,22 @@ def settings(executor: Executor) -> dict:
     return {"name": executor.name, **(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {})}
 
 
-def run_jobs(todo: list, executor: Executor, status, *, make_job, finish, tail, max_attempts: int = 2,
+@dataclass(frozen=True)
+class RunCallbacks:
+    """What the job loop asks the suite about one run, by name."""
+
+    make_job: Callable[[str], Job]  # the Job (fresh or resuming, decided when it is submitted)
+    # an ended job: "complete", "resume" (it left a checkpoint: an interruption, a preemption, a
+    # time limit) or "failed"
+    finish: Callable[[str], str]
+    tail: Callable[[str], str]  # the end of its log
+
+
+def run_jobs(todo: list, executor: Executor, status, runs: RunCallbacks, *, max_attempts: int = 2,
              poll_seconds: float = 2.0, echo=print) -> dict[str, str]:
     """Run every (name, cfg) in ``todo`` to completion on ``executor``; returns name -> result.
-
-    ``make_job(name)`` builds the Job (fresh or resuming, decided when it is submitted);
-    ``finish(name)`` judges an ended job: "complete", "resume" (it left a checkpoint: an
-    interruption, a preemption, a time limit) or "failed"; ``tail(name)`` is the end of its log
-    (the executor's ``note(job_id)``, when it has one, is added: e.g. Slurm's reason)."""
+    ``runs`` builds, judges and tails each run's job (the executor's ``note(job_id)``, when it has
+    one, is added to the tail of a failed one: e.g. Slurm's reason)."""
     results: dict[str, str] = {}
     active: dict[str, str] = {}  # name -> job id
     failures: dict[str, int] = {}  # this controller's failed jobs per run (resumable ends do not count)
@@ -109,7 +118,7 @@ def run_jobs(todo: list, executor: Executor, status, *, make_job, finish, tail, 
             name = queue.pop(0)
             st = status.get(name)
             attempts = st.get("attempts", 0)
-            job = make_job(name)
+            job = runs.make_job(name)
             jid = executor.submit(job)
             active[name] = jid
             status.set(name, status="running", executor=executor.name, job_id=jid, state="queued",
@@ -126,7 +135,7 @@ def run_jobs(todo: list, executor: Executor, status, *, make_job, finish, tail, 
                     status.set(name, state=state)
                 continue
             del active[name]
-            verdict = finish(name)
+            verdict = runs.finish(name)
             status.set(name, state=state)
             if verdict == "complete":
                 status.set(name, status="complete", finished=_now())
@@ -134,7 +143,7 @@ def run_jobs(todo: list, executor: Executor, status, *, make_job, finish, tail, 
                 echo(f"  {name}: complete")
                 continue
             note = getattr(executor, "note", None)
-            text = tail(name) + (f"\n{executor.name} job {jid}: {note(jid)}" if note else "")
+            text = runs.tail(name) + (f"\n{executor.name} job {jid}: {note(jid)}" if note else "")
             status.set(name, status="failed", finished=_now(), error=text)
             failures[name] = failures.get(name, 0) + (verdict != "resume")
             ends[name] = ends.get(name, 0) + 1

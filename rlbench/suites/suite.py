@@ -306,9 +306,9 @@ def run_suite(path: str | Path, out: str | Path = "runs/suites", jobs: int | Non
             echo(f"  {name}: complete (already)")
         else:
             todo.append((name, cfg))
-    done = jobsmod.run_jobs(todo, executor, status, max_attempts=max_attempts, poll_seconds=poll, echo=echo,
-                         make_job=lambda n: make_job(n, root, getattr(executor.config, "processes", 1)),
-                         finish=lambda n: judge(n, root, keep), tail=lambda n: log_tail(root, n))
+    callbacks = jobsmod.RunCallbacks(make_job=lambda n: make_job(n, root, getattr(executor.config, "processes", 1)),
+                                     finish=lambda n: judge(n, root, keep), tail=lambda n: log_tail(root, n))
+    done = jobsmod.run_jobs(todo, executor, status, callbacks, max_attempts=max_attempts, poll_seconds=poll, echo=echo)
     results = [done.get(name, "complete" if is_complete(root / "runs" / name) else "failed") for name, _ in runs]
     summary = {"suite": spec["name"], "dir": str(root), "runs": len(runs),
                "complete": results.count("complete"), "failed": results.count("failed")}

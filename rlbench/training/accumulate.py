@@ -61,13 +61,18 @@ class SamplerGap:
             mctx.is_weights, masked = self.correction.weights(now, sampler, mask)  # [n, C]
         if not counted:  # a padding repeat (DeepSpeed) is measured once, as itself
             return
-        gap = (logp.detach() - sampler) * mask  # [n, C]
-        self.drift_max = max(self.drift_max, gap.abs().max().item())
-        self.drift_sum += gap.abs().sum().item()
-        self.kl_sum += (ops.k3_kl(sampler, logp.detach()) * mask).sum().item()  # KL(behaviour ‖ π_θ)
+        self.add(logp.detach(), sampler, mask)
         if self.correction is not None:
             self.is_sum += mctx.is_weights.sum().item()
             self.masked_sum += masked.sum().item()
+
+    def add(self, logp: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> None:
+        """Count the gap between the trainer's ``logp`` and the sampler's logprobs of the same rows
+        [n, C] (also ``Updater.sampling_metrics``' whole-batch pass)."""
+        gap = (logp - sampler) * mask  # [n, C]
+        self.drift_max = max(self.drift_max, gap.abs().max().item())
+        self.drift_sum += gap.abs().sum().item()
+        self.kl_sum += (ops.k3_kl(sampler, logp) * mask).sum().item()  # KL(behaviour ‖ π_θ)
 
     def totals(self, tokens: float) -> dict[str, float]:
         out = {"sync/logprob_drift": self.drift_max, "sync/logprob_drift_mean": self.drift_sum / tokens,

@@ -205,8 +205,8 @@ def reference_quantization_error(cfg, s: Setup, engine, run_dir: Path, resume: b
     C, mask = ro.completion_ids.shape[1], ro.completion_mask.to(s.device)
     s.model.eval()
     micro = cfg.train.micro_batch_size
-    full = lpmod.batched_logprobs(s.weights.whole, inputs["input_ids"], inputs["attention_mask"], C, micro)  # [n, C]
-    quant = lpmod.batched_logprobs(s.reference, inputs["input_ids"], inputs["attention_mask"], C, micro)  # [n, C]
+    full = lpmod.batched_logprobs(s.weights.whole, inputs, C, micro)  # [n, C]
+    quant = lpmod.batched_logprobs(s.reference, inputs, C, micro)  # [n, C]
     gap = (full - quant).abs() * mask
     tokens = mask.sum().clamp(min=1)
     return {"mode": cfg.model.reference_quantization, "mean_abs_logprob_error": (gap.sum() / tokens).item(),

@@ -162,14 +162,14 @@ class Updater:
         C, tokens = rollouts.completion_ids.shape[1], inputs["attention_mask"].sum().item()
         self._before = None
         if self.with_reference:
-            ctx.ref_logprobs = lpmod.batched_logprobs(self.reference, inputs["input_ids"], inputs["attention_mask"], C,
+            ctx.ref_logprobs = lpmod.batched_logprobs(self.reference, inputs, C,
                                                       micro, share, temperature=T).cpu()  # [N, C]
             self.meter.count("tokens/reference", tokens)
         asked = self.needs.old_logprobs or (self.correction is not None and self.correction.mode == "decoupled")
         if asked or self.steps_per_update > 1:
             self.meter.count("tokens/old_logprobs", tokens)
             self.model.eval()
-            old, ent = lpmod.batched_logprobs(self.weights.whole, inputs["input_ids"], inputs["attention_mask"], C, micro,
+            old, ent = lpmod.batched_logprobs(self.weights.whole, inputs, C, micro,
                                               share, temperature=T, with_entropy=True)
             self._before = (old.cpu(), ent.cpu())  # [N, C] each: the sampling weights, before any update
             if asked:
@@ -195,12 +195,10 @@ class Updater:
         if ctx.ref_logprobs is not None:
             ref = ctx.ref_logprobs.cpu()[rows][:, :C]  # [n, C]
             m["kl"] = (ops.k3_kl(old, ref) * mask).sum().item() / tokens
-        if sampler_logprobs is not None:
-            sampler = sampler_logprobs.cpu()[rows][:, :C]  # [n, C]
-            gap = (old - sampler).abs() * mask  # [n, C]
-            m["sync/logprob_drift"] = gap.max().item()
-            m["sync/logprob_drift_mean"] = gap.sum().item() / tokens
-            m["behavior_kl"] = (ops.k3_kl(sampler, old) * mask).sum().item() / tokens  # KL(behaviour ‖ π_θ)
+        if sampler_logprobs is not None:  # the same counts as the update's, over the whole batch at once
+            gap = SamplerGap(sampler_logprobs)
+            gap.add(old, sampler_logprobs.cpu()[rows][:, :C], mask)
+            m.update(gap.totals(tokens))
         return m
 
     def _check_drift(self, m: dict, step: int) -> dict:
