@@ -51,6 +51,8 @@ class DatasetConfig(PromptConfig):
     tests: str = ""  # Jinja2 template of the row's test code: asserts calling one function (code_tests)
     id: str = ""  # Jinja2 template of a row's stable id (default: its split and position)
     gold: str = ""  # Jinja2 template of the reference written as a completion (default: from extract)
+    train_where: str = ""  # a Jinja2 expression over a row: only the rows where it is true (e.g. "task_id > 600")
+    test_where: str = ""  # the same for the test file (one file may hold both splits)
     test_fraction: float = 0.0  # no test_file: this share of the train rows, fixed by split_seed, is held out
     split_seed: int = 0  # the held-out share is the same for every run seed
     train_split: str = "train"  # hf_dataset split names
@@ -86,6 +88,8 @@ class DatasetConfig(PromptConfig):
             raise ValueError("max_gold_rejects must be >= 0")
         for key in ("prompt", "answer", "tests", "id", "gold"):
             _template(getattr(self, key), key)
+        for key in ("train_where", "test_where"):
+            _expression(getattr(self, key), key)
 
 
 def _environment():
@@ -107,6 +111,40 @@ def _template(source: str, key: str):
         return env.from_string(source), set(fields) - {"row"}
     except TemplateSyntaxError as e:
         raise ValueError(f"task.{key}: not a valid Jinja2 template ({e.message}, line {e.lineno})") from None
+
+
+def _short(value, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 5] + "…" + text[-4:]
+
+
+def _expression(source: str, key: str):
+    if not source:
+        return None
+    from jinja2 import TemplateSyntaxError
+
+    try:
+        return _environment().compile_expression(source)
+    except TemplateSyntaxError as e:
+        raise ValueError(f"task.{key}: not a valid Jinja2 expression ({e.message})") from None
+
+
+def _select(rows: list[rowsmod.Row], source: str, key: str) -> list[rowsmod.Row]:
+    """The rows where the expression ``source`` is true (all of them when it is empty)."""
+    test = _expression(source, key)
+    if test is None:
+        return rows
+    out = []
+    for r in rows:
+        try:
+            keep = test(**r.data, row=r.data)
+        except Exception as e:  # noqa: BLE001 - any evaluation error is this row's error
+            raise DataError(f"{r.where}: task.{key} does not evaluate on this row ({type(e).__name__}: {e})") from None
+        if keep:
+            out.append(r)
+    if not out:
+        raise DataError(f"task.{key} {source!r} keeps none of the {len(rows)} rows")
+    return out
 
 
 class Dataset:
@@ -146,8 +184,9 @@ class Dataset:
             self.files[c.train_file] = rowsmod.file_hash(c.train_file)
             test = None
             if c.test_file:
-                test = rowsmod.read_file(c.test_file)
+                test = _select(rowsmod.read_file(c.test_file), c.test_where, "test_where")
                 self.files[c.test_file] = rowsmod.file_hash(c.test_file)
+        train = _select(train, c.train_where, "train_where")
         if test is None:  # a fixed share of the train rows is held out
             order = list(range(len(train)))
             random.Random(c.split_seed).shuffle(order)
@@ -228,6 +267,13 @@ class Dataset:
         if self.config.verifier == "regex":
             return None  # the reference is a pattern, not an answer
         return answers.gold_completion(item["answer"], self.config.extract)
+
+    def why(self, prompt: Prompt, text: str) -> str:
+        """What the task read from ``text`` (and, for code, the sandbox's verdict): a reject's reason."""
+        prediction = answers.extract(text, self.config.extract)
+        if self.config.verifier == "code_tests" and prediction is not None:
+            return "sandbox: " + verifiers.code_verdict(prediction, self.by_id[prompt.id].get("tests", ""), self.options).reason
+        return f"read {_short(prediction)}"
 
     def where(self, prompt: Prompt) -> str:
         return self.by_id[prompt.id]["where"]

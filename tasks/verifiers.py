@@ -127,9 +127,15 @@ def _f1(predictions, references, rows, opts):
 
 
 def entry_point(tests: str) -> str | None:
-    """The function the tests call: the first ``assert name(`` (MBPP's form)."""
-    m = re.search(r"assert\s+(?:not\s+)?\(?\s*([A-Za-z_]\w*)\s*\(", tests)
-    return m.group(1) if m else None
+    """The function the tests call: the first name called in an ``assert`` that is not a builtin
+    or a method (``assert int(lobb_num(5, 3)) == 35`` calls ``lobb_num``; MBPP's form)."""
+    import builtins
+
+    called = [name for line in re.findall(r"^\s*assert\b(.*)$", tests, re.M)
+              for name in re.findall(r"(?<![\w.])([A-Za-z_]\w*)\s*\(", line)
+              if name not in ("not", "and", "or", "in", "is")]
+    # a program may shadow a builtin (MBPP task 126 defines `sum`): then the first name called
+    return next((n for n in called if not hasattr(builtins, n)), called[0] if called else None)
 
 
 def code_verdict(program: str, tests: str, opts: VerifyOptions):
@@ -140,8 +146,9 @@ def code_verdict(program: str, tests: str, opts: VerifyOptions):
     if name is None:
         return sandbox.Verdict(False, "the row's tests call no function (expected `assert name(...)`)", 0.0)
     body = "\n".join("    " + line for line in tests.splitlines()) or "    pass"
-    return sandbox.check_function(program, name, "def check(candidate):\n" + body + "\n",
-                                  limits=sandbox.Limits(timeout_s=opts.timeout_s, memory_mb=opts.memory_mb),
+    # the harness's own name cannot collide with the program's (MBPP task 899 defines `check`)
+    return sandbox.check_function(program, name, "def __rlbench_check(candidate):\n" + body + "\n",
+                                  check_name="__rlbench_check", limits=sandbox.Limits(timeout_s=opts.timeout_s, memory_mb=opts.memory_mb),
                                   level=opts.sandbox_level)
 
 

@@ -234,3 +234,64 @@ def test_code_tests_passes_good_code_and_contains_a_hostile_program(tmp_path, to
     assert task.manifest_info()["sandbox"]["level"] == "bwrap"
     result = task_check.check(tiny_config(task=spec), tokenizer)
     assert (result.gold_checked, result.gold_accepted) == (4, 4)
+
+
+@needs_sandbox
+def test_the_mbpp_spec_passes_its_self_check_on_a_sample(tokenizer):
+    """The run's check (64 programs per split); the whole set is the slow test below."""
+    from rlbench import config
+
+    cfg = config.load("configs/tasks/mbpp.yaml", ["model.name=tiny-random"])
+    result = task_check.check(cfg, tokenizer, sandbox_limit=64)
+    assert result.sizes == {"train": 374, "test": 500} and result.gold_checked == 128
+    assert {r.id for r in result.rejects} <= {"dataset/train/601", "dataset/train/927", "dataset/test/367"}
+    assert task_check.refusal(cfg, result) is None and result.overlap_prompts == 0
+
+
+@needs_sandbox
+@pytest.mark.slow
+def test_every_mbpp_canonical_solution_but_three_passes(tokenizer):
+    from rlbench import config
+
+    cfg = config.load("configs/tasks/mbpp.yaml", ["model.name=tiny-random"])
+    result = task_check.check(cfg, tokenizer)
+    assert result.gold_checked == 874
+    assert sorted(r.id for r in result.rejects) == ["dataset/test/367", "dataset/train/601", "dataset/train/927"]
+
+
+# -- reasoning-gym --
+
+def test_reasoning_gym_held_out_is_disjoint_and_scored_by_its_own_scorer(tokenizer):
+    import reasoning_gym
+
+    from rlbench.tasks.procedural import ReasoningGym
+
+    options = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}  # few distinct problems
+    cfg = tiny_config(task={"name": "reasoning_gym", "dataset": "chain_sum", "config": options, "size": 300,
+                            "test_size": 50})
+    task = ReasoningGym(cfg.task, tokenizer)
+    train = {p.meta["question"] for p in task.all_prompts("train")}
+    test = [p.meta["question"] for p in task.all_prompts("test")]
+    assert task.dropped > 0 and not train & set(test)  # small space: collisions happened and were dropped
+    assert test == [p.meta["question"] for p in ReasoningGym(tiny_config(task={**cfg.to_dict()["task"], "data_seed": 3}).task,
+                                                             tokenizer).all_prompts("test")]
+    # its own scorer: the task's accuracy equals reasoning-gym's score_answer on what it reads
+    prompts = task.prompts("test", 4, seed=0)
+    ds = reasoning_gym.create_dataset("chain_sum", size=50, seed=12345, **options)
+    texts = [f"<answer>{p.answer}</answer>" for p in prompts[:2]] + ["<answer>-999</answer>", "no answer"]
+    expected = [ds.score_answer(a, ds[i]) for i, a in enumerate([prompts[0].answer, prompts[1].answer, "-999", None])]
+    assert task.score(prompts, texts)["accuracy"] == expected == [1.0, 1.0, 0.0, 0.0]
+    result = task_check.check(cfg, tokenizer)
+    assert result.rejects == [] and result.overlap_prompts == 0
+
+
+def test_reasoning_gym_refuses_an_unknown_dataset_or_option():
+    from rlbench.config import ConfigError
+
+    with pytest.raises(ConfigError, match="did you mean 'chain_sum'"):
+        tiny_config(task={"name": "reasoning_gym", "dataset": "chain_sums"})
+    cfg = tiny_config(task={"name": "reasoning_gym", "dataset": "chain_sum", "config": {"max_terms": 0}})
+    from rlbench.modeling import models
+
+    with pytest.raises(DataError, match="chain_sum with config"):
+        __import__("rlbench.tasks.procedural", fromlist=["x"]).ReasoningGym(cfg.task, models.load_tokenizer("tiny-random"))

@@ -40,6 +40,15 @@ class Reject:
     where: str  # file:line, or the prompt id
     reference: str
     score: float
+    why: str = ""  # what the task read from the gold completion (the task's why(), when it has one)
+
+    def __str__(self) -> str:
+        return f"{self.where} reference {_short(self.reference)}" + (f" ({self.why})" if self.why else "")
+
+
+def _short(value, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 5] + "…" + text[-4:]
 
 
 @dataclass
@@ -67,13 +76,13 @@ class TaskCheck:
             lines.append(f"  [{i}] " + shown.replace("\n", "\n      "))
         total = sum(self.kinds.values())
         kinds = ", ".join(f"{k} {v}/{total}" for k, v in self.kinds.items() if v)
-        common = ", ".join(f"{a!r} {n} ({n / max(total, 1):.0%})" for a, n in self.common)
+        common = ", ".join(f"{_short(a, 30)} {n} ({n / max(total, 1):.0%})" for a, n in self.common)
         lines.append(f"references: {kinds}; {self.distinct} distinct; most common: {common}")
         if self.gold_checked:
             lines.append(f"gold self-check: {self.gold_accepted}/{self.gold_checked} accepted "
                          f"({self.gold_accepted / self.gold_checked:.1%})" + (f"; {self.gold_note}" if self.gold_note else ""))
             for r in self.rejects[:5]:
-                lines.append(f"  rejected: {r.where} reference {r.reference!r} (score {r.score:g})")
+                lines.append(f"  rejected: {r} score {r.score:g}")
             if len(self.rejects) > 5:
                 lines.append(f"  … and {len(self.rejects) - 5} more")
         else:
@@ -118,6 +127,10 @@ def _gold(task, prompts: list[Prompt], limit: int | None) -> tuple[int, int, lis
     scores = task.score([p for p, _ in pairs], [g for _, g in pairs])["accuracy"]
     where = getattr(task, "where", lambda p: p.id)
     rejects = [Reject(p.id, where(p), str(p.answer), s) for (p, _), s in zip(pairs, scores) if s < 1.0]
+    why = getattr(task, "why", None)
+    golds = {p.id: g for p, g in pairs}
+    for r in rejects[:5] if why else []:  # the first ones shown: say what the task read
+        r.why = why(next(p for p, _ in pairs if p.id == r.id), golds[r.id])
     return len(pairs), len(pairs) - len(rejects), rejects, note
 
 
@@ -169,7 +182,7 @@ def refusal(cfg: cfgmod.Config, result: TaskCheck) -> str | None:
     allowed = getattr(cfg.task, "max_gold_rejects", None)
     if allowed is None or len(result.rejects) <= allowed:
         return None
-    first = "; ".join(f"{r.where} reference {r.reference!r}" for r in result.rejects[:5])
+    first = "; ".join(str(r) for r in result.rejects[:5])
     return (f"task {result.task}: the verifier rejects {len(result.rejects)} of {result.gold_checked} gold answers "
             f"(task.max_gold_rejects is {allowed}); first: {first}. The reward would train toward wrong answers: "
             f"fix task.answer / extract / verifier (rlbench task check shows the table)")
