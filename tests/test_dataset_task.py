@@ -295,3 +295,67 @@ def test_reasoning_gym_refuses_an_unknown_dataset_or_option():
 
     with pytest.raises(DataError, match="chain_sum with config"):
         __import__("rlbench.tasks.procedural", fromlist=["x"]).ReasoningGym(cfg.task, models.load_tokenizer("tiny-random"))
+
+
+def test_the_readme_task_plugin_example_checks_and_scores(tokenizer, monkeypatch):
+    from pathlib import Path
+
+    from rlbench import manager
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples" / "task_plugin"))
+    reverse = __import__("reverse")
+    with manager.registered(reverse):
+        cfg = tiny_config(task={"name": "reverse", "length": 4})
+        result = task_check.check(cfg, tokenizer)
+        assert result.gold_checked == 400 and result.rejects == [] and result.overlap_prompts == 0
+        task = manager.get("task", "reverse")(cfg.task, tokenizer)
+        p = task.prompts("test", 1, seed=5)[0]
+        assert task.score([p] * 3, [f"<answer>{p.answer}</answer>", f"<answer>{p.meta['question']}</answer>",
+                                    p.answer])["accuracy"] == [1.0, 0.0, 0.0]
+
+
+def test_a_dataset_run_records_its_label_and_data_hashes(tmp_path):
+    from rlbench.tasks.rows import file_hash
+    from rlbench.training import trainer
+
+    spec = _spec(tmp_path, MC, MC[:4], label="picks", extract="choice", verifier="choice", choices="options")
+    cfg = tiny_config("train.steps=1", task=spec)
+    t = trainer.start(cfg, tmp_path / "run")
+    try:
+        t.run()
+    finally:
+        t.close()
+    man = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert man["data"]["task"] == "picks"
+    files = man["task_info"]["data_files"]
+    assert files == {spec["train_file"]: file_hash(spec["train_file"]), spec["test_file"]: file_hash(spec["test_file"])}
+    step = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "reward/accuracy" in step and "reward/format" in step
+    # another file under the same config is another data hash
+    (tmp_path / "run2").mkdir()
+    _write(tmp_path / "train.jsonl", MC[::-1])
+    t = trainer.start(cfg, tmp_path / "run2")
+    t.close()
+    assert json.loads((tmp_path / "run2" / "manifest.json").read_text())["data"]["hash"] != man["data"]["hash"]
+
+
+@pytest.mark.slow
+def test_the_letter_answer_example_trains_with_nonzero_accuracy_on_the_embedded_model(tmp_path):
+    """examples/unit-conversion for 2 steps on SmolLM2-135M-Instruct (hf engine): the reward's
+    accuracy component is above 0 in the log, i.e. letter answers are read and verified."""
+    from pathlib import Path
+
+    from rlbench import config
+    from rlbench.training import trainer
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = config.load(root / "examples/unit-conversion/config.yaml",
+                      ["train.steps=2", "engine.name=hf", f"task.train_file={root}/examples/unit-conversion/train.jsonl",
+                       f"task.test_file={root}/examples/unit-conversion/test.jsonl", "eval.before=false", "eval.after=false"])
+    t = trainer.start(cfg, tmp_path / "run")
+    try:
+        t.run()
+    finally:
+        t.close()
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(s["reward/accuracy"] for s in steps) > 0, steps
