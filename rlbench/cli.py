@@ -1,4 +1,4 @@
-"""Command line: ``rlbench run | suite | report | eval | probe | reward | plugins | export``."""
+"""Command line: ``rlbench run | suite | report | eval | probe | reward | task check | plugins | export``."""
 from __future__ import annotations
 
 import argparse
@@ -146,6 +146,20 @@ def _cmd_reward(args) -> int:
     return 0
 
 
+def _cmd_task(args) -> int:
+    from rlbench import config as cfgmod
+    from rlbench.training import task_check
+
+    cfg = cfgmod.load(args.config, args.set or [])
+    result = task_check.check(cfg)
+    print(result.format())
+    reason = task_check.refusal(cfg, result)
+    if reason:
+        print(f"rlbench: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_suite(args) -> int:
     from rlbench.suites import suite
 
@@ -247,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     rw.add_argument("--model", default="smollm2-135m-instruct", help="whose tokenizer builds prompts and counts tokens")
     rw.add_argument("--set", action="append", metavar="[task.]KEY=VALUE", help="a task option")
     rw.set_defaults(func=_cmd_reward)
+
+    tk = sub.add_parser("task", help="check a task before training: rows, prompts, references, gold self-check, overlap")
+    tk.add_argument("action", choices=["check"])
+    tk.add_argument("config", help="YAML config file (its model's tokenizer and its task section are used)")
+    tk.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    tk.set_defaults(func=_cmd_task)
 
     pl = sub.add_parser("plugins", help="list plugins by kind")
     pl.add_argument("--json", action="store_true", help="print a JSON list of {kind, name, module, …}")

@@ -137,8 +137,12 @@ def rlbench_tasks() -> Mapping[str, str | type[Task]]:
     ``train`` or ``test``; ``test`` must not depend on ``seed``. Optional:
     ``manifest_info() -> dict`` (recorded in manifest.json, e.g. the code
     sandbox's isolation level) and a static ``reference(row) -> answer`` that
-    turns a JSONL row of ``rlbench reward`` into ``Prompt.answer``. See
-    ``rlbench.types.Task`` and ``rlbench.tasks.common.DatasetTask``.
+    turns a JSONL row of ``rlbench reward`` into ``Prompt.answer``. For ``rlbench task check``
+    (run before every training run): ``gold(prompt) -> str | None``, the reference written as a
+    completion the task should accept (the self-check); ``size(split) -> int`` for a fixed
+    dataset; ``all_prompts(split)`` in file order and ``where(prompt) -> "file:line"`` to name
+    rejected rows. See ``rlbench.types.Task``, ``rlbench.tasks.common.DatasetTask`` and, for a
+    task that is only data plus a verifier, the ``dataset`` task (no plugin needed).
     """
 
 

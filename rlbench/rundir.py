@@ -160,7 +160,7 @@ def manifest(*, config: dict, model_hash: str, data_hash: str, device: str, engi
         "platform": platform.platform(),
         "git_revision": git_revision(),
         "model": {"name": config["model"]["name"], "hash": model_hash},
-        "data": {"task": config["task"]["name"], "hash": data_hash},
+        "data": {"task": config["task"].get("label") or config["task"]["name"], "hash": data_hash},
         "engine": engine,
         "algorithm": config["algorithm"]["name"],
         "seed": seed,

@@ -152,6 +152,10 @@ class Arithmetic:
                 out.append(self._make(expr, res))
         return out
 
+    def gold(self, prompt: Prompt) -> str:
+        """The reference written as a completion (``rlbench task check``)."""
+        return f"<think>The reference answer.</think>\n<answer>{prompt.answer}</answer>"
+
     # -- rewards ---------------------------------------------------------
     def score(self, prompts: list[Prompt], texts: list[str]) -> dict[str, list[float]]:
         c = self.config

@@ -218,6 +218,10 @@ class DatasetTask:
     def size(self, split: str) -> int:
         return len(self.records(split))
 
+    def gold(self, prompt) -> str | None:
+        """The reference written as a completion this task accepts (``rlbench task check``)."""
+        return f"<think>The reference answer.</think>\n<answer>{prompt.answer}</answer>"
+
     def score(self, prompts, texts) -> dict[str, list[float]]:
         c = self.config
         out = {"accuracy": [float(x) for x in self.correct(prompts, texts)],

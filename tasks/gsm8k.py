@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import rlbench
+from rlbench.tasks import verifiers
 from rlbench.tasks.common import DATA, DatasetTask, PromptConfig, answer_block, chat_prompt, load_split
 from rlbench.types import Prompt
 
@@ -32,7 +33,6 @@ def rlbench_tasks():
     return {"gsm8k": "rlbench.tasks.gsm8k:GSM8K"}
 
 
-_NUM = re.compile(r"(?<![\w.])-?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 _FINAL = re.compile(r"(?:####|the (?:final )?answer is)", re.I)
 
 
@@ -48,16 +48,8 @@ class GSM8KConfig(PromptConfig):
 
 
 def parse_number(text: str) -> Fraction | None:
-    """The last number in ``text`` as an exact rational, or None."""
-    text = text.replace("\u2212", "-").replace("\u2013", "-")
-    found = _NUM.findall(text)
-    if not found:
-        return None
-    s = found[-1].replace("$", "").replace(",", "").replace(" ", "")
-    try:
-        return Fraction(s)
-    except (ValueError, ZeroDivisionError):
-        return None
+    """The last number in ``text`` as an exact rational, or None (the ``numeric`` verifier's parser)."""
+    return verifiers.number(text)
 
 
 def reference_number(answer: str) -> Fraction | None:

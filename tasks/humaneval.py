@@ -109,6 +109,13 @@ class HumanEval(DatasetTask):
         text, prefilled = chat_prompt(self.tok, self.config, user, base_text=code)
         return Prompt(id=r["task_id"], text=text, answer=r["task_id"], meta={"prefilled_think": prefilled})
 
+    def gold(self, prompt: Prompt) -> str | None:
+        """The canonical solution as a completion (``rlbench task check``); None without one."""
+        r = self.by_id.get(prompt.answer, {})
+        if not r.get("canonical_solution"):
+            return None
+        return f"<answer>```python\n{r['prompt']}{r['canonical_solution']}```</answer>"
+
     def manifest_info(self) -> dict:
         return {"sandbox": self.isolation}
 

@@ -78,7 +78,7 @@ def test_every_shipped_yaml_is_loaded_and_validated():
 
     root = Path(__file__).resolve().parent.parent / "configs"
     seen = set()
-    for path in sorted(root.glob("*.yaml")) + sorted((root / "gpu").glob("*.yaml")):
+    for path in sorted(root.glob("*.yaml")) + sorted((root / "gpu").glob("*.yaml")) + sorted((root / "tasks").glob("*.yaml")):
         cfg = config.load(path)
         assert config.resolve(cfg.to_dict()).to_dict() == cfg.to_dict(), path  # the written-out form is valid too
         seen.add(path)
@@ -95,6 +95,8 @@ def test_every_shipped_yaml_is_loaded_and_validated():
             assert c.distributed_type == "MULTI_GPU" and c.num_processes >= 2, path
         seen.add(path)
     assert seen == set(root.rglob("*.yaml"))
+    for path in sorted((root.parent / "examples").glob("*/config.yaml")):  # the examples' configs too
+        assert config.load(path).to_dict()
     assert config.load(root / "quickstart.yaml").names == {"task": "arithmetic", "engine": config.auto_engine(),
                                                           "engine_requested": "auto", "algorithm": "grpo"}
 

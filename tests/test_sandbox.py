@@ -117,10 +117,16 @@ def test_run_program_limits():
 
 
 def test_codec_round_trip_and_refusals():
-    value = {"a": [1, 2.5, float("inf")], (1, "x"): {frozenset({3}), None}, "b": b"\x00", "t": (True, -10**30)}
+    value = {"a": [1, 2.5, float("inf"), 1 - 2j], (1, "x"): {frozenset({3}), None}, "b": b"\x00", "t": (True, -10**30)}
     assert sandbox.decode(sandbox.encode(value)) == value
     with pytest.raises(sandbox.CodecError):
         sandbox.encode(type("Sub", (int,), {})(3))  # a subclass could override __eq__
+    with pytest.raises(sandbox.CodecError):
+        sandbox.encode(type("MyDict", (dict,), {"__eq__": lambda s, o: True})())
+    import collections
+
+    counted = sandbox.decode(sandbox.encode(collections.Counter("abca")))
+    assert type(counted) is dict and counted == {"a": 2, "b": 1, "c": 1}
     with pytest.raises(sandbox.CodecError):
         sandbox.decode(["o", "os.system"])
 

@@ -34,6 +34,7 @@ import torch
 from rlbench import ops
 from rlbench.training.evaluation import EvalPlan, evaluate
 from rlbench.training.faults import TrainingError
+from rlbench.training import task_check
 from rlbench.training.sampler import standalone
 
 SATURATED = 0.9  # sampled accuracy above this: little left to learn
@@ -46,6 +47,7 @@ def run(cfg, prompts: int = 32) -> dict:
     """Probe ``cfg`` (a resolved config) on ``prompts`` train prompts; the record of ``summarize``."""
     t = time.perf_counter()
     ro = cfg.rollout
+    task_check.preflight(cfg)  # a task whose verifier rejects its own gold answers is not probed
     with standalone(cfg) as (engine, task):  # vLLM: seeded by types.engine_seed
         torch.manual_seed(cfg.run.seed)  # the hf engine samples from torch's global RNG: the same probe twice
         sampled, rollouts = evaluate(engine, task, EvalPlan("train", prompts, ro.group_size, ro.max_tokens,

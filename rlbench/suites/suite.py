@@ -55,6 +55,7 @@ import yaml
 
 from rlbench import config as cfgmod
 from rlbench.suites import jobs as jobsmod
+from rlbench.training import task_check
 
 SUITE_KEYS = {"name", "base", "budget", "matrix", "set", "baseline", "description", "keep_checkpoints", "probe",
               "executor"}
@@ -258,6 +259,20 @@ def executor_for(spec: dict, root: Path, name: str | None = None, jobs_n: int | 
     return cls(cfg, root), int(section.get("max_attempts", 2)), float(section.get("poll_seconds", 2.0))
 
 
+def check_tasks(runs, echo=print) -> None:
+    """``rlbench task check`` once per distinct task section, before the first run starts: a data or
+    verifier error stops the suite here, not in every run's log."""
+    seen = set()
+    for _, cfg in runs:
+        key = json.dumps([cfg.model.name, cfg.names["task"], cfg.to_dict()["task"]], sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            result = task_check.preflight(cfg, echo=False)
+            echo(f"  task check {result.task}: " + (f"gold {result.gold_accepted}/{result.gold_checked} accepted, "
+                                                     if result.gold_checked else "")
+                 + f"{result.overlap_prompts} test prompts also in train")
+
+
 def probe_tasks(runs, root: Path, prompts: int, echo=print) -> None:
     """``rlbench probe`` once per task label (the first run's config; the model too, when the matrix
     has several), each in its own process, into ``probes/``; a probe already there is kept."""
@@ -293,6 +308,7 @@ def run_suite(path: str | Path, out: str | Path = "runs/suites", jobs: int | Non
             status.set(name, status="pending")
     echo(f"suite {spec['name']}: {len(runs)} runs in {root}")
     (root / "logs").mkdir(exist_ok=True)
+    check_tasks(runs, echo)
     if spec["probe"] is not False:
         probe_tasks(runs, root, int(spec["probe"].get("prompts", 32)), echo)
 

@@ -49,7 +49,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from rlbench import manager, rundir
-from rlbench.training import async_rollouts, dist, setup, step_metrics
+from rlbench.training import async_rollouts, dist, setup, step_metrics, task_check
 from rlbench import config as cfgmod
 from rlbench.training.checkpoints import Checkpoints, Restorable, restore
 from rlbench.training.cost import CostMeter
@@ -336,12 +336,17 @@ def start(cfg: cfgmod.Config, run_dir: Path, resume: bool = False) -> Trainer:
     run_dir = Path(run_dir)
     if not resume and (run_dir / "metrics.jsonl").exists():
         raise TrainingError(f"run directory {run_dir} already holds a run; use --resume {run_dir} or another --out/--set run.name")
+    if not resume:  # the task's data, templates and gold answers, before any model loads
+        task_check.preflight(cfg, echo=dist.launch_rank() == 0)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume and dist.launch_rank() == 0:
         cfgmod.dump(cfg, run_dir / "config.yaml")
     trainer = Trainer(cfg, run_dir, resume=resume)
     if trainer.is_main and (not resume or not (run_dir / "manifest.json").is_file()):  # or killed before writing it
-        data_hash = hashlib.sha256(json.dumps(cfg.to_dict()["task"], sort_keys=True).encode()).hexdigest()[:16]
+        # the task's options and, for a task reading the user's files, their contents' hashes
+        files = getattr(trainer.task, "files", {})
+        hashed = [cfg.to_dict()["task"], files] if files else cfg.to_dict()["task"]
+        data_hash = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16]
         man = rundir.manifest(
             config=cfg.to_dict(), model_hash=trainer.model_hash, data_hash=data_hash, device=str(trainer.device),
             engine=cfg.names["engine"], seed=cfg.run.seed, engine_requested=cfg.names.get("engine_requested"))
