@@ -1,6 +1,7 @@
 """Run configuration: YAML → strictly validated dataclasses.
 
-Sections: run, model, task, engine, rollout, algorithm, train, eval, logging.
+Sections: run, model, task, engine, rollout, algorithm, train, eval, logging; optional hooks and env
+(a multi-turn environment, rlbench/config_env.py).
 ``task``, ``engine`` and ``algorithm`` hold ``name`` plus the options of the
 chosen plugin's ``Config`` dataclass; the other sections are defined here.
 Every unknown key is an error naming the key, its section and the closest
@@ -19,6 +20,7 @@ import yaml
 
 from rlbench import manager
 from rlbench.modeling import models
+from rlbench.config_env import EnvConfig, build_env
 from rlbench.config_types import ConfigError, _suggest, build_section
 from rlbench.ops import IS_CORRECTIONS
 
@@ -256,6 +258,7 @@ class Config:
     labels: dict = field(default_factory=dict)
     # hook plugin name -> its options (rlbench_hook_options; the config's hooks section)
     hooks: dict = field(default_factory=dict)
+    env: EnvConfig | None = None  # a multi-turn environment (rlbench/config_env.py); None: single-turn
 
     def to_dict(self) -> dict:
         out = {}
@@ -265,6 +268,8 @@ class Config:
                 d = {"name": self.names[sec], **({"label": self.labels[sec]} if self.labels.get(sec) else {}), **d}
             out[sec] = d
         out["hooks"] = {name: dataclasses.asdict(options) for name, options in self.hooks.items()}
+        if self.env is not None:
+            out["env"] = self.env.to_dict()
         return out
 
     def label(self, section: str) -> str:
@@ -305,7 +310,7 @@ def resolve(raw: dict, overrides: list[str] = ()) -> Config:
     for a in overrides:
         _set_dotted(raw, a)
     _move_renamed(raw)
-    valid_sections = list(CORE_SECTIONS) + list(PLUGIN_SECTIONS) + ["hooks"]
+    valid_sections = list(CORE_SECTIONS) + list(PLUGIN_SECTIONS) + ["hooks", "env"]
     for sec in raw:
         if sec not in valid_sections:
             raise ConfigError(f"config: unknown section {sec!r}{_suggest(sec, valid_sections)}")
@@ -341,7 +346,8 @@ def resolve(raw: dict, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"config: rollout.top_p = {built['rollout'].top_p} with engine vllm: vLLM's sampled-token "
                           "logprobs are then renormalised over the nucleus, which the trainer's π_T does not model "
                           "(rlbench/modeling/logprobs.py); use top_p: 1.0 or engine.name: hf")
-    return Config(names=names, labels=labels, hooks=_hook_sections(raw.get("hooks")), **built)
+    return Config(names=names, labels=labels, hooks=_hook_sections(raw.get("hooks")), env=build_env(raw.get("env")),
+                  **built)
 
 
 # keys that moved: (section, key) -> (hook plugin, option); read where they are now, with a warning

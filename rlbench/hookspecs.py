@@ -18,7 +18,7 @@ bitsandbytes (lm-eval's registry habit). A value may also be the object itself.
 
 What each registered object must provide is typed by the protocols of ``rlbench.types``
 (``Algorithm``, ``RolloutEngine``, ``Task``, ``Logger``, ``Executor``) and documented hook by
-hook below.
+hook below; environments follow TRL's ``environment_factory`` shape (``rlbench_environments``).
 """
 from __future__ import annotations
 
@@ -98,7 +98,9 @@ def rlbench_rollout_engines() -> Mapping[str, str | type[RolloutEngine]]:
     constructed as ``Class(config, model, tokenizer, device, seed=seed)``; it
     implements ``generate(prompts, n, sampling) -> Rollouts`` (completions
     group-major, the sampled tokens' logprobs under π_T = softmax(logits / T), T the sampling
-    temperature, 1 for greedy decoding: rlbench/modeling/logprobs.py) and ``sync(model)``
+    temperature, 1 for greedy decoding: rlbench/modeling/logprobs.py; a prompt with
+    ``token_ids`` is fed those ids unchanged, not its text: multi-turn trajectories continue
+    from them, and ``Rollouts.prompt_ids`` must equal them) and ``sync(model)``
     (serve the policy's current weights). Optional: ``offload()`` / ``reload()``
     around the training phase, ``close()``, a ``determinism`` attribute (``"bitwise"``: the same
     seed gives the same tokens bit for bit on a CPU; ``"seeded"``: seeded, but kernels or batching
@@ -143,6 +145,28 @@ def rlbench_tasks() -> Mapping[str, str | type[Task]]:
     dataset; ``all_prompts(split)`` in file order and ``where(prompt) -> "file:line"`` to name
     rejected rows. See ``rlbench.types.Task``, ``rlbench.tasks.common.DatasetTask`` and, for a
     task that is only data plus a verifier, the ``dataset`` task (no plugin needed).
+    """
+
+
+@hookspec
+def rlbench_environments() -> Mapping[str, str | type]:
+    """Register multi-turn environments (the config's ``env.name``; rlbench/environments/).
+
+    Return ``{name: "module:Class"}``. ``Class`` may have a ``Config`` dataclass (its options, set
+    in the ``env`` section beside the limits) and is constructed once per trajectory as
+    ``Class(options, task)``. An instance is an environment in the shape of TRL's
+    ``environment_factory`` (a user's class in that shape needs no plugin: ``env.factory:
+    module:Class``, constructed with no arguments):
+
+    ``reset(**row) -> str | None``: the task's row (``Prompt.meta`` plus ``answer`` and
+    ``prompt_id``); the first user message, or None to keep the task's prompt. Every public
+    method other than reset / step / get_reward / close is a tool: typed parameters and a
+    Google-style docstring give its JSON schema. ``get_reward() -> float | dict[str, float]``
+    (optional): the trajectory's reward (a float is read as ``accuracy``; a dict as named
+    components); without it the task's verifier scores the final assistant message. An
+    environment without tools answers each turn through ``step(text) -> (observation | None,
+    done)``. Built in: ``python`` (code in the sandbox as a tool), ``retry`` (attempts with
+    feedback on any single-turn task).
     """
 
 

@@ -36,6 +36,7 @@ KINDS = {
     "logger": "rlbench_loggers",
     "executor": "rlbench_executors",
     "hook": "rlbench_hook_options",  # the options of event-hook plugins (the config's hooks section)
+    "environment": "rlbench_environments",  # multi-turn environments (the config's env section)
 }
 
 

@@ -78,11 +78,18 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 # -- per-token rewards and returns -------------------------------------------------------------
 
+def last_index(mask: torch.Tensor) -> torch.Tensor:
+    """[N] the position of each row's last real token (0 for an empty row); the mask may have gaps
+    (a multi-turn trajectory's environment tokens are 0 between sampled turns)."""
+    C = mask.shape[1]
+    return (C - 1 - torch.flip(mask > 0, [1]).float().argmax(-1)).clamp(min=0) * (mask > 0).any(-1)
+
+
 def kl_penalized_rewards(rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor, beta: float) -> torch.Tensor:
     """Per-token rewards [N, C]: −β·kl on every real token, plus the sequence reward [N] on the
     last real token (the KL-in-reward construction of PPO for RLHF and REINFORCE++); 0 at padding."""
     r = -beta * kl * mask  # [N, C]
-    last = (mask.sum(-1).long() - 1).clamp(min=0)  # [N]
+    last = last_index(mask)  # [N]
     r = r.scatter_add(1, last.unsqueeze(-1), rewards.float().unsqueeze(-1))
     return r * mask
 

@@ -30,7 +30,10 @@ class Prompt:
     id: str  # stable identifier (used for disjoint splits and paired comparisons)
     text: str  # the chat-templated prompt string fed to the model
     answer: Any  # the reference answer the verifier needs
-    meta: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # task data; ``messages``: the chat the text renders, when known
+    # the prompt as token ids: a multi-turn continuation (rlbench.training.episodes). Engines feed these
+    # ids unchanged instead of tokenizing ``text`` (never re-tokenize sampled tokens)
+    token_ids: list[int] | None = None
 
 
 @dataclass
@@ -46,6 +49,11 @@ class Rollouts:
     texts: list[str]  # N decoded completions (special tokens stripped)
     finish_reasons: list[str]  # N of "stop" (EOS / end-of-turn) or "length"
     pad_id: int = 0
+    # multi-turn trajectories (rlbench.training.episodes): [N, C] float, 1 on the environment's tokens
+    # inside the completion region (tool results, feedback, the role headers the template adds). They
+    # are attended to but never trained on: ``completion_mask`` (the loss mask) is 1 on sampled tokens only.
+    env_mask: torch.Tensor | None = None
+    turns: list[dict] | None = None  # N per-trajectory records (turns, tool calls, errors, env reward)
 
     @property
     def n(self) -> int:
@@ -56,7 +64,11 @@ class Rollouts:
         return self.n // max(1, len(self.prompts))
 
     def lengths(self) -> torch.Tensor:
-        return self.completion_mask.sum(-1)  # [N]
+        return self.completion_mask.sum(-1)  # [N] sampled tokens
+
+    def attention(self) -> torch.Tensor:
+        """[N, C] float: the completion region's real tokens, sampled and environment ones."""
+        return self.completion_mask if self.env_mask is None else self.completion_mask + self.env_mask
 
     def select_groups(self, keep: list[int]) -> "Rollouts":
         """The rollouts of prompts ``keep`` (indices into ``prompts``), in that order, re-indexed."""
@@ -68,7 +80,8 @@ class Rollouts:
             completion_ids=self.completion_ids[rows], completion_mask=self.completion_mask[rows],
             sampler_logprobs=None if self.sampler_logprobs is None else self.sampler_logprobs[rows],
             texts=[self.texts[i] for i in rows.tolist()], finish_reasons=[self.finish_reasons[i] for i in rows.tolist()],
-            pad_id=self.pad_id)
+            pad_id=self.pad_id, env_mask=None if self.env_mask is None else self.env_mask[rows],
+            turns=None if self.turns is None else [self.turns[i] for i in rows.tolist()])
 
     @staticmethod
     def cat(parts: list["Rollouts"]) -> "Rollouts":
@@ -82,6 +95,7 @@ class Rollouts:
         for r in parts[:-1]:
             offsets.append(offsets[-1] + len(r.prompts))
         has_lp = all(r.sampler_logprobs is not None for r in parts)
+        any_env = any(r.env_mask is not None for r in parts)
         return Rollouts(
             prompts=[p for r in parts for p in r.prompts], prompt_ids=[p for r in parts for p in r.prompt_ids],
             group=torch.cat([r.group + o for r, o in zip(parts, offsets)]),
@@ -89,7 +103,10 @@ class Rollouts:
             completion_mask=torch.cat([pad(r.completion_mask, 0) for r in parts]),
             sampler_logprobs=torch.cat([pad(r.sampler_logprobs, 0.0) for r in parts]) if has_lp else None,
             texts=[t for r in parts for t in r.texts], finish_reasons=[f for r in parts for f in r.finish_reasons],
-            pad_id=parts[0].pad_id)
+            pad_id=parts[0].pad_id,
+            env_mask=torch.cat([pad(r.env_mask if r.env_mask is not None else torch.zeros_like(r.completion_mask), 0)
+                                for r in parts]) if any_env else None,
+            turns=[t for r in parts for t in (r.turns or [{} for _ in range(r.n)])] if any_env else None)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """Left-padded prompt + right-padded completion, ready for a forward pass."""
@@ -102,7 +119,7 @@ class Rollouts:
             prompt[i, P - len(ids):] = torch.tensor(ids, dtype=torch.long)
             pmask[i, P - len(ids):] = 1
         input_ids = torch.cat([prompt, self.completion_ids], dim=1)  # [N, L]
-        attention_mask = torch.cat([pmask, self.completion_mask.long()], dim=1)  # [N, L]
+        attention_mask = torch.cat([pmask, self.attention().long()], dim=1)  # [N, L] environment tokens included
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
@@ -183,7 +200,7 @@ class TrainBatch:
         P = L - C
         real_cols = am[:, :P].any(0).nonzero()
         left = int(real_cols[0]) if len(real_cols) else P
-        c_new = max(1, int(cm.sum(-1).max().item()))
+        c_new = max(1, int(am[:, P:].sum(-1).max().item()))  # real completion-region tokens (environment ones too)
         out = {}
         for k, v in self.tensors.items():
             if k in ("input_ids", "attention_mask"):

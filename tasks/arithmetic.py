@@ -117,13 +117,14 @@ class Arithmetic:
     def _make(self, expr: str, result: int) -> Prompt:
         c = self.config
         question = f"What is {expr}?" + (f" {c.instruction}" if c.instruction else "")
+        msgs = None
         if c.chat_template:
             msgs = ([{"role": "system", "content": c.system_prompt}] if c.system_prompt else [])
             msgs.append({"role": "user", "content": question})
             text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         else:
             text = (c.system_prompt + "\n\n" if c.system_prompt else "") + f"Question: {question}\nAnswer: <think>"
-        return Prompt(id=expr, text=text, answer=result, meta={"question": question})
+        return Prompt(id=expr, text=text, answer=result, meta={"question": question, "messages": msgs})
 
     def prompts(self, split: str, n: int, seed: int) -> list[Prompt]:
         """``train``: n problems drawn with replacement from the train part (seeded);

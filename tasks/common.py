@@ -135,12 +135,18 @@ def sample(items: list, split: str, n: int, seed: int) -> list:
     return [items[rng.randrange(len(items))] for _ in range(n)]
 
 
+def chat_messages(cfg: PromptConfig, user: str) -> list[dict] | None:
+    """The chat a prompt renders (``Prompt.meta["messages"]``: a multi-turn environment continues it);
+    None for a plain-text prompt (``chat_template: false``)."""
+    if not cfg.chat_template:
+        return None
+    return ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []) + [{"role": "user", "content": user}]
+
+
 def chat_prompt(tok, cfg: PromptConfig, user: str, base_text: str | None = None) -> tuple[str, bool]:
     """(prompt text, prefilled_think). ``base_text`` overrides the plain-text variant."""
     if cfg.chat_template:
-        msgs = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else [])
-        msgs.append({"role": "user", "content": user})
-        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), False
+        return tok.apply_chat_template(chat_messages(cfg, user), tokenize=False, add_generation_prompt=True), False
     if base_text is not None:
         return base_text, False
     return (cfg.system_prompt + "\n\n" if cfg.system_prompt else "") + f"Question: {user}\nAnswer: <think>", True

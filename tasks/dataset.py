@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import rlbench
 from rlbench.tasks import answers, rows as rowsmod, verifiers
-from rlbench.tasks.common import PromptConfig, chat_prompt, format_score, overlong, sample
+from rlbench.tasks.common import PromptConfig, chat_messages, chat_prompt, format_score, overlong, sample
 from rlbench.types import DataError, Prompt
 
 
@@ -234,7 +234,7 @@ class Dataset:
         user = item["question"] + (f"\n{self.config.instruction}" if self.config.instruction else "")
         text, prefilled = chat_prompt(self.tok, self.config, user)
         return Prompt(id=item["id"], text=text, answer=item["answer"],
-                      meta={"question": item["question"], "prefilled_think": prefilled})
+                      meta={"question": item["question"], "prefilled_think": prefilled, "messages": chat_messages(self.config, user)})
 
     def prompts(self, split: str, n: int, seed: int) -> list[Prompt]:
         return [self._prompt(item) for item in sample(self.records(split), split, n, seed)]

@@ -24,7 +24,7 @@ from fractions import Fraction
 
 import rlbench
 from rlbench.tasks import verifiers
-from rlbench.tasks.common import DATA, DatasetTask, PromptConfig, answer_block, chat_prompt, load_split
+from rlbench.tasks.common import DATA, DatasetTask, PromptConfig, answer_block, chat_messages, chat_prompt, load_split
 from rlbench.types import Prompt
 
 
@@ -89,7 +89,7 @@ class GSM8K(DatasetTask):
         user = question + (f" {self.config.instruction}" if self.config.instruction else "")
         text, prefilled = chat_prompt(self.tok, self.config, user)
         return Prompt(id=f"gsm8k/{i}", text=text, answer=str(reference_number(answer)),
-                      meta={"question": question, "prefilled_think": prefilled})
+                      meta={"question": question, "prefilled_think": prefilled, "messages": chat_messages(self.config, user)})
 
     def correct(self, prompts, texts):
         mode = self.config.answer_mode

@@ -34,7 +34,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import rlbench
-from rlbench.tasks.common import DATA, DatasetTask, PromptConfig, answer_block, chat_prompt, last_boxed, load_split
+from rlbench.tasks.common import DATA, DatasetTask, PromptConfig, answer_block, chat_messages, chat_prompt, last_boxed, load_split
 from rlbench.types import DataError, Prompt
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ class MATH(DatasetTask):
         uid, problem, answer = rec
         user = problem + (f" {self.config.instruction}" if self.config.instruction else "")
         text, prefilled = chat_prompt(self.tok, self.config, user)
-        return Prompt(id=f"math/{uid}", text=text, answer=answer, meta={"question": problem, "prefilled_think": prefilled})
+        return Prompt(id=f"math/{uid}", text=text, answer=answer, meta={"question": problem, "prefilled_think": prefilled, "messages": chat_messages(self.config, user)})
 
     def correct(self, prompts, texts):
         res, t = check_many([(p.answer, prediction(x)) for p, x in zip(prompts, texts)],

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import rlbench
 from rlbench.tasks import sandbox
-from rlbench.tasks.common import DATA, DatasetTask, PromptConfig, answer_block, chat_prompt, load_split, stable_fraction
+from rlbench.tasks.common import DATA, DatasetTask, PromptConfig, answer_block, chat_messages, chat_prompt, load_split, stable_fraction
 from rlbench.types import DataError, Prompt
 
 
@@ -107,7 +107,7 @@ class HumanEval(DatasetTask):
         code = r["prompt"]
         user = "Complete the following Python function. " + self.config.instruction + f"\n\n```python\n{code}```"
         text, prefilled = chat_prompt(self.tok, self.config, user, base_text=code)
-        return Prompt(id=r["task_id"], text=text, answer=r["task_id"], meta={"prefilled_think": prefilled})
+        return Prompt(id=r["task_id"], text=text, answer=r["task_id"], meta={"prefilled_think": prefilled, "messages": chat_messages(self.config, user)})
 
     def gold(self, prompt: Prompt) -> str | None:
         """The canonical solution as a completion (``rlbench task check``); None without one."""

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import rlbench
 from rlbench.tasks import answers
-from rlbench.tasks.common import PromptConfig, chat_prompt, format_score, overlong
+from rlbench.tasks.common import PromptConfig, chat_messages, chat_prompt, format_score, overlong
 from rlbench.types import DataError, Prompt
 
 
@@ -123,7 +123,7 @@ class ReasoningGym:
         user = entry["question"] + (f"\n{self.config.instruction}" if self.config.instruction else "")
         text, prefilled = chat_prompt(self.tok, self.config, user)
         return Prompt(id=f"{self.config.dataset}/{split}/{index}", text=text, answer=str(entry["answer"]),
-                      meta={"question": entry["question"], "prefilled_think": prefilled})
+                      meta={"question": entry["question"], "prefilled_think": prefilled, "messages": chat_messages(self.config, user)})
 
     def prompts(self, split: str, n: int, seed: int) -> list[Prompt]:
         """``test``: the first n held-out problems; ``train``: n drawn with the run seed."""

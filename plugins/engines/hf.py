@@ -59,7 +59,8 @@ class HFEngine:
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], n: int, sampling: Sampling) -> Rollouts:
         tok = self.tok
-        prompt_ids = [tok(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
+        prompt_ids = [list(p.token_ids) if p.token_ids is not None else tok(p.text, add_special_tokens=False)["input_ids"]
+                      for p in prompts]  # token ids as given: a multi-turn continuation is never re-tokenized
         rows = [g for g in range(len(prompts)) for _ in range(n)]  # group-major
         per_call = max(1, self.config.batch_size // n) if n <= self.config.batch_size else 1
         pieces = []

@@ -147,7 +147,8 @@ class VLLMEngine:
                               "or engine.name: hf")
         self.reload()
         tok = self.tok
-        prompt_ids = [tok(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
+        prompt_ids = [list(p.token_ids) if p.token_ids is not None else tok(p.text, add_special_tokens=False)["input_ids"]
+                      for p in prompts]  # token ids as given: a multi-turn continuation is never re-tokenized
         # vLLM refuses n > 1 with greedy decoding: send each prompt n times instead
         reps, per = (n, 1) if sampling.greedy else (1, n)
         params = self._vllm.SamplingParams(

@@ -1,0 +1,211 @@
+"""Multi-turn trajectories: the token layout against a scripted engine (trained tokens are the
+sampled ones, masks, logprob alignment, tool output, limits, template drift), TRL-style
+environment classes, and environments that fail."""
+import dataclasses
+import time
+
+import pytest
+
+from conftest import tiny_config
+from rlbench.config_env import EnvConfig
+from rlbench.environments import chat
+from rlbench.environments.episodes import Episodes
+from rlbench.modeling.models import stop_token_ids
+from rlbench.types import Prompt, Sampling
+from scripted_engine import ScriptedConfig, ScriptedEngine
+
+CALL = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 40}}</tool_call>'
+
+
+class Calculator:
+    """A TRL environment_factory-style class: no constructor arguments, reset, typed tools, reward."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def reset(self, **row):
+        self.answer = row["answer"]
+        return None
+
+    def add(self, a: int, b: int) -> int:
+        """Add two integers.
+
+        Args:
+            a: the first number
+            b: the second number
+        """
+        self.calls += 1
+        return a + b
+
+    def get_reward(self) -> float:
+        return float(self.calls > 0)
+
+
+def _prompt(tok, i=0):
+    msgs = [{"role": "system", "content": "Use the tools."}, {"role": "user", "content": "What is 2 + 40?"}]
+    return Prompt(id=f"p{i}", text=tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                  answer=42, meta={"question": "What is 2 + 40?", "messages": msgs})
+
+
+def _run(tok, script, env_cls=Calculator, n=2, cut=0, **limits):
+    engine = ScriptedEngine(ScriptedConfig(script=script, cut=cut), None, tok, "cpu")
+    cfg = dataclasses.replace(EnvConfig(factory="x:y"), **limits)
+    episodes = Episodes(env_cls, cfg, tok, stop_token_ids(tok))
+    ro, metrics = episodes.run(engine.generate, [_prompt(tok, 0), _prompt(tok, 1)], n, Sampling(max_tokens=64))
+    return engine, ro, metrics
+
+
+def test_token_layout_is_exactly_the_sampled_tokens_plus_masked_environment_tokens(tokenizer):
+    tok = tokenizer
+    engine, ro, metrics = _run(tok, [CALL, "<answer>42</answer>"])
+    assert ro.n == 4 and ro.group.tolist() == [0, 0, 1, 1]
+    turn0, turn1 = engine.tokens(0), engine.tokens(1)
+    for i in range(ro.n):
+        k = int(ro.attention()[i].sum())
+        region = ro.completion_ids[i, :k].tolist()
+        sampled = ro.completion_mask[i, :k].bool().tolist()
+        env = ro.env_mask[i, :k].bool().tolist()
+        assert all(a != b for a, b in zip(sampled, env))  # every token is either sampled or the environment's
+        # trained tokens = the engine's sampled tokens, in order
+        assert [t for t, s in zip(region, sampled) if s] == turn0 + turn1
+        # the layout: turn 0, then environment tokens, then turn 1
+        assert region[:len(turn0)] == turn0 and region[-len(turn1):] == turn1
+        assert sampled == [True] * len(turn0) + [False] * (k - len(turn0) - len(turn1)) + [True] * len(turn1)
+        # logprobs aligned with their tokens: the engine's -(pos + 1)/100 within each turn, 0 on env tokens
+        lps = ro.sampler_logprobs[i, :k].tolist()
+        want = [-(j + 1) / 100 for j in range(len(turn0))] + [0.0] * (k - len(turn0) - len(turn1)) + \
+               [-(j + 1) / 100 for j in range(len(turn1))]
+        assert lps == pytest.approx(want)
+        # the tool's result is in the environment's tokens, under the template's tool role
+        env_text = tok.decode([t for t, e in zip(region, env) if e])
+        assert "42" in env_text and "tool" in env_text and env_text.rstrip().endswith("assistant")
+        # the second call continued from exactly the trajectory's ids (no re-tokenization)
+        assert engine.calls[1][i] == ro.prompt_ids[ro.group[i]] + region[:k - len(turn1)]
+    assert ro.texts == ["<answer>42</answer>"] * 4
+    assert [r["reward"] for r in ro.turns] == [1.0] * 4 and [r["turns"] for r in ro.turns] == [2] * 4
+    assert metrics["env/template_drift"] == 0 and metrics["env/tool_calls_mean"] == 1.0
+    assert metrics["env/tool_errors"] == 0 and metrics["env/errors"] == 0
+    # the tool was listed in the system prompt (the template takes no tools=): its schema from the signature
+    assert '"name": "add"' in tok.decode(ro.prompt_ids[0]) and '"a": {"type": "integer"' in tok.decode(ro.prompt_ids[0])
+
+
+def test_the_model_inputs_attend_to_environment_tokens_but_train_on_sampled_ones(tokenizer):
+    from rlbench.types import TrainBatch
+
+    _, ro, _ = _run(tokenizer, [CALL, "<answer>42</answer>"])
+    batch = TrainBatch.from_rollouts(ro)
+    C = ro.completion_ids.shape[1]
+    assert (batch["attention_mask"][:, -C:] == ro.attention().long()).all()
+    assert batch.totals["tokens"] == ro.completion_mask.sum().item()
+    trimmed = batch.trimmed()
+    assert trimmed["completion_mask"].sum() == batch["completion_mask"].sum()  # no real token trimmed away
+    assert trimmed["attention_mask"].sum() == batch["attention_mask"].sum()
+
+
+def test_turn_and_tool_call_limits_end_trajectories(tokenizer):
+    _, ro, metrics = _run(tokenizer, [CALL], max_turns=3)  # the model never stops calling
+    assert [r["turns"] for r in ro.turns] == [3] * 4 and {r["ended_by"] for r in ro.turns} == {"max_turns"}
+    _, ro, _ = _run(tokenizer, [CALL], max_turns=5, max_tool_calls=2)
+    assert [r["tool_calls"] for r in ro.turns] == [2] * 4 and {r["ended_by"] for r in ro.turns} == {"max_tool_calls"}
+    assert [r["turns"] for r in ro.turns] == [3] * 4  # the third turn asked for a third call
+    _, ro, _ = _run(tokenizer, [CALL], max_turns=8, max_tool_calls=10, max_context_tokens=400)
+    assert {r["ended_by"] for r in ro.turns} == {"context"} and int(ro.attention().sum(-1).max()) + \
+        max(len(p) for p in ro.prompt_ids) <= 400
+
+
+def test_a_turn_cut_by_the_token_limit_gets_its_end_of_turn_from_the_environment(tokenizer):
+    tok = tokenizer
+    engine, ro, metrics = _run(tok, [CALL + " and more text here", "<answer>42</answer>"], max_turns=2, cut=0)
+    full, _ = engine.tokens(0), None
+    engine, ro, metrics = _run(tok, ["<answer>42</answer> " + "x " * 40], cut=6)
+    assert {r["truncated"] for r in ro.turns} == {True}
+    # a truncated final turn: nothing appended after it, and no drift counted for the missing end-of-turn
+    assert metrics["env/template_drift"] == 0
+
+
+def test_tool_errors_are_observations_and_failing_environments_end_their_trajectory(tokenizer):
+    class Raising(Calculator):
+        def add(self, a: int, b: int) -> int:
+            """Add.
+
+            Args:
+                a: a
+                b: b
+            """
+            raise ValueError("no adding today")
+
+    _, ro, metrics = _run(tokenizer, [CALL, "<answer>42</answer>"], env_cls=Raising)
+    assert metrics["env/tool_errors"] == 4 and metrics["env/errors"] == 0
+    bad = '<tool_call>{"name": "add", "arguments": </tool_call>'
+    _, ro, metrics = _run(tokenizer, [bad, "<answer>42</answer>"])
+    assert metrics["env/tool_errors"] == 4  # an unparseable call is answered with an error
+
+    class BrokenReset(Calculator):
+        def reset(self, **row):
+            raise RuntimeError("cannot start")
+
+    class Hanging(Calculator):
+        def get_reward(self):
+            time.sleep(30)
+
+    _, ro, metrics = _run(tokenizer, ["<answer>42</answer>"], env_cls=BrokenReset)
+    assert metrics["env/errors"] == 4 and [r["reward"] for r in ro.turns] == [0.0] * 4
+    assert ro.completion_mask.sum() == 0  # nothing sampled, nothing trained
+    t = time.perf_counter()
+    _, ro, metrics = _run(tokenizer, ["<answer>42</answer>"], env_cls=Hanging, tool_timeout_s=0.5)
+    assert time.perf_counter() - t < 10 and metrics["env/errors"] == 4
+    assert [r["reward"] for r in ro.turns] == [0.0] * 4
+
+
+def test_a_drifting_chat_template_is_counted(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    # a template that trims assistant messages when it renders them: re-rendering the conversation then
+    # differs from the sampled tokens (a leading space the model sampled disappears)
+    tok.chat_template = tok.chat_template.replace("message['content']", "(message['content'] | trim)")
+    assert "trim" in tok.chat_template
+    _, ro, metrics = _run(tok, ["   " + CALL, "  <answer>42</answer>"])
+    assert metrics["env/template_drift"] > 0
+    with pytest.raises(chat.EnvError, match="differ from the chat template"):
+        _run(tok, ["   " + CALL, "  <answer>42</answer>"], on_drift="error")
+
+
+def test_tool_schemas_come_from_the_signature_and_docstring():
+    schemas = chat.tool_schemas(chat.tool_methods(Calculator()))
+    assert schemas == [{"type": "function", "function": {
+        "name": "add", "description": "Add two integers.",
+        "parameters": {"type": "object", "properties": {"a": {"type": "integer", "description": "the first number"},
+                                                        "b": {"type": "integer", "description": "the second number"}},
+                       "required": ["a", "b"]}, "return": {"type": "integer"}}}]
+
+    class Untyped:
+        def lookup(self, key):
+            return key
+    with pytest.raises(ValueError, match="give every parameter a type"):
+        chat.tool_schemas(chat.tool_methods(Untyped()))
+
+
+def test_parse_tool_calls():
+    assert chat.parse_tool_calls(CALL + " then " + CALL.replace("40", "1")) == [("add", {"a": 2, "b": 40}), ("add", {"a": 2, "b": 1})]
+    assert chat.parse_tool_calls('<tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call>') == [("f", {"x": 1})]
+    errors = chat.parse_tool_calls('<tool_call>{"arguments": {}}</tool_call><tool_call>nope</tool_call>')
+    assert all(isinstance(e, str) and e.startswith("error") for e in errors) and len(errors) == 2
+    assert chat.parse_tool_calls("no calls") == []
+
+
+def test_env_config_is_checked():
+    from rlbench.config import ConfigError
+
+    with pytest.raises(ConfigError, match="exactly one of name"):
+        tiny_config(env={"max_turns": 2})
+    with pytest.raises(ConfigError, match="did you mean 'max_turns'"):
+        tiny_config(env={"name": "retry", "max_turn": 2})
+    with pytest.raises(ConfigError, match="unknown environment 'retyr'; did you mean 'retry'"):
+        tiny_config(env={"name": "retyr"})
+    cfg = tiny_config(env={"name": "retry", "max_turns": 3, "discount": 0.5, "filter": ["void_turns"]})
+    assert cfg.env.options.discount == 0.5 and cfg.env.max_turns == 3
+    from rlbench import config
+
+    assert config.resolve(cfg.to_dict()).env == cfg.env  # the written-out form reads back
+    assert tiny_config().env is None
