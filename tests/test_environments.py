@@ -209,3 +209,26 @@ def test_env_config_is_checked():
 
     assert config.resolve(cfg.to_dict()).env == cfg.env  # the written-out form reads back
     assert tiny_config().env is None
+
+
+def test_a_training_run_with_the_retry_environment_logs_env_metrics_and_trains_only_sampled_tokens(tmp_path):
+    import json
+
+    from rlbench.training import trainer
+
+    cfg = tiny_config("train.steps=2", "rollout.max_tokens=6", env={"name": "retry", "max_turns": 3},
+                      eval={"n": 4, "max_tokens": 6, "before": False, "after": True})
+    t = trainer.start(cfg, tmp_path / "run")
+    try:
+        t.run()
+    finally:
+        t.close()
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # a random tiny model never answers right: every trajectory uses its 3 attempts
+    assert [s["env/turns_mean"] for s in steps] == [3.0, 3.0]
+    assert all(s["env/errors"] == 0 and s["env/template_drift"] >= 0 for s in steps)
+    assert all(abs(s["sync/logprob_drift"]) < 1e-3 for s in steps)  # sampled tokens' logprobs match the trainer's
+    # generated tokens count sampled tokens only; prefill counts the feedback messages too
+    assert steps[-1]["tokens/generated"] <= 2 * 4 * 4 * 3 * 6
+    ev = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert ev[-1]["n"] == 4

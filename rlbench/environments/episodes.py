@@ -275,3 +275,34 @@ def _opening(prompt: Prompt, opening: str | None) -> list[dict]:
         last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
         messages[last_user] = {"role": "user", "content": opening}
     return messages
+
+
+def scores(task, prompts: list[Prompt], rollouts: Rollouts) -> dict[str, list[float]]:
+    """Reward components of ``rollouts`` (``prompts`` expanded to its rows): the task's verifier on
+    each final assistant message, replaced where the environment rewarded: a dict replaces every
+    component, a float the accuracy; a trajectory whose environment failed scores 0 everywhere."""
+    out = {k: [float(x) for x in v] for k, v in task.score(prompts, rollouts.texts).items()}
+    for i, rec in enumerate(rollouts.turns or []):
+        reward = rec.get("reward")
+        if rec.get("errors"):
+            given = {}
+        elif isinstance(reward, dict):
+            given = {k: float(v) for k, v in reward.items()}
+        elif reward is not None:
+            given = {**{k: v[i] for k, v in out.items()}, "accuracy": float(reward)}
+        else:
+            continue
+        for k in set(out) | set(given):
+            out.setdefault(k, [0.0] * rollouts.n)[i] = given.get(k, 0.0)
+    return out
+
+
+def filtered(rollouts: Rollouts, filters: list[str]) -> tuple[Rollouts, float]:
+    """``rollouts`` with the loss mask zeroed on trajectories ``env.filter`` excludes (they still
+    count in their group's reward statistics), and the share excluded."""
+    if not filters or not rollouts.turns:
+        return rollouts, 0.0
+    drop = [("void_turns" in filters and r["void_turns"] > 0) or ("max_turns" in filters and r["ended_by"] == "max_turns")
+            or ("truncated" in filters and r["truncated"]) for r in rollouts.turns]
+    keep = torch.tensor([0.0 if d else 1.0 for d in drop]).unsqueeze(-1)  # [N, 1]
+    return dataclasses.replace(rollouts, completion_mask=rollouts.completion_mask * keep), sum(drop) / len(drop)

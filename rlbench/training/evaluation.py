@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from rlbench.environments import episodes
 from rlbench.training import dist
 from rlbench.modeling import logprobs as lpmod
 from rlbench.types import DataError, Prompt, RolloutEngine, Sampling, Task
@@ -95,7 +96,7 @@ def evaluate(engine: RolloutEngine, task: Task, plan: EvalPlan = EvalPlan(), fit
     raw = {"ids": [p.id for p in prompts], "group": [], "scores": {}, "lengths": [], "finish": [], "texts": []}
     if rollouts is not None:
         expanded = [prompts[g] for g in rollouts.group.tolist()]
-        raw.update(group=rollouts.group.tolist(), scores=task.score(expanded, rollouts.texts),
+        raw.update(group=rollouts.group.tolist(), scores=episodes.scores(task, expanded, rollouts),
                    lengths=rollouts.lengths().tolist(), finish=list(rollouts.finish_reasons),
                    texts=list(rollouts.texts) if keep_completions else [])
     if shard is not None and shard[1] > 1:
@@ -117,7 +118,7 @@ def during_training(sampler, weights, reference, ev: EvalConfig, plan: MicroBatc
     device, world = sampler.device, sampler.world
     rec, rollouts = evaluate(sampler.engine, sampler.task, EvalPlan("test", ev.n, samples=1, max_tokens=ev.max_tokens),
                              fit_prompts=lambda ps, m: sampler.fit_prompts(ps, m, step, count=False),
-                             generate=lambda ps, n, smp: sampler.generate(ps, n, smp, step),
+                             generate=lambda ps, n, smp: sampler.rollouts(ps, n, smp, step)[0],
                              shard=(sampler.rank, world) if world > 1 else None)
     rec = {"step": step, **rec}
     if ev.kl:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rlbench import manager, ops
+from rlbench.environments import episodes
 from rlbench.modeling import models
 from rlbench.training import dist
 from rlbench.training.faults import NonFiniteError, TrainingError, is_oom
@@ -121,8 +122,11 @@ class Sample:
 
 
 def prompt_tokens(ro: Rollouts) -> int:
+    """Tokens the engine prefilled: each sequence's prompt and, in a multi-turn trajectory, each
+    environment message (prefilled once, by the turn after it)."""
     lens = [len(ids) for ids in ro.prompt_ids]
-    return sum(lens[g] for g in ro.group.tolist())
+    env = int(ro.env_mask.sum().item()) if ro.env_mask is not None else 0
+    return sum(lens[g] for g in ro.group.tolist()) + env
 
 
 class Sampler:
@@ -138,6 +142,14 @@ class Sampler:
         self.sampling = Sampling(rollout.temperature, rollout.top_p, rollout.max_tokens)
         self.batch_invariant = engine.batch_invariance(rollout.batch_invariant_sampling, s.device)
         self.engine = engine.build(weights.engine_copy(), s.tokenizer, s.device)
+        self.episodes = s.episodes  # a multi-turn environment (rlbench/environments), or None
+
+    def rollouts(self, prompts: list, n: int, sampling: Sampling, step: int) -> tuple[Rollouts, dict[str, float]]:
+        """``n`` completions per prompt, or with an environment ``n`` trajectories per prompt (and
+        the env/ metrics), through ``generate``'s fault recovery."""
+        if self.episodes is None:
+            return self.generate(prompts, n, sampling, step), {}
+        return self.episodes.run(lambda ps, k, smp: self.generate(ps, k, smp, step), prompts, n, sampling)
 
     # -- the engine ---------------------------------------------------------------------------
     def sync(self, changed: bool = True) -> None:
@@ -266,10 +278,13 @@ class Sampler:
             sampling = dataclasses.replace(self.sampling, seed=seed) if self.batch_invariant \
                 else self.sampling
             with self.meter.timed("rollout"):
-                ro = self.generate(prompts, G, sampling, step)
+                ro, env_metrics = self.rollouts(prompts, G, sampling, step)
+            metrics.update(env_metrics)
             with self.meter.timed("reward"):
                 expanded = [prompts[g] for g in ro.group.tolist()]
-                comp = {k: torch.tensor(v, dtype=torch.float32) for k, v in self.task.score(expanded, ro.texts).items()}
+                comp = {k: torch.tensor(v, dtype=torch.float32) for k, v in episodes.scores(self.task, expanded, ro).items()}
+            if self.episodes is not None:
+                ro, metrics["env/filtered_frac"] = episodes.filtered(ro, self.episodes.cfg.filter)
             rewards = torch.stack(list(comp.values())).sum(0)  # [N]
             if not torch.isfinite(rewards).all():
                 self.meter.count("tokens/generated", float(ro.lengths().sum().item()))

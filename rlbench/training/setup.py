@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 from rlbench import config as cfgmod
+from rlbench import environments as envs
 from rlbench import manager, rundir
+from rlbench.environments.episodes import Episodes
 from rlbench.modeling import models
 from rlbench.training import dist
 from rlbench.modeling import logprobs as lpmod
@@ -107,6 +109,7 @@ class Setup:
     load_seconds: float
     max_drift: float  # rollout.max_logprob_drift, or its default for the device
     seed: int  # run.seed: everything was seeded with it; the update's shuffles are derived from it
+    episodes: Episodes | None = None  # the config's env section: multi-turn rollouts (rlbench/environments)
 
 
 def build(cfg: cfgmod.Config) -> Setup:
@@ -147,6 +150,7 @@ def build(cfg: cfgmod.Config) -> Setup:
     load_seconds = time.perf_counter() - t0
 
     task = manager.get("task", cfg.names["task"])(cfg.task, tok)
+    episodes = Episodes(envs.factory(cfg.env, task), cfg.env, tok, models.stop_token_ids(tok)) if cfg.env else None
     algo_cls = manager.get("algorithm", cfg.names["algorithm"])
     algorithm, needs = algo_cls(cfg.algorithm), algo_cls.needs(cfg.algorithm)
     if cfg.rollout.group_size < needs.group_size:
@@ -177,7 +181,8 @@ def build(cfg: cfgmod.Config) -> Setup:
                  algorithm=algorithm, needs=needs, model=model, optimizer=optimizer, scheduler=scheduler, critic=critic,
                  reference=reference, zero=zero, weights=PolicyWeights(accelerator, model, zero, use_lora),
                  n_params=n_params, n_critic=n_critic, model_hash=model_hash, load_seconds=load_seconds,
-                 max_drift=cfg.rollout.max_logprob_drift or (2.0 if use_cuda else 1e-3), seed=cfg.run.seed)
+                 max_drift=cfg.rollout.max_logprob_drift or (2.0 if use_cuda else 1e-3), seed=cfg.run.seed,
+                 episodes=episodes)
 
 
 def _critic(cfg, needs: Needs, policy, tok, dtype):

@@ -25,7 +25,8 @@ def gathered(sample) -> tuple[dict, torch.Tensor, list]:
 
 
 def over_ranks(batch_metrics: dict, sample_metrics: dict) -> tuple[dict, dict]:
-    """The algorithm's batch metrics (mean of ranks) and the sampling counts (sums; rounds: max)."""
+    """The algorithm's batch metrics (mean of ranks) and the sampling counts (sums; rounds: max;
+    per-trajectory means and shares: mean of ranks)."""
     world = dist.world_size()
     if world == 1:
         return batch_metrics, sample_metrics
@@ -34,6 +35,9 @@ def over_ranks(batch_metrics: dict, sample_metrics: dict) -> tuple[dict, dict]:
     sample_metrics = sum_over_ranks(sample_metrics)
     if "sampling/rounds" in sample_metrics:
         sample_metrics["sampling/rounds"] = rounds
+    for k in sample_metrics:  # per-trajectory means and shares (env/turns_mean, …): every rank has as many
+        if k.endswith(("_mean", "_frac")):
+            sample_metrics[k] /= world
     return batch_metrics, sample_metrics
 
 
