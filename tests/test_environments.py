@@ -232,3 +232,62 @@ def test_a_training_run_with_the_retry_environment_logs_env_metrics_and_trains_o
     assert steps[-1]["tokens/generated"] <= 2 * 4 * 4 * 3 * 6
     ev = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert ev[-1]["n"] == 4
+
+
+def test_a_real_textarena_game_through_the_adapter(tokenizer):
+    """GuessTheNumber, played by a scripted player: the game's text is the opening prompt and the
+    observations, the moves are the sampled tokens, and the game's own outcome is the reward."""
+    from rlbench.plugins.environments.textarena import TextArenaConfig, TextArenaEnv
+
+    guesses = [f"[{k}]" for k in range(1, 21)]  # sweeps 1..20: wins within 20 moves
+    engine = ScriptedEngine(ScriptedConfig(script=guesses), None, tokenizer, "cpu")
+    cfg = dataclasses.replace(EnvConfig(factory="x:y"), max_turns=20)
+    episodes = Episodes(lambda: TextArenaEnv(TextArenaConfig("GuessTheNumber-v0")), cfg, tokenizer,
+                        stop_token_ids(tokenizer))
+    ro, metrics = episodes.run(engine.generate, [_prompt(tokenizer, 0)], 2, Sampling(max_tokens=16))
+    opening = tokenizer.decode(ro.prompt_ids[0])
+    assert "Guess The Number" in opening and "What is 2 + 40" not in opening  # the game's text replaced the prompt
+    assert [r["reward"] for r in ro.turns] == [1.0, 1.0] and {r["ended_by"] for r in ro.turns} == {"env_done"}
+    turns = ro.turns[0]["turns"]
+    assert 1 <= turns <= 20 and ro.texts[0] == f"[{turns}]"  # won at the secret number
+    env_text = tokenizer.decode(ro.completion_ids[0][ro.env_mask[0].bool()].tolist())
+    assert ("higher" in env_text.lower() or "lower" in env_text.lower()) or turns == 1
+    lose = ScriptedEngine(ScriptedConfig(script=["[0]"]), None, tokenizer, "cpu")  # never a valid guess
+    ro, _ = episodes.run(lose.generate, [_prompt(tokenizer, 0)], 1, Sampling(max_tokens=16))
+    assert ro.turns[0]["reward"] == 0.0
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("RLBENCH_REQUIRE_SANDBOX")
+                    and __import__("rlbench.tasks.sandbox", fromlist=["x"]).probe()["level"] != "bwrap",
+                    reason="bubblewrap isolation not available")
+@pytest.mark.parametrize("name", ["fork_bomb", "infinite_loop", "memory_hog", "write_outside", "socket", "kill_parent"])
+def test_hostile_code_through_the_python_tool_is_contained(tokenizer, name):
+    import json
+    import os
+
+    from rlbench.plugins.environments.python import PythonConfig, PythonEnv
+    from test_sandbox import BAD, SENTINEL, _stray
+
+    if os.path.exists(SENTINEL):
+        os.remove(SENTINEL)
+    call = "<tool_call>" + json.dumps({"name": "python", "arguments": {"code": BAD[name] + "\nprint('done')"}}) + "</tool_call>"
+    engine = ScriptedEngine(ScriptedConfig(script=[call, "<answer>42</answer>"]), None, tokenizer, "cpu")
+    cfg = dataclasses.replace(EnvConfig(factory="x:y"), tool_timeout_s=20)
+    episodes = Episodes(lambda: PythonEnv(PythonConfig(timeout_s=2.0)), cfg, tokenizer, stop_token_ids(tokenizer))
+    t = time.perf_counter()
+    ro, metrics = episodes.run(engine.generate, [_prompt(tokenizer)], 1, Sampling(max_tokens=512))
+    assert time.perf_counter() - t < 2.0 + 8
+    assert ro.turns[0]["turns"] == 2 and ro.texts[0] == "<answer>42</answer>"  # the trajectory went on
+    observation = tokenizer.decode(ro.completion_ids[0][ro.env_mask[0].bool()].tolist())
+    assert "done" not in observation.split("tool")[-1] or name in ("write_outside", "socket", "kill_parent")
+    time.sleep(0.2)
+    assert _stray() == [] and not os.path.exists(SENTINEL)
+
+
+def test_the_python_tool_returns_what_the_code_prints(tokenizer):
+    from rlbench.plugins.environments.python import PythonConfig, PythonEnv
+
+    env = PythonEnv(PythonConfig(sandbox_allow_weak=True))
+    assert env.python("print(6 * 7)") == "42"
+    assert "ZeroDivisionError" in env.python("1 / 0") and "exit status 1" in env.python("1 / 0")
+    assert chat.tool_schemas(chat.tool_methods(env))[0]["function"]["parameters"]["required"] == ["code"]
