@@ -106,3 +106,32 @@ def test_group_advantages_of_pairs_by_hand():
     # without std scaling (Dr. GRPO): r - mean
     adv, _ = ops.group_advantages(torch.tensor([0.0, 1.0, 3.0, 7.0]), 2, scale_std=False)
     assert adv.tolist() == pytest.approx([-0.5, 0.5, -2.0, 2.0])
+
+
+def test_gae_skips_the_environment_tokens_of_a_two_turn_trajectory():
+    """Sampled, sampled, env, env, sampled, sampled: GAE runs over the four sampled tokens only (the
+    environment's are skipped, not zero-reward steps), computed here by hand."""
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 1.0]])
+    values = torch.tensor([[0.5, 0.2, 9.0, 9.0, -0.1, 0.4]])  # the env positions' values must not matter
+    kl = torch.tensor([[0.1, -0.2, 5.0, 5.0, 0.3, 0.05]])
+    rewards = ops.kl_penalized_rewards(torch.tensor([1.0]), mask, kl, beta=0.5)
+    # -β·kl on sampled tokens, the sequence reward on the last sampled token (position 5), 0 on env tokens
+    r = [-0.05, 0.1, 0.0, 0.0, -0.15, 1.0 - 0.025]
+    assert rewards[0].tolist() == pytest.approx(r)
+    gamma, lam = 0.9, 0.8
+    adv, ret = ops.gae(rewards, values, mask, gamma, lam)
+    v = {0: 0.5, 1: 0.2, 4: -0.1, 5: 0.4}
+    d5 = r[5] + gamma * 0.0 - v[5]
+    d4 = r[4] + gamma * v[5] - v[4]
+    d1 = r[1] + gamma * v[4] - v[1]  # the next sampled token after 1 is 4
+    d0 = r[0] + gamma * v[1] - v[0]
+    a5 = d5
+    a4 = d4 + gamma * lam * a5
+    a1 = d1 + gamma * lam * a4
+    a0 = d0 + gamma * lam * a1
+    assert adv[0].tolist() == pytest.approx([a0, a1, 0.0, 0.0, a4, a5])
+    assert ret[0].tolist() == pytest.approx([a0 + v[0], a1 + v[1], 0.0, 0.0, a4 + v[4], a5 + v[5]])
+    # returns-to-go (REINFORCE++, γ = 1): the env tokens carry nothing of their own
+    assert ops.returns_to_go(rewards, mask)[0].tolist() == pytest.approx(
+        [sum(r[0:]), sum(r[1:]), 0.0, 0.0, sum(r[4:]), r[5]])
+    assert ops.last_index(torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]])).tolist() == [2, 0, 1]

@@ -3,7 +3,8 @@
 Each algorithm's real ``prepare`` and ``loss`` run on synthetic rollouts with ragged completion
 lengths; the policy's logprobs are a leaf tensor, so gradients are exact and cheap:
   * the loss and its gradient do not depend on how the batch is split into micro-batches, nor on
-    the order of its completions (pairs stay together for DPO);
+    the order of its completions (pairs stay together for DPO), single-turn and on multi-turn
+    trajectories whose environment tokens sit between sampled turns;
 and the shared maths (rlbench.ops):
   * group advantages are unchanged by adding a constant to a group's rewards, zero for groups of
     equal rewards, scale-invariant with std scaling and scale-equivariant without (Dr. GRPO, RLOO);
@@ -43,20 +44,29 @@ def _algorithm(name):
     return cls(cls.Config(**ALGORITHMS[name]))
 
 
-def _case(seed: int, groups: int, group_size: int, C: int, pairs: bool):
+def _case(seed: int, groups: int, group_size: int, C: int, pairs: bool, multi_turn: bool = False):
     """Rollouts with ragged lengths, rewards, and the trainer's context (reference / old logprobs,
-    critic values), all from one seed."""
+    critic values), all from one seed. ``multi_turn``: each row of 3 or more tokens has a run of
+    environment tokens between two sampled turns (0 in the loss mask, 1 in ``env_mask``)."""
     g = torch.Generator().manual_seed(seed)
     if pairs:
         group_size = 2
     N = groups * group_size
     lengths = torch.randint(1, C + 1, (N,), generator=g)
-    mask = (torch.arange(C) < lengths.unsqueeze(-1)).float()  # [N, C]
+    real = (torch.arange(C) < lengths.unsqueeze(-1)).float()  # [N, C]
+    env = torch.zeros(N, C)  # [N, C]
+    if multi_turn:
+        for i, k in enumerate(lengths.tolist()):
+            if k >= 3:
+                a = int(torch.randint(1, k - 1, (1,), generator=g))
+                b = int(torch.randint(a + 1, k, (1,), generator=g))
+                env[i, a:b] = 1.0
+    mask = real - env  # [N, C] sampled tokens
     ro = Rollouts(prompts=[Prompt(id=f"p{b}", text="", answer=None) for b in range(groups)],
                   prompt_ids=[[3, 4 + b] for b in range(groups)], group=torch.arange(groups).repeat_interleave(group_size),
-                  completion_ids=torch.randint(5, 50, (N, C), generator=g) * mask.long(), completion_mask=mask,
+                  completion_ids=torch.randint(5, 50, (N, C), generator=g) * real.long(), completion_mask=mask,
                   sampler_logprobs=(-1.5 + 0.3 * torch.randn(N, C, generator=g)) * mask, texts=[""] * N,
-                  finish_reasons=["stop"] * N)
+                  finish_reasons=["stop"] * N, env_mask=env if multi_turn else None)
     rewards = torch.randint(0, 3, (N,), generator=g).float()
     if pairs:  # DPO needs a best and a worst in every group
         rewards = torch.stack([torch.ones(groups), torch.zeros(groups)], -1).reshape(-1)
@@ -87,14 +97,16 @@ def _loss_over(algo, batch, ctx, logp, values, rows_of_parts):
     return total
 
 
+@pytest.mark.parametrize("multi_turn", [False, True], ids=["single-turn", "multi-turn"])
 @pytest.mark.parametrize("name", list(ALGORITHMS))
 @SETTINGS
 @given(seed=st.integers(0, 2**31), groups=st.integers(2, 4), group_size=st.integers(2, 4), C=st.integers(1, 6),
        data=st.data())
-def test_loss_and_gradient_do_not_depend_on_micro_batching_or_order(name, seed, groups, group_size, C, data):
+def test_loss_and_gradient_do_not_depend_on_micro_batching_or_order(name, multi_turn, seed, groups, group_size, C,
+                                                                   data):
     algo = _algorithm(name)
     pairs = name == "dpo"
-    ro, rewards, ctx, logp, values = _case(seed, groups, group_size, C, pairs)
+    ro, rewards, ctx, logp, values = _case(seed, groups, group_size, C, pairs, multi_turn)
     batch = algo.prepare(ro, rewards, ctx)
     n = batch.size
     unit = 2 if pairs else 1  # DPO's rows come in (chosen, rejected) pairs
