@@ -187,3 +187,37 @@ def test_asynchronous_rollouts_verify_every_push_to_vllm(tmp_path, first_char_ta
     probes = [r.get("sync/probe_drift") for r in lines]
     assert probes[1] is None and all(p is not None and p < 1e-4 for p in probes[:1] + probes[2:]), probes
     assert lines[-1]["offpolicy/behavior_kl"] > 0  # the lag is real: the trainer moved on
+
+
+def test_same_two_turn_trajectory_as_hf_on_the_embedded_model():
+    """Greedy, with the retry environment's feedback between two turns: vLLM and hf continue from
+    the same token ids and produce the same trajectory (ids equal, logprobs within tolerance)."""
+    import dataclasses
+
+    from rlbench.config_env import EnvConfig
+    from rlbench.environments.episodes import Episodes
+    from rlbench.plugins.engines.hf import HFConfig, HFEngine
+    from rlbench.plugins.engines.vllm import VLLMConfig, VLLMEngine
+
+    class Again:  # a step environment: always asks for another try
+        def reset(self, **row):
+            return None
+
+        def step(self, text):
+            return "Are you sure? Check it and answer again.", False
+
+    model, tok = models.load(models.EMBEDDED)
+    msgs = [{"role": "user", "content": "What is 17 + 25? Reply with just the number."}]
+    prompts = [Prompt(id="q", text=tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                      answer=42, meta={"messages": msgs})]
+    episodes = Episodes(Again, dataclasses.replace(EnvConfig(factory="x:y"), max_turns=2), tok, models.stop_token_ids(tok))
+    s = Sampling(max_tokens=16, greedy=True)
+    h, _ = episodes.run(HFEngine(HFConfig(), model, tok, "cpu").generate, prompts, 1, s)
+    eng = VLLMEngine(VLLMConfig(kv_cache_gb=1), model, tok, "cpu")
+    v, metrics = episodes.run(eng.generate, prompts, 1, s)
+    eng.close()
+    assert h.turns[0]["turns"] == v.turns[0]["turns"] == 2
+    assert torch.equal(h.completion_ids, v.completion_ids) and torch.equal(h.env_mask, v.env_mask)
+    assert torch.equal(h.completion_mask, v.completion_mask) and h.completion_mask.sum() > 4
+    assert (v.sampler_logprobs - h.sampler_logprobs).abs().max().item() < 1e-3
+    assert metrics["env/template_drift"] == 0
