@@ -88,9 +88,9 @@ def _cmd_eval(args) -> int:
         if value < 1:  # an evaluation of nothing has no accuracy: say so instead of printing 0.000
             raise ConfigError(f"rlbench eval: {flag} must be >= 1, got {value}")
     cfg = _eval_config(args.task, args.model, args.set or [], args.engine)
-    with standalone(cfg) as (engine, task):
+    with standalone(cfg) as (engine, task, generate):
         rec, _ = evaluate(engine, task, EvalPlan(args.split, args.limit, args.samples, args.max_tokens,
-                                                 temperature=args.temperature, keep_completions=True))
+                                                 temperature=args.temperature, keep_completions=True), generate=generate)
     if rec["n"] == 0:  # the split is empty, or every prompt was too long
         raise ConfigError(f"rlbench eval: no problems to evaluate in the {args.split!r} split of task "
                           f"{cfg.names['task']!r}")

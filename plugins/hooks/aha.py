@@ -56,7 +56,9 @@ def rlbench_on_rollouts(step, rollouts, rewards, run_dir, config):
     phrases = tuple(options.phrases)
     if not phrases or rollouts.n == 0:
         return None
-    hits = [find(t, phrases) for t in rollouts.texts]
+    # multi-turn trajectories: every assistant turn is read, not only the final answer
+    texts = ["\n".join(r.get("texts", [])) for r in rollouts.turns] if rollouts.turns else list(rollouts.texts)
+    hits = [find(t, phrases) for t in texts]
     acc = rewards.get("accuracy")
     correct = [i for i in range(rollouts.n) if acc is not None and float(acc[i]) >= 1.0]
     out = {"aha/rate": sum(h is not None for h in hits) / rollouts.n}
@@ -66,7 +68,7 @@ def rlbench_on_rollouts(step, rollouts, rewards, run_dir, config):
     if examples:
         with open(Path(run_dir) / "aha.jsonl", "a") as f:
             for i, h in examples:
-                t = rollouts.texts[i]
+                t = texts[i]
                 f.write(json.dumps({"step": step, "phrase": h.group(0), "accuracy": float(acc[i]) if acc is not None else None,
                                     "snippet": t[max(0, h.start() - 40): h.end() + 40]}) + "\n")
     return out

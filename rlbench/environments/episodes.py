@@ -73,7 +73,8 @@ class Trajectory:
     def record(self) -> dict:
         return {"turns": self.turns, "tool_calls": self.tool_calls, "tool_errors": self.tool_errors,
                 "errors": self.errors, "observation_tokens": self.observation_tokens, "void_turns": self.void_turns,
-                "ended_by": self.ended_by, "truncated": not self.ended, "reward": self.reward}
+                "ended_by": self.ended_by, "truncated": not self.ended, "reward": self.reward,
+                "texts": [m["content"] for m in self.messages if m["role"] == "assistant"]}
 
 
 class Episodes:

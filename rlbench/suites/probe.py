@@ -48,13 +48,21 @@ def run(cfg, prompts: int = 32) -> dict:
     t = time.perf_counter()
     ro = cfg.rollout
     task_check.preflight(cfg)  # a task whose verifier rejects its own gold answers is not probed
-    with standalone(cfg) as (engine, task):  # vLLM: seeded by types.engine_seed
+    with standalone(cfg) as (engine, task, generate):  # vLLM: seeded by types.engine_seed
         torch.manual_seed(cfg.run.seed)  # the hf engine samples from torch's global RNG: the same probe twice
         sampled, rollouts = evaluate(engine, task, EvalPlan("train", prompts, ro.group_size, ro.max_tokens,
-                                                            ro.temperature, ro.top_p, keep_completions=True))
-        greedy, _ = evaluate(engine, task, EvalPlan("train", prompts, samples=1, max_tokens=ro.max_tokens))
+                                                            ro.temperature, ro.top_p, keep_completions=True),
+                                     generate=generate)
+        greedy, _ = evaluate(engine, task, EvalPlan("train", prompts, samples=1, max_tokens=ro.max_tokens),
+                             generate=generate)
     rec = summarize(sampled, greedy, ro.group_size, ro.prompts_per_step, ro.max_tokens,
                     groups=rollouts.group.tolist() if rollouts is not None else [])
+    if rollouts is not None and rollouts.turns:  # an environment: how the base model uses it
+        recs = rollouts.turns
+        rec.update(env_tool_call_rate=sum(r["tool_calls"] > 0 for r in recs) / len(recs),
+                   env_tool_calls_mean=sum(r["tool_calls"] for r in recs) / len(recs),
+                   env_turns_mean=sum(r["turns"] for r in recs) / len(recs),
+                   env_errors=sum(r["errors"] for r in recs), env_tool_errors=sum(r["tool_errors"] for r in recs))
     rec.update(model=cfg.model.name, task=cfg.label("task"), engine=cfg.names["engine"],
                temperature=ro.temperature, seconds=time.perf_counter() - t)
     return rec
@@ -138,6 +146,10 @@ def table(rec: dict) -> str:
                                          f"({rec['accuracy_signal_prompts_per_step']:.1f} in accuracy)"),
         ("format rate", f"{rec['format_rate']:.3f}"),
         ("truncated (hit max_tokens)", f"{rec['truncated_frac']:.3f}"),
+        *([("environment: tool-call rate", f"{rec['env_tool_call_rate']:.3f} of trajectories call a tool "
+                                            f"({rec['env_tool_calls_mean']:.2f} calls, {rec['env_tool_errors']} failed)"),
+           ("environment: turns", f"{rec['env_turns_mean']:.2f} per trajectory ({rec['env_errors']} environment errors)")]
+          if "env_turns_mean" in rec else []),
         ("mean completion length", f"{rec['completion_len']:.1f} tokens"),
     ]
     if rec["predicted_signal_by_group_size"]:

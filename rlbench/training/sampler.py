@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rlbench import environments as envs
 from rlbench import manager, ops
 from rlbench.environments import episodes
 from rlbench.modeling import models
@@ -80,8 +81,8 @@ def close_engine(engine: RolloutEngine) -> None:
 
 @contextlib.contextmanager
 def standalone(cfg):
-    """(engine, task) on the config's untrained model, outside a run (``rlbench eval``, ``rlbench
-    probe``); the engine is closed on exit."""
+    """(engine, task, generate) on the config's untrained model, outside a run (``rlbench eval``,
+    ``rlbench probe``); the engine is closed on exit."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = models.resolve_dtype(cfg.model.dtype, device)
     model, tok = models.load(cfg.model.name, seed=cfg.run.seed, dtype=dtype, tiny_layers=cfg.model.tiny_layers,
@@ -90,9 +91,18 @@ def standalone(cfg):
     task = manager.get("task", cfg.names["task"])(cfg.task, tok)
     engine = EngineSpec.of(cfg).build(model, tok, device)
     try:
-        yield engine, task
+        yield engine, task, standalone_generate(cfg, engine, task, tok)
     finally:
         close_engine(engine)
+
+
+def standalone_generate(cfg, engine: RolloutEngine, task, tok):
+    """What ``evaluate`` generates with outside a run: the engine's ``generate``, or with an ``env``
+    section the environment's trajectories through it (rlbench/environments)."""
+    if cfg.env is None:
+        return engine.generate
+    runner = episodes.Episodes(envs.factory(cfg.env, task), cfg.env, tok, models.stop_token_ids(tok))
+    return lambda prompts, n, sampling: runner.run(engine.generate, prompts, n, sampling)[0]
 
 
 @dataclass
