@@ -20,7 +20,8 @@ from rlbench.plugins.algorithms.cispo import CISPO, CISPOConfig
 from rlbench.plugins.engines.hf import HFEngine
 from rlbench.training.sampler import EngineSpec, Sampler
 from rlbench.training.trainer import Trainer, TrainingError, start
-from rlbench.types import StepContext, TrainBatch, batch_seed
+from rlbench.seeds import batch_seed
+from rlbench.types import StepContext, TrainBatch
 
 import rlbench
 from conftest import tiny_config

@@ -39,7 +39,8 @@ import torch
 
 import rlbench
 from rlbench.modeling.models import save_whole, stop_token_ids
-from rlbench.types import Prompt, Rollouts, Sampling, prompt_seed
+from rlbench.seeds import prompt_seed
+from rlbench.types import Prompt, Rollouts, Sampling
 
 
 @rlbench.hookimpl

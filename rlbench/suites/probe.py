@@ -48,7 +48,7 @@ def run(cfg, prompts: int = 32) -> dict:
     t = time.perf_counter()
     ro = cfg.rollout
     task_check.preflight(cfg)  # a task whose verifier rejects its own gold answers is not probed
-    with standalone(cfg) as (engine, task, generate):  # vLLM: seeded by types.engine_seed
+    with standalone(cfg) as (engine, task, generate):  # vLLM: seeded by seeds.engine_seed
         torch.manual_seed(cfg.run.seed)  # the hf engine samples from torch's global RNG: the same probe twice
         sampled, rollouts = evaluate(engine, task, EvalPlan("train", prompts, ro.group_size, ro.max_tokens,
                                                             ro.temperature, ro.top_p, keep_completions=True),

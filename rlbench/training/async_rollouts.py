@@ -47,7 +47,8 @@ from rlbench.modeling import lora
 from rlbench.training.cost import CostMeter
 from rlbench.training.faults import NonFiniteError, TrainingError, stale_weights
 from rlbench.training.sampler import Sample
-from rlbench.types import Sampling, batch_seed
+from rlbench.seeds import batch_seed
+from rlbench.types import Sampling
 
 PROBE_PROMPTS, PROBE_TOKENS, PROBE_SEED = 2, 8, 7_919  # the fixed sequences every push is checked on
 

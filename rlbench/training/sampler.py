@@ -1,7 +1,7 @@
 """Rollouts and rewards for a step: prompts → long-prompt policy → engine (with fault recovery) →
 task rewards, and dynamic sampling's refill rounds. The one place that builds rollout engines.
 
-The step's B prompts are drawn from the train split by ``types.data_seed(run seed, step)``; rank r
+The step's B prompts are drawn from the train split by ``seeds.data_seed(run seed, step)``; rank r
 of W takes the contiguous shard [r·B/W, (r+1)·B/W) (whole groups: B must divide by W). With the
 algorithm's ``Needs.dynamic_sampling`` = k > 0 (DAPO) groups whose rewards are all equal are dropped
 and up to k extra rounds of fresh prompts are sampled until the shard is full of informative
@@ -29,7 +29,8 @@ from rlbench.environments import episodes
 from rlbench.modeling import models
 from rlbench.training import dist
 from rlbench.training.faults import NonFiniteError, TrainingError, is_oom
-from rlbench.types import RolloutEngine, Rollouts, Sampling, data_seed, engine_seed
+from rlbench.seeds import data_seed, engine_seed
+from rlbench.types import RolloutEngine, Rollouts, Sampling
 
 if TYPE_CHECKING:
     from rlbench.config import RolloutConfig
@@ -50,7 +51,7 @@ class EngineSpec:
         return cls(cfg.names["engine"], cfg.engine, cfg.run.seed)
 
     def build(self, model, tokenizer, device, step: int = 0) -> RolloutEngine:
-        """The engine on ``model``'s weights, seeded by ``types.engine_seed``."""
+        """The engine on ``model``'s weights, seeded by ``seeds.engine_seed``."""
         cls = manager.get("engine", self.name)
         return cls(self.config, model, tokenizer, device, seed=engine_seed(self.seed, step))
 

@@ -27,7 +27,8 @@ from rlbench.training import dist
 from rlbench.modeling import logprobs as lpmod
 from rlbench.training.accumulate import CriticValues, MicroBatching, SamplerGap, accumulate_gradients, mini_batches
 from rlbench.training.faults import NonFiniteError, batch_payload, stale_weights
-from rlbench.types import StepContext, TrainBatch, shuffle_seed
+from rlbench.seeds import shuffle_seed
+from rlbench.types import StepContext, TrainBatch
 
 if TYPE_CHECKING:
     from rlbench.config import RolloutConfig, TrainConfig
