@@ -291,3 +291,21 @@ def test_the_python_tool_returns_what_the_code_prints(tokenizer):
     assert env.python("print(6 * 7)") == "42"
     assert "ZeroDivisionError" in env.python("1 / 0") and "exit status 1" in env.python("1 / 0")
     assert chat.tool_schemas(chat.tool_methods(env))[0]["function"]["parameters"]["required"] == ["code"]
+
+
+def test_the_readme_environment_example_runs_unchanged(tokenizer, monkeypatch):
+    from pathlib import Path
+
+    from rlbench import environments, config
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples" / "environments"))
+    cfg = config.load(Path(__file__).resolve().parents[1] / "configs" / "multiturn.yaml", ["model.name=tiny-random"])
+    make = environments.factory(cfg.env, task=None)
+    call = '<tool_call>{"name": "multiply", "arguments": {"a": 123, "b": 45}}</tool_call>'
+    engine = ScriptedEngine(ScriptedConfig(script=[call, "<answer>5535</answer>"]), None, tokenizer, "cpu")
+    ro, metrics = Episodes(make, cfg.env, tokenizer, stop_token_ids(tokenizer)).run(
+        engine.generate, [_prompt(tokenizer)], 2, Sampling(max_tokens=64))
+    assert "5535" in tokenizer.decode(ro.completion_ids[0][ro.env_mask[0].bool()].tolist())
+    assert metrics["env/tool_calls_mean"] == 1.0 and ro.texts == ["<answer>5535</answer>"] * 2
+    listed = tokenizer.decode(ro.prompt_ids[0])
+    assert '"name": "multiply"' in listed and '"name": "add"' in listed
