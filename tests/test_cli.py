@@ -95,12 +95,69 @@ def test_resume_from_cli_continues_after_the_last_checkpoint(smoke_run, tmp_path
     run = tmp_path / "smoke"
     shutil.copytree(smoke_run, run)
     shutil.rmtree(run / "checkpoints" / "step_000003")  # as if killed during step 3
+    (run / "cost.json").unlink()  # (a killed run never wrote it: cost.json marks a finished run)
     r = rlbench("run", "--resume", str(run), "--set", "logging.progress=false")
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     a = [json.loads(x) for x in (smoke_run / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert b[2]["loss"] == pytest.approx(a[2]["loss"], abs=1e-6) and b[2]["reward/mean"] == a[2]["reward/mean"]
+
+
+def test_resuming_a_finished_run_changes_no_file(smoke_run, tmp_path):
+    import hashlib
+    import shutil
+
+    run = tmp_path / "smoke"
+    shutil.copytree(smoke_run, run)
+
+    def files():
+        return {str(p.relative_to(run)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+                for p in sorted(run.rglob("*")) if p.is_file()}
+    before = files()
+    r = rlbench("run", "--resume", str(run))
+    assert "nothing to resume: it finished at step 3 (train.steps = 3)" in r.stderr
+    assert files() == before
+    r = rlbench("run", "--resume", str(run), "--set", "train.steps=4", "--set", "logging.progress=false")
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # a raised train.steps continues it
+
+
+def test_version_config_and_env_commands(tmp_path):
+    import yaml
+
+    assert rlbench("--version").stdout.startswith("rlbench 0.")
+    cfg = yaml.safe_load(rlbench("config", "configs/smoke.yaml", "--set", "train.steps=7").stdout)
+    assert cfg["train"]["steps"] == 7 and cfg["train"]["lr"] > 0 and cfg["task"]["name"] == "arithmetic"
+    as_json = json.loads(rlbench("config", "configs/smoke.yaml", "--json").stdout)
+    assert as_json["algorithm"]["name"] == "grpo"
+    env = json.loads(rlbench("env", "--json").stdout)
+    assert env["torch"].startswith("2.") and env["device"].startswith(("cpu", "cuda"))
+    assert {"kind": "task", "name": "arithmetic", "from": "arithmetic", "module": "rlbench.tasks.arithmetic"} in env["plugins"]
+    r = rlbench("suite", "status", "/nonexistent-suite", check=False)
+    assert r.returncode == 2 and r.stderr.startswith("rlbench: error: no suite status under /nonexistent-suite")
+
+
+def test_a_run_that_does_not_use_deepspeed_never_imports_it(tmp_path):
+    code = ("import sys, tempfile\nfrom conftest import tiny_config\nfrom rlbench.training import trainer\n"
+            "t = trainer.start(tiny_config('train.steps=1', 'train.checkpoint_every=1'), tempfile.mkdtemp() + '/r')\n"
+            "t.run(); t.close()\nprint('deepspeed' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT / "tests", timeout=600,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "False"
+    assert "Setting accelerator to CPU" not in r.stderr
+
+
+def test_eval_takes_several_tasks(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "rlbench.cli", "eval", "--tasks", "arithmetic,gsm8k", "--model",
+                          "tiny-random", "--engine", "hf", "--limit", "2", "--max-tokens", "2"], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "eval-arithmetic-test.json").is_file() and (tmp_path / "eval-gsm8k-test.json").is_file()
+    bad = subprocess.run([sys.executable, "-m", "rlbench.cli", "eval", "--tasks", "arithmetic,gsm8", "--model",
+                          "tiny-random"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert bad.returncode == 2 and "unknown task 'gsm8'; did you mean 'gsm8k'?" in bad.stderr
 
 
 @pytest.mark.parametrize("args,message", [

@@ -315,3 +315,25 @@ set: ["rollout.max_tokens=5"]
     spec.write_text(spec.read_text().replace("probe: {prompts: 0}\n", "").replace("{label: k0, set: []}", "{set: []}"))
     with pytest.raises(ValueError, match="each matrix.variant entry is"):
         suite.load(spec)
+
+
+def test_suite_keys_get_a_did_you_mean_and_set_reaches_every_run(tmp_path):
+    spec = tmp_path / "s.yaml"
+    body = f"""
+name: d
+base: {ROOT / "configs" / "smoke.yaml"}
+matrix:
+  algorithm: [grpo, rloo]
+  seeds: [0, 1]
+"""
+    spec.write_text(body)
+    with pytest.raises(ValueError, match="unknown matrix key 'seeds'; did you mean 'seed'"):
+        suite.load(spec)
+    spec.write_text(body.replace("seeds:", "seed:") + "baselin: grpo\n")
+    with pytest.raises(ValueError, match="unknown key 'baselin'; did you mean 'baseline'"):
+        suite.load(spec)
+    spec.write_text(body.replace("seeds:", "seed:") + 'set: ["rollout.max_tokens=5"]\n')
+    loaded = suite.load(spec, ["train.lr=0.5", "rollout.max_tokens=6"])
+    runs = dict(suite.expand(loaded))
+    assert len(runs) == 4 and all(c.train.lr == 0.5 and c.rollout.max_tokens == 6 for c in runs.values())
+    assert loaded["set"] == ["rollout.max_tokens=5", "train.lr=0.5", "rollout.max_tokens=6"]  # recorded in suite.json

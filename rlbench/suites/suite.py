@@ -54,6 +54,7 @@ from pathlib import Path
 import yaml
 
 from rlbench import config as cfgmod
+from rlbench.config_types import _suggest
 from rlbench.suites import jobs as jobsmod
 from rlbench.training import task_check
 
@@ -87,21 +88,28 @@ def _entry(entry) -> dict:
     return out
 
 
-def load(path: str | Path) -> dict:
-    """Read and check a suite file; every problem is a ConfigError naming the key."""
+def load(path: str | Path, overrides: list[str] = ()) -> dict:
+    """Read and check a suite file; every problem is a ConfigError naming the key. ``overrides``
+    (``rlbench suite run --set``) are appended to the suite's ``set``: every run gets them, and the
+    suite's resolved file (suite.json) records them."""
     path = Path(path)
     if not path.is_file():
         raise cfgmod.ConfigError(f"suite file not found: {path}")
     spec = yaml.safe_load(path.read_text()) or {}
     unknown = set(spec) - SUITE_KEYS
     if unknown:
-        raise cfgmod.ConfigError(f"suite {path}: unknown key(s) {sorted(unknown)}; valid: {sorted(SUITE_KEYS)}")
+        key = sorted(unknown)[0]
+        raise cfgmod.ConfigError(f"suite {path}: unknown key {key!r}{_suggest(key, sorted(SUITE_KEYS))}")
     for key in ("name", "base", "matrix"):
         if key not in spec:
             raise cfgmod.ConfigError(f"suite {path}: missing {key!r}")
     matrix = spec["matrix"]
-    if not isinstance(matrix, dict) or set(matrix) - MATRIX_KEYS or "algorithm" not in matrix:
-        raise cfgmod.ConfigError(f"suite {path}: matrix needs 'algorithm' and may have {sorted(MATRIX_KEYS)}")
+    if not isinstance(matrix, dict):
+        raise cfgmod.ConfigError(f"suite {path}: matrix must be a mapping with 'algorithm' and {sorted(MATRIX_KEYS - {'algorithm'})}")
+    for key in sorted(set(matrix) - MATRIX_KEYS):
+        raise cfgmod.ConfigError(f"suite {path}: unknown matrix key {key!r}{_suggest(key, sorted(MATRIX_KEYS))}")
+    if "algorithm" not in matrix:
+        raise cfgmod.ConfigError(f"suite {path}: matrix needs 'algorithm' (and may have {sorted(MATRIX_KEYS - {'algorithm'})})")
     for v in matrix.get("variant") or []:
         if not (isinstance(v, dict) and isinstance(v.get("label"), str) and v["label"]
                 and isinstance(v.get("set", []), list) and set(v) <= {"label", "set"}):
@@ -115,6 +123,8 @@ def load(path: str | Path) -> dict:
                                    and isinstance(probe.get("prompts", 32), int) and probe.get("prompts", 32) >= 1):
         raise cfgmod.ConfigError(f"suite {path}: probe is false or {{prompts: N}} with N >= 1, got {probe!r}")
     spec["probe"] = probe
+    if overrides:
+        spec["set"] = list(spec.get("set") or []) + list(overrides)
     spec["base"] = str((path.parent / spec["base"]).resolve())
     spec["path"] = str(path.resolve())
     return spec
@@ -294,8 +304,8 @@ def probe_tasks(runs, root: Path, prompts: int, echo=print) -> None:
 
 
 def run_suite(path: str | Path, out: str | Path = "runs/suites", jobs: int | None = None, echo=print,
-              executor_name: str | None = None) -> dict:
-    spec = load(path)
+              executor_name: str | None = None, overrides: list[str] = ()) -> dict:
+    spec = load(path, overrides)
     runs = expand(spec)
     root = Path(out) / spec["name"]
     (root / "configs").mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,7 @@ class PolicyWeights:
 
     @property
     def policy(self):
-        return self.accelerator.unwrap_model(self.model)
+        return unwrap(self.accelerator, self.model, self.zero is not None)
 
     @property
     def whole(self):
@@ -84,6 +84,15 @@ class PolicyWeights:
     def state_dict(self) -> dict:
         """Whole weights for a checkpoint (tied tensors once)."""
         return models.unique_tensors(self.whole.state_dict())
+
+
+def unwrap(accelerator, module, deepspeed: bool):
+    """The plain module under accelerate's wrapper. Without DeepSpeed, DDP's ``.module`` by hand:
+    accelerate's ``unwrap_model`` imports DeepSpeed whenever it is installed (its CPU warning on
+    every run that does not use it)."""
+    if deepspeed:
+        return accelerator.unwrap_model(module)
+    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
 
 
 @dataclass

@@ -301,7 +301,7 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> Path:
-        critic = self.accelerator.unwrap_model(self.critic) if self.critic is not None else None
+        critic = setup.unwrap(self.accelerator, self.critic, self.zero is not None) if self.critic is not None else None
         return self.checkpoints.save(
             step, model_state=self.weights.state_dict, critic_state=lambda: critic.state_dict() if critic else None,
             state=lambda: {"optimizer": None if self.zero else self.optimizer.state_dict(),
@@ -317,7 +317,7 @@ class Trainer:
         if loaded is None:
             self.checkpoints.drop_records_after(0)
             return []
-        critic = self.accelerator.unwrap_model(self.critic) if self.critic is not None else None
+        critic = setup.unwrap(self.accelerator, self.critic, self.zero is not None) if self.critic is not None else None
         restore(loaded, Restorable(self.policy, self.optimizer, self.scheduler, critic, self.algorithm, self.zero))
         self.meter.load_state_dict(loaded.state)
         self.faults.streak = loaded.state.get("nonfinite_streak", 0)
@@ -329,6 +329,25 @@ class Trainer:
     def close(self) -> None:
         """Release the engine (vLLM's memory and temporary model directory)."""
         self.sampler.close()
+
+
+def finished(run_dir: Path, cfg: cfgmod.Config) -> str | None:
+    """Why the run in ``run_dir`` has nothing left to do under ``cfg`` (its cost.json, written only
+    when a run completes, says it reached ``train.steps`` or a budget ``cfg`` still sets), or None."""
+    path = Path(run_dir) / "cost.json"
+    if not path.is_file():
+        return None
+    cost = json.loads(path.read_text())
+    done = int(cost.get("steps_done", 0))
+    if done >= cfg.train.steps:
+        return f"it finished at step {done} (train.steps = {cfg.train.steps})"
+    limits = {"flops": cfg.train.max_flops, "device_seconds": cfg.train.max_device_seconds,
+              "tokens": cfg.train.max_generated_tokens}
+    spent = cost.get("spent") or {}
+    for k, limit in limits.items():
+        if limit > 0 and float(spent.get(k, 0.0)) >= limit:
+            return f"its {k} budget ({limit:g}) was spent at step {done}"
+    return None
 
 
 def start(cfg: cfgmod.Config, run_dir: Path, resume: bool = False) -> Trainer:
