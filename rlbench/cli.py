@@ -3,10 +3,29 @@ export`` (and ``--version``)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def quiet_stdout(on: bool = True):
+    """Send everything written to stdout (file descriptor 1, so libraries' and subprocesses' output
+    too) to stderr while the block runs: with ``--json`` stdout holds the JSON alone."""
+    if not on:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _cmd_plugins(args) -> int:
@@ -138,7 +157,8 @@ def _cmd_probe(args) -> int:
     if args.prompts < 1:
         raise cfgmod.ConfigError(f"rlbench probe: --prompts must be >= 1, got {args.prompts}")
     cfg = cfgmod.load(args.config, args.set or [])
-    rec = probe.run(cfg, args.prompts)
+    with quiet_stdout(args.json):  # --json: the JSON is the only thing on stdout (vLLM logs there)
+        rec = probe.run(cfg, args.prompts)
     if args.output:
         Path(args.output).write_text(json.dumps(rec, indent=2))
     print(json.dumps(rec, indent=2) if args.json else probe.table(rec))

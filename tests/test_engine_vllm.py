@@ -221,3 +221,25 @@ def test_same_two_turn_trajectory_as_hf_on_the_embedded_model():
     assert torch.equal(h.completion_mask, v.completion_mask) and h.completion_mask.sum() > 4
     assert (v.sampler_logprobs - h.sampler_logprobs).abs().max().item() < 1e-3
     assert metrics["env/template_drift"] == 0
+
+
+def test_probe_json_with_vllm_is_the_only_thing_on_stdout(tmp_path):
+    """vLLM logs to stdout; with --json, stdout must parse as JSON (``| jq``)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import TINY
+
+    cfg = {**TINY, "engine": {"name": "vllm", "kv_cache_gb": 1},
+           "rollout": {"prompts_per_step": 4, "group_size": 2, "max_tokens": 3}}
+    path = tmp_path / "probe.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([sys.executable, "-m", "rlbench.cli", "probe", str(path), "--prompts", "4", "--json"],
+                       capture_output=True, text=True, timeout=900, env={**os.environ})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads(r.stdout)
+    assert rec["engine"] == "vllm" and rec["prompts"] == 4
