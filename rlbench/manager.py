@@ -199,5 +199,34 @@ def get(kind: str, name: str) -> Any:
     return found[0].load()
 
 
+def provenance(kind: str, name: str) -> dict:
+    """Where plugin ``name`` comes from, for manifest.json: its module, the distribution that
+    installed it and its version, and the sha256 of its module file (a plugin edited between two
+    runs shows as a different hash in the report's infrastructure check)."""
+    import hashlib
+    import inspect
+    from importlib import metadata
+
+    obj = get(kind, name)
+    module = getattr(obj, "__module__", None) or getattr(obj, "__name__", "?")
+    if inspect.ismodule(obj):
+        module = obj.__name__
+    mod = sys.modules.get(module)
+    path = getattr(mod, "__file__", None)
+    digest = None
+    if path:
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    dists = metadata.packages_distributions().get(module.split(".")[0], [])
+    version = None
+    if dists:
+        try:
+            version = metadata.version(dists[0])
+        except metadata.PackageNotFoundError:
+            pass
+    return {"name": name, "module": module, "distribution": dists[0] if dists else None, "version": version,
+            "file_sha256": digest}
+
+
 def hook():
     return get_plugin_manager().hook

@@ -337,3 +337,28 @@ matrix:
     runs = dict(suite.expand(loaded))
     assert len(runs) == 4 and all(c.train.lr == 0.5 and c.rollout.max_tokens == 6 for c in runs.values())
     assert loaded["set"] == ["rollout.max_tokens=5", "train.lr=0.5", "rollout.max_tokens=6"]  # recorded in suite.json
+
+
+def test_the_manifest_records_each_plugins_code_and_a_changed_file_is_flagged(tmp_path):
+    from conftest import tiny_config
+    from rlbench import manager
+    from rlbench.reporting.runs import infra_differences
+    from rlbench.training import trainer
+
+    t = trainer.start(tiny_config("train.steps=1"), tmp_path / "r")
+    t.close()
+    man = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    grpo = man["plugins"]["algorithm"]
+    assert grpo["module"] == "rlbench.plugins.algorithms.grpo" and grpo["distribution"] == "rlbench"
+    assert len(grpo["file_sha256"]) == 16 and man["plugins"]["task"]["name"] == "arithmetic"
+    assert manager.provenance("algorithm", "grpo") == grpo
+    cfg = json.loads(json.dumps({"task": {"name": "arithmetic"}, "run": {}}))
+    a = {"config": cfg, "manifest": man}
+    edited = json.loads(json.dumps(man))
+    edited["plugins"]["task"]["file_sha256"] = "0" * 16
+    assert infra_differences(a, a) == []
+    diffs = infra_differences(a, {"config": cfg, "manifest": edited})
+    assert diffs == [f"manifest.plugins.task.file_sha256: {man['plugins']['task']['file_sha256']!r} vs '{'0' * 16}'"]
+    other = json.loads(json.dumps(man))
+    other["plugins"]["algorithm"] = {**grpo, "name": "rloo", "file_sha256": "f" * 16}
+    assert infra_differences(a, {"config": cfg, "manifest": other}) == []  # different algorithms: not compared

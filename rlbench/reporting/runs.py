@@ -148,6 +148,13 @@ def infra_differences(run_a: dict, run_b: dict) -> list[str]:
     walk(ca, cb, "config")
     walk({k: run_a["manifest"].get(k) for k in MANIFEST_KEYS}, {k: run_b["manifest"].get(k) for k in MANIFEST_KEYS},
          "manifest")
+    # the plugins' code: the task's, engine's and environment's always; the algorithm's where both runs use it
+    pa, pb = dict(run_a["manifest"].get("plugins") or {}), dict(run_b["manifest"].get("plugins") or {})
+    if (pa.get("algorithm") or {}).get("name") != (pb.get("algorithm") or {}).get("name"):
+        pa.pop("algorithm", None)
+        pb.pop("algorithm", None)
+    if pa and pb:
+        walk(pa, pb, "manifest.plugins")
     return diffs
 
 

@@ -369,6 +369,9 @@ def start(cfg: cfgmod.Config, run_dir: Path, resume: bool = False) -> Trainer:
         man = rundir.manifest(
             config=cfg.to_dict(), model_hash=trainer.model_hash, data_hash=data_hash, device=str(trainer.device),
             engine=cfg.names["engine"], seed=cfg.run.seed, engine_requested=cfg.names.get("engine_requested"))
+        man["plugins"] = {sec: manager.provenance(kind, cfg.names[sec]) for sec, kind in cfgmod.PLUGIN_SECTIONS.items()}
+        if cfg.env is not None and cfg.env.name:
+            man["plugins"]["env"] = manager.provenance("environment", cfg.env.name)
         man["world_size"] = trainer.world
         man["batch_invariant_sampling"] = trainer.batch_invariant  # resolved (auto -> on / off)
         man["determinism"] = rundir.determinism_tier(getattr(trainer.engine, "determinism", "none"), str(trainer.device),
