@@ -209,6 +209,8 @@ def _cmd_suite(args) -> int:
     if args.action == "run":
         summary = suite.run_suite(args.target, args.out, jobs=args.jobs, executor_name=args.executor,
                                   echo=lambda m: print(m, file=sys.stderr, flush=True), overrides=args.set or [])
+        if summary["interrupted"] or summary["pending"]:
+            return 130  # stopped (SIGINT / SIGTERM / suite cancel): resumable
         return 0 if summary["failed"] == 0 else 1
     if args.action == "cancel":
         ids = suite.cancel_suite(args.target)
@@ -220,8 +222,10 @@ def _cmd_suite(args) -> int:
     counts = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-        print(f"{r['run']:<40} {r['status']:<9} steps {r['steps_logged']:<5} attempts {r['attempts']} "
-              f"job {r['job_id'] or '-'} ({r['state'] or '-'}) {' '.join(r['error'])[:60]}")
+        print(f"{r['run']:<40} {r['status']:<11} steps {r['steps_logged']:<5} attempts {r['attempts']} "
+              f"job {r['job_id'] or '-'} ({r['state'] or '-'})")
+        if r["error"] and r["status"] != "complete":  # the whole reason, indented under its run
+            print("    " + r["error"].strip().replace("\n", "\n    "))
     print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     return 0
 

@@ -362,3 +362,62 @@ def test_the_manifest_records_each_plugins_code_and_a_changed_file_is_flagged(tm
     other = json.loads(json.dumps(man))
     other["plugins"]["algorithm"] = {**grpo, "name": "rloo", "file_sha256": "f" * 16}
     assert infra_differences(a, {"config": cfg, "manifest": other}) == []  # different algorithms: not compared
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is gone for our purpose
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("how", ["sigint", "cancel"])
+def test_stopping_a_local_suite_stops_it_and_a_rerun_resumes(tmp_path, how):
+    """SIGINT to the driver (Ctrl-C), or ``rlbench suite cancel``: the running run checkpoints and
+    ends ``interrupted``, no new run starts, no child outlives the driver; the next suite run
+    resumes the interrupted run from its checkpoint and finishes the others."""
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"""
+name: stop
+base: {ROOT / "configs" / "smoke.yaml"}
+matrix: {{algorithm: [grpo, rloo, dr_grpo], seed: [0]}}
+set: ["train.steps=40", "train.checkpoint_every=1", "eval.before=false", "eval.n=4", "logging.loggers=[]"]
+probe: false
+""")
+    out = tmp_path / "out"
+    root = out / "stop"
+    driver = subprocess.Popen([sys.executable, "-m", "rlbench.cli", "suite", "run", str(spec), "--out", str(out)],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "driver.log", "w"),
+                              start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list(root.glob("runs/*/checkpoints/step_*/state.json")) and time.monotonic() < deadline:
+        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-2000:]
+        time.sleep(0.5)
+    status = json.loads((root / "status.json").read_text())
+    running = [k for k, v in status["runs"].items() if v.get("status") == "running"]
+    assert len(running) == 1
+    child = int(status["runs"][running[0]]["job_id"])
+    if how == "sigint":
+        os.kill(driver.pid, signal.SIGINT)
+    else:
+        r = _cli("suite", "cancel", str(root), timeout=600)
+        assert r.returncode == 0, r.stderr
+    assert driver.wait(timeout=300) == 130, (tmp_path / "driver.log").read_text()[-2000:]
+    assert not _alive(child)  # the run did not outlive the driver
+    status = json.loads((root / "status.json").read_text())["runs"]
+    assert status[running[0]]["status"] == "interrupted"
+    assert "resumes it from its newest checkpoint" in status[running[0]]["error"]
+    others = [k for k in status if k != running[0]]
+    assert all(status[k]["status"] == "pending" and not status[k].get("job_id") for k in others)  # never started
+    shown = _cli("suite", "status", str(root)).stdout
+    assert "interrupted" in shown and "resumes it from its newest checkpoint" in shown
+    # the next suite run resumes it (every step logged once) and runs the others
+    r = _cli("suite", "run", str(spec), "--out", str(out), "--set", "train.steps=3", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    status = json.loads((root / "status.json").read_text())["runs"]
+    assert all(v["status"] == "complete" for v in status.values())
+    assert status[running[0]]["how"] == "resumed"

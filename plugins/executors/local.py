@@ -1,8 +1,10 @@
 """The local executor (the default): each run is a process on this machine, ``jobs`` at a time.
 
-A job id is the process id. A suite controller that is killed leaves its runs running (they are
-its children in the same session: Ctrl-C reaches them, a SIGKILL of the controller does not); a
-new controller re-attaches to a run whose process is still alive by its id and command line.
+A job id is the process id; each run is a session of its own. SIGINT (Ctrl-C) or SIGTERM to the
+suite controller, or ``rlbench suite cancel``, stops its runs (one SIGTERM each: they checkpoint)
+and the controller ends after them. A controller killed outright (SIGKILL) leaves its runs
+running; a new controller re-attaches to a run whose process is still alive by its id and command
+line.
 
 Not covered: a run on another machine; re-attaching after this machine reboots (the run is then
 resumed from its checkpoint instead).
@@ -44,7 +46,10 @@ class LocalExecutor:
         cmd = job.command()
         f.write(f"\n=== {job.how}: {' '.join(cmd)}\n")
         f.flush()
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **job.env})
+        # its own session: a Ctrl-C in the driver's terminal reaches the driver only, which stops each
+        # run with exactly one SIGTERM (a second signal would interrupt a run before its checkpoint)
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **job.env},
+                             start_new_session=True)
         self.procs[str(p.pid)] = (p, f)
         return str(p.pid)
 
@@ -71,6 +76,14 @@ class LocalExecutor:
             try:
                 os.kill(int(jid), signal.SIGTERM)  # the run finishes its step and writes a checkpoint
             except (ProcessLookupError, ValueError):
+                pass
+
+    def kill(self, ids) -> None:
+        """A run that did not stop after ``cancel``: its whole process group, at once."""
+        for jid in ids:
+            try:
+                os.killpg(int(jid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError, PermissionError):
                 pass
 
 

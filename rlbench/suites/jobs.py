@@ -8,7 +8,10 @@ The same semantics on every executor (``rlbench_executors`` in rlbench/hookspecs
   checkpoint (``rlbench run --resume``) and retries failed ones up to ``max_attempts`` in all,
   recording the end of the job's log on failure;
 * a job that ends is judged by its run directory, not by the scheduler: complete when the run
-  wrote ``cost.json`` (its last act), else failed (or, when it left a checkpoint, resumed next).
+  wrote ``cost.json`` (its last act), else failed (or, when it left a checkpoint, resumed next);
+* SIGINT / SIGTERM to the driver, or ``rlbench suite cancel``, stops the suite: running jobs are
+  cancelled (they checkpoint), marked ``interrupted`` and resumed by the next ``suite run``; no new
+  job starts.
 
 A multi-process run (``processes`` > 1) is started as ``accelerate launch`` on every machine of
 the job (``launch_command``); the executor supplies the machine rank and the main address from
@@ -92,11 +95,87 @@ class RunCallbacks:
     tail: Callable[[str], str]  # the end of its log
 
 
+class StopRequest:
+    """SIGINT / SIGTERM to the suite driver (or ``rlbench suite cancel``, which signals it) while
+    the job loop runs: the loop stops its running jobs and starts no new one."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._saved: dict = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+        return False
+
+    @property
+    def name(self) -> str:
+        import signal
+
+        return signal.Signals(self.signal).name if self.signal else ""
+
+
+def stop_all(active: dict, executor: Executor, status, runs: RunCallbacks, why: str, wait_s: float, echo) -> dict:
+    """Stop every active job (the executor's cancel: a run finishes its step and writes a
+    checkpoint), wait up to ``wait_s`` for them to end, and mark each ``interrupted`` (or complete,
+    if it finished meanwhile). A job still running after the wait is cancelled again (local: killed)."""
+    results = {}
+    if active:
+        executor.cancel(list(active.values()))
+    deadline = time.monotonic() + wait_s
+    while active and time.monotonic() < deadline:
+        states = executor.poll(list(active.values()))
+        for name, jid in list(active.items()):
+            if states.get(jid, "gone") not in ACTIVE:
+                del active[name]
+                verdict = runs.finish(name)
+                if verdict == "complete":
+                    status.set(name, status="complete", state="done", finished=_now())
+                    results[name] = "complete"
+                else:
+                    status.set(name, status="interrupted", state="done", finished=_now(),
+                               error=f"stopped by {why}; the next `rlbench suite run` "
+                                     + ("resumes it from its newest checkpoint" if verdict == "resume" else "starts it again"))
+                    results[name] = "interrupted"
+                echo(f"  {name}: {results[name]} ({why})")
+        if active:
+            time.sleep(0.5)
+    for name, jid in active.items():  # did not stop in time
+        kill = getattr(executor, "kill", None)
+        (kill or executor.cancel)([jid])
+        status.set(name, status="interrupted", state="killed", finished=_now(),
+                   error=f"stopped by {why}; it did not stop within {wait_s:.0f} s and was killed")
+        results[name] = "interrupted"
+        echo(f"  {name}: killed ({why}; no checkpoint within {wait_s:.0f} s)")
+    return results
+
+
 def run_jobs(todo: list, executor: Executor, status, runs: RunCallbacks, *, max_attempts: int = 2,
              poll_seconds: float = 2.0, echo=print) -> dict[str, str]:
     """Run every (name, cfg) in ``todo`` to completion on ``executor``; returns name -> result.
     ``runs`` builds, judges and tails each run's job (the executor's ``note(job_id)``, when it has
-    one, is added to the tail of a failed one: e.g. Slurm's reason)."""
+    one, is added to the tail of a failed one: e.g. Slurm's reason). SIGINT or SIGTERM to this
+    process (``rlbench suite cancel`` sends SIGTERM) stops the suite: the running jobs checkpoint
+    and end as ``interrupted``, no new job starts, and the queued runs stay pending."""
+    with StopRequest() as stop:
+        return _loop(todo, executor, status, runs, max_attempts, poll_seconds, echo, stop)
+
+
+def _loop(todo, executor, status, runs, max_attempts, poll_seconds, echo, stop) -> dict[str, str]:
     results: dict[str, str] = {}
     active: dict[str, str] = {}  # name -> job id
     failures: dict[str, int] = {}  # this controller's failed jobs per run (resumable ends do not count)
@@ -113,12 +192,18 @@ def run_jobs(todo: list, executor: Executor, status, runs: RunCallbacks, *, max_
                 echo(f"  {name}: re-attached to job {jid} ({state})")
                 continue
         queue.append(name)
+    wait_s = 60.0
     while queue or active:
+        if stop.signal is not None:
+            echo(f"suite: {stop.name}: stopping {len(active)} running job(s); {len(queue)} not started")
+            results.update(stop_all(active, executor, status, runs, f"{stop.name} to the suite", wait_s, echo))
+            break
         while queue and len(active) < executor.parallel:
             name = queue.pop(0)
             st = status.get(name)
             attempts = st.get("attempts", 0)
             job = runs.make_job(name)
+            wait_s = max(wait_s, job.stop_seconds)
             jid = executor.submit(job)
             active[name] = jid
             status.set(name, status="running", executor=executor.name, job_id=jid, state="queued",
@@ -156,7 +241,9 @@ def run_jobs(todo: list, executor: Executor, status, runs: RunCallbacks, *, max_
                 results[name] = "failed"
                 echo(f"  {name}: failed ({failures[name]} failed attempt(s) in this start); see status.json")
         if active:
-            time.sleep(poll_seconds)
+            end = time.monotonic() + poll_seconds
+            while time.monotonic() < end and stop.signal is None:
+                time.sleep(min(0.2, poll_seconds))
     return results
 
 
@@ -168,7 +255,9 @@ def cancel(executor: Executor, status) -> list[str]:
         executor.cancel(ids)
     for name, st in status.data["runs"].items():
         if st.get("job_id") in ids:
-            status.set(name, state="cancelled", status="cancelled")
+            status.set(name, state="cancelled", status="interrupted",
+                       error="stopped by rlbench suite cancel (no driver was running); the next `rlbench suite run` "
+                             "resumes it from its newest checkpoint")
     return ids
 
 

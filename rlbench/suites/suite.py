@@ -46,6 +46,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -323,7 +324,7 @@ def run_suite(path: str | Path, out: str | Path = "runs/suites", jobs: int | Non
         probe_tasks(runs, root, int(spec["probe"].get("prompts", 32)), echo)
 
     executor, max_attempts, poll = executor_for(spec, root, executor_name, jobs)
-    status.meta(executor=jobsmod.settings(executor))
+    status.meta(executor=jobsmod.settings(executor), driver={"pid": os.getpid(), "host": socket.gethostname()})
     keep = int(spec.get("keep_checkpoints", 1))
     todo = []
     for name, cfg in runs:
@@ -334,11 +335,18 @@ def run_suite(path: str | Path, out: str | Path = "runs/suites", jobs: int | Non
             todo.append((name, cfg))
     callbacks = jobsmod.RunCallbacks(make_job=lambda n: make_job(n, root, getattr(executor.config, "processes", 1)),
                                      finish=lambda n: judge(n, root, keep), tail=lambda n: log_tail(root, n))
-    done = jobsmod.run_jobs(todo, executor, status, callbacks, max_attempts=max_attempts, poll_seconds=poll, echo=echo)
-    results = [done.get(name, "complete" if is_complete(root / "runs" / name) else "failed") for name, _ in runs]
-    summary = {"suite": spec["name"], "dir": str(root), "runs": len(runs),
-               "complete": results.count("complete"), "failed": results.count("failed")}
-    echo(f"suite {spec['name']}: {summary['complete']} complete, {summary['failed']} failed")
+    try:
+        done = jobsmod.run_jobs(todo, executor, status, callbacks, max_attempts=max_attempts, poll_seconds=poll,
+                                echo=echo)
+    finally:
+        status.meta(driver=None)
+    results = [done.get(name) or ("complete" if is_complete(root / "runs" / name) else
+                                  "pending" if status.get(name).get("status") == "pending" else "failed") for name, _ in runs]
+    summary = {"suite": spec["name"], "dir": str(root), "runs": len(runs), **{k: results.count(k) for k in
+               ("complete", "failed", "interrupted", "pending")}}
+    echo(f"suite {spec['name']}: " + ", ".join(f"{summary[k]} {k}" for k in ("complete", "failed", "interrupted", "pending")
+                                              if summary[k] or k in ("complete", "failed"))
+         + ("; `rlbench suite run` again resumes it" if summary["interrupted"] or summary["pending"] else ""))
     return summary
 
 
@@ -353,14 +361,39 @@ def status_table(root: str | Path) -> list[dict]:
             steps = sum(1 for _ in open(run_dir / "metrics.jsonl"))
         rows.append({"run": name, "status": info.get("status"), "steps_logged": steps, "job_id": info.get("job_id"),
                      "state": info.get("state"),
-                     "attempts": info.get("attempts", 0), "error": (info.get("error") or "").splitlines()[-1:] or ""})
+                     "attempts": info.get("attempts", 0), "error": info.get("error") or ""})
     return rows
 
 
+def driver_alive(driver: dict | None) -> bool:
+    """The suite driver recorded in status.json still runs (on this machine)."""
+    if not driver or driver.get("host") != socket.gethostname():
+        return False
+    try:
+        cmdline = Path(f"/proc/{driver['pid']}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return "rlbench" in cmdline and "suite" in cmdline
+
+
 def cancel_suite(root: str | Path) -> list[str]:
-    """Cancel the suite's queued and running jobs (on the executor status.json names)."""
+    """Stop the suite: SIGTERM to its driver when it runs (it stops its jobs, which checkpoint, marks
+    them interrupted and starts no new one; this waits for it), else cancel the queued and running
+    jobs on the executor status.json names. Returns the job ids stopped."""
+    import signal
+    import time
+
     root = Path(root)
     st = Status(root / "status.json")
+    driver = st.data.get("driver")
+    if driver_alive(driver):
+        ids = [info["job_id"] for info in st.data["runs"].values() if info.get("state") in jobsmod.ACTIVE
+               and info.get("job_id")]
+        os.kill(int(driver["pid"]), signal.SIGTERM)
+        deadline = time.monotonic() + 600
+        while driver_alive(driver) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return ids
     spec = json.loads((root / "suite.json").read_text())
     name = (st.data.get("executor") or {}).get("name", "local")
     executor, _, _ = executor_for({**spec, "executor": st.data.get("executor") or {}}, root, name)
