@@ -385,7 +385,7 @@ def test_stopping_a_local_suite_stops_it_and_a_rerun_resumes(tmp_path, how):
 name: stop
 base: {ROOT / "configs" / "smoke.yaml"}
 matrix: {{algorithm: [grpo, rloo, dr_grpo], seed: [0]}}
-set: ["train.steps=40", "train.checkpoint_every=1", "eval.before=false", "eval.n=4", "logging.loggers=[]"]
+set: ["train.steps=20", "train.checkpoint_every=1", "eval.before=false", "eval.n=4", "logging.loggers=[]"]
 probe: false
 """)
     out = tmp_path / "out"
@@ -416,7 +416,7 @@ probe: false
     shown = _cli("suite", "status", str(root)).stdout
     assert "interrupted" in shown and "resumes it from its newest checkpoint" in shown
     # the next suite run resumes it (every step logged once) and runs the others
-    r = _cli("suite", "run", str(spec), "--out", str(out), "--set", "train.steps=3", timeout=900)
+    r = _cli("suite", "run", str(spec), "--out", str(out), timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     status = json.loads((root / "status.json").read_text())["runs"]
     assert all(v["status"] == "complete" for v in status.values())
