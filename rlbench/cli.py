@@ -204,6 +204,7 @@ def _cmd_task(args) -> int:
 
 
 def _cmd_suite(args) -> int:
+    from rlbench.config import ConfigError
     from rlbench.suites import suite
 
     if args.action == "run":
@@ -212,6 +213,17 @@ def _cmd_suite(args) -> int:
         if summary["interrupted"] or summary["pending"]:
             return 130  # stopped (SIGINT / SIGTERM / suite cancel): resumable
         return 0 if summary["failed"] == 0 else 1
+    if args.action == "plan":
+        from rlbench.suites import plan as planmod
+
+        sd = args.sd if args.sd is not None else (planmod.sd_from_report(args.sd_from) if args.sd_from else None)
+        if args.mde is not None and sd is None:
+            raise ConfigError("rlbench suite plan --mde needs --sd (the sd of paired per-seed differences) or --sd-from REPORT")
+        how = planmod.Assumptions(accelerator=args.accelerator, mfu=args.mfu, jobs=args.jobs or 1,
+                                  completion_frac=args.completion_frac, measure=args.measure, mde=args.mde, sd=sd)
+        p = planmod.plan(suite.load(args.target, args.set or []), how)
+        print(json.dumps(p, indent=2, default=float) if args.json else planmod.table(p))
+        return 0
     if args.action == "cancel":
         ids = suite.cancel_suite(args.target)
         print(f"cancelled {len(ids)} job(s): {' '.join(ids)}" if ids else "no queued or running jobs")
@@ -334,13 +346,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_run)
 
     su = sub.add_parser("suite", help="run a benchmark suite (algorithms x tasks x seeds) or show its status")
-    su.add_argument("action", choices=["run", "status", "cancel"])
-    su.add_argument("target", help="run: the suite YAML; status, cancel: the suite's output directory")
+    su.add_argument("action", choices=["run", "plan", "status", "cancel"])
+    su.add_argument("target", help="run, plan: the suite YAML; status, cancel: the suite's output directory")
     su.add_argument("--out", default="runs/suites", help="parent of the suite directory (default runs/suites)")
     su.add_argument("--jobs", type=int, default=None, help="local executor: runs at a time (default 1)")
     su.add_argument("--executor", help="where runs execute: local (default), slurm, ray, or the suite's executor: section")
     su.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                     help="run: override a config value in every run (recorded in the suite's suite.json)")
+    su.add_argument("--mde", type=float, help="plan: the difference to detect (e.g. 0.05)")
+    su.add_argument("--sd", type=float, help="plan: the standard deviation of paired per-seed differences (a prior)")
+    su.add_argument("--sd-from", metavar="REPORT_DIR", help="plan: read that sd from an earlier report's power.csv")
+    su.add_argument("--accelerator", default="H100", help="plan: a name in the price table's peak_flops (default H100)")
+    su.add_argument("--mfu", type=float, default=0.4, help="plan: the share of peak FLOP/s reached (default 0.4)")
+    su.add_argument("--completion-frac", type=float, default=1.0,
+                    help="plan: the expected completion length as a share of rollout.max_tokens (default 1.0: an upper bound)")
+    su.add_argument("--measure", action="store_true", help="plan: measure each config's FLOPs per step by one real step")
+    su.add_argument("--json", action="store_true", help="plan: JSON instead of the table")
     su.set_defaults(func=_cmd_suite)
 
     rp = sub.add_parser("report", help="compare runs: summary.csv, aggregate.csv, report.md, report.html, plots")

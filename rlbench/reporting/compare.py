@@ -30,44 +30,10 @@ import math
 
 import numpy as np
 
-ALPHA, POWER = 0.05, 0.8
+from rlbench.power import ALPHA, POWER, detectable, seeds_needed
 
 
 # -- statistical power of a paired comparison ----------------------------------------------------
-
-def _power(effect: float, n: int, alpha: float) -> float:
-    """Power of the two-sided one-sample t-test on n differences at Cohen's d_z ``effect`` (statsmodels)."""
-    from statsmodels.stats.power import TTestPower
-
-    return float(TTestPower().power(effect_size=abs(effect), nobs=n, alpha=alpha, alternative="two-sided"))
-
-
-def _seeds_needed(effect: float, alpha: float, power: float, cap: int = 1_000_000) -> float:
-    """The fewest seeds (paired differences, ≥ 2) whose t-test reaches ``power`` at ``effect``; inf
-    beyond ``cap``. Power grows with n, so a doubling search then bisection finds it exactly."""
-    if effect == 0 or not math.isfinite(effect):
-        return math.inf if effect == 0 else 2.0
-    lo, hi = 1, 2  # power(lo) < target <= power(hi), with n = 1 counting as no power
-    while _power(effect, hi, alpha) < power:
-        lo, hi = hi, hi * 2
-        if hi > cap:
-            return math.inf
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if _power(effect, mid, alpha) < power else (lo, mid)
-    return float(hi)
-
-
-def _detectable(n: int, alpha: float, power: float) -> float:
-    """The d_z that the t-test on n differences detects with ``power`` (bisection on statsmodels' power)."""
-    lo, hi = 0.0, 1.0
-    while _power(hi, n, alpha) < power:
-        hi *= 2
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _power(mid, n, alpha) < power else (lo, mid)
-    return hi
-
 
 def paired_power(diffs, alpha: float = ALPHA, power: float = POWER, mde: float | None = None) -> dict:
     """Paired per-seed differences → mean, sd (with its chi-square interval), t, p, the minimum
@@ -91,12 +57,12 @@ def paired_power(diffs, alpha: float = ALPHA, power: float = POWER, mde: float |
     out["sd_low"], out["sd_high"] = stats.sd_interval(sd, n)
     res = sps.ttest_1samp(d, 0.0)
     out["t"], out["p"] = float(res.statistic), float(res.pvalue)
-    dz = _detectable(n, alpha, power)
+    dz = detectable(n, alpha, power)
     out["mdd"], out["mdd_low"], out["mdd_high"] = dz * sd, dz * out["sd_low"], dz * out["sd_high"]
     if mde:
-        out["seeds_for_mde"] = _seeds_needed(mde / sd, alpha, power)
-        out["seeds_for_mde_low"] = _seeds_needed(mde / out["sd_low"], alpha, power)
-        out["seeds_for_mde_high"] = _seeds_needed(mde / out["sd_high"], alpha, power)
+        out["seeds_for_mde"] = seeds_needed(mde / sd, alpha, power)
+        out["seeds_for_mde_low"] = seeds_needed(mde / out["sd_low"], alpha, power)
+        out["seeds_for_mde_high"] = seeds_needed(mde / out["sd_high"], alpha, power)
     return out
 
 
