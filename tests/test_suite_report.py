@@ -89,10 +89,21 @@ def test_smoke_suite_and_report(smoke, tmp_path):
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
              "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'chrome'}"]
     url = (out / "report.html").resolve().as_uri()
-    dom = subprocess.run([browser, *flags, "--virtual-time-budget=5000", "--dump-dom", url], capture_output=True,
-                         text=True, timeout=120).stdout
+    dom = subprocess.run([browser, *flags, "--window-size=1400,900", "--virtual-time-budget=5000", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=120).stdout
     n_images = len(list((out / "plots").glob("*.png")))
     assert f'data-images-loaded="{n_images}:true"' in dom  # every plot decoded in the browser
+    # the verdict first: the answer box and the first plot start inside the first 1400 x 900 viewport
+    import re
+
+    verdict = [int(x) for x in re.search(r'data-verdict="(-?\d+):(-?\d+)"', dom).groups()]
+    hero = [int(x) for x in re.search(r'data-hero="(-?\d+):(-?\d+)"', dom).groups()]
+    assert 0 <= verdict[0] < verdict[1] <= hero[0] < 900, (verdict, hero)
+    text = re.sub(r"<(pre|code)>.*?</\1>", "", re.sub(r"<script.*?</script>", "", dom, flags=re.S), flags=re.S)
+    assert "`" not in re.sub(r"<[^>]+>", "", text)  # markdown was rendered: no raw backticks
+    assert "<p>- " not in dom and "<li>" in dom  # bullets are a list
+    regenerate = re.search(r"<pre><code[^>]*>(.*?)</code></pre>", dom, re.S).group(1).strip().splitlines()
+    assert regenerate[0].startswith("rlbench suite run") and regenerate[1].startswith("rlbench report")
     shot = tmp_path / "report.png"
     subprocess.run([browser, *flags, "--window-size=1400,2400", f"--screenshot={shot}", url], capture_output=True,
                    timeout=120)

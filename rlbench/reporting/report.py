@@ -26,7 +26,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlbench.reporting import compare, curves, stats
+from rlbench.reporting import compare, curves
+from rlbench.reporting import plots as plotsmod, stats
 from rlbench.reporting.html import page
 from rlbench.reporting.runs import (SUMMARY_COLUMNS, ReportError, by_seed, answers, check_groups, find_runs,
                                  infra_differences, load_run)
@@ -114,7 +115,7 @@ def build(paths, out: str | Path, baseline: str | None = None, title: str | None
     two_way = compare.two_way_rows(summary, baseline)
     if two_way:
         pd.DataFrame(two_way).to_csv(out / "two_way.csv", index=False)
-    plots = _plots(runs, summary, out / "plots")
+    plots, notes = plotsmod.plots(runs, summary, out / "plots")
     compute = curves.build(runs, baseline, x)  # None unless the runs evaluated at budget fractions
     if compute:
         curves.write_csv(compute, out)
@@ -123,7 +124,8 @@ def build(paths, out: str | Path, baseline: str | None = None, title: str | None
         command = "\n".join([*(_suite_command(r, out) for r in sorted(roots)), command])
     regressed = [f"{r.run} ({r.algorithm}, seed {r.seed})" for r in summary.itertuples() if r.regressed]
     tables = {"summary": summary, "aggregate": agg, "per_seed": per_seed, "problem": problem, "flags": flags,
-              "power": power, "two_way": two_way, "regressed": regressed}
+              "power": power, "two_way": two_way, "regressed": regressed, "plot_notes": notes,
+              "no_signal": plotsmod.no_signal(runs)}
     md = _markdown(title or f"rlbench report: {', '.join(map(str, paths))}", command, tables, plots, baseline,
                    probes, compute)
     (out / "report.md").write_text(md)
@@ -145,70 +147,6 @@ def _suite_command(root: Path, out: Path) -> str:
     return f"rlbench suite run {rel(spec.get('path', root / 'suite.yaml'))} --out {rel(root.parent)}"
 
 
-def _series(runs, key):
-    out = {}
-    for r in runs:
-        pts = [(m["step"], m[key]) for m in r["metrics"] if key in m]
-        if pts:
-            out.setdefault((r["row"]["task"], r["row"]["algorithm"]), []).append(pts)
-    return out
-
-
-def _plots(runs, summary, folder: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    files = []
-    for key, label in [("reward/mean", "reward"), ("kl", "KL to reference (per token)"),
-                       ("completion_len/mean", "completion length (tokens)"), ("aha/rate", "aha-moment rate")]:
-        series = _series(runs, key)
-        if not series:
-            continue
-        tasks = sorted({t for t, _ in series})
-        fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.6), squeeze=False)
-        for ax, task in zip(axes[0], tasks):
-            for (t, algo), runs_pts in sorted(series.items()):
-                if t != task:
-                    continue
-                steps = sorted({s for pts in runs_pts for s, _ in pts})
-                mean = [sum(v for pts in runs_pts for s2, v in pts if s2 == s) /
-                        max(1, sum(1 for pts in runs_pts for s2, _ in pts if s2 == s)) for s in steps]
-                lo = [min(v for pts in runs_pts for s2, v in pts if s2 == s) for s in steps]
-                hi = [max(v for pts in runs_pts for s2, v in pts if s2 == s) for s in steps]
-                ax.plot(steps, mean, label=algo)
-                ax.fill_between(steps, lo, hi, alpha=0.15)
-            ax.set_title(task)
-            ax.set_xlabel("step")
-            ax.set_ylabel(label)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        name = f"{key.replace('/', '_')}_vs_step.png"
-        fig.savefig(folder / name, dpi=90)
-        plt.close(fig)
-        files.append(name)
-    pts = summary.dropna(subset=["accuracy_after", "wall_seconds"])
-    if len(pts):
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        for algo, g in pts.groupby("algorithm"):
-            ax.scatter(g["wall_seconds"], g["accuracy_after"], label=algo)
-        front, best = [], -1.0
-        for _, r in pts.sort_values(["wall_seconds", "accuracy_after"], ascending=[True, False]).iterrows():
-            if r["accuracy_after"] > best:
-                front.append((r["wall_seconds"], r["accuracy_after"]))
-                best = r["accuracy_after"]
-        ax.step([x for x, _ in front], [y for _, y in front], where="post", color="k", lw=1, label="Pareto front")
-        ax.set_xlabel("wall seconds (whole run)")
-        ax.set_ylabel("held-out accuracy after")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(folder / "accuracy_vs_cost.png", dpi=90)
-        plt.close(fig)
-        files.append("accuracy_vs_cost.png")
-    return files
-
-
 def _fmt(df):
     return df.to_markdown(index=False, floatfmt=".4g") if len(df) else "(none)"
 
@@ -220,6 +158,9 @@ def _markdown(title, command, t, plots, baseline, probes=None, compute=None) -> 
     lines = [f"# {title}", ""]
     if command:
         lines += ["Regenerate with:", "", "```bash", command, "```", ""]
+    if t.get("no_signal"):
+        lines += ["> **No learning signal:** no run earned any reward at any step (every `reward/mean` is 0), so "
+                  "nothing below says which algorithm learns better; check the task with `rlbench probe`.", ""]
     if power:
         lines += ["## The answer", "", compare.answer_paragraph(power, baseline, t["two_way"], t["problem"], t["regressed"]),
                   ""] + [f"- {r['sentence']}" for r in power] + [""]
@@ -267,8 +208,9 @@ def _markdown(title, command, t, plots, baseline, probes=None, compute=None) -> 
                   "resolved task, model, sampler, budget and eval settings, same package versions, engine, device, "
                   "data hash and git revision.", ""]
     lines += [_randomness(summary), ""]
-    if plots:
-        lines += ["## Plots", "", "Step plots: mean over seeds, the band the range over seeds.", ""] + \
+    if plots or t.get("plot_notes"):
+        lines += ["## Plots", "", "Step plots: mean over seeds (markers at each logged step), the band the range over "
+                  "seeds.", ""] + [f"- {n}" for n in t.get("plot_notes", [])] + [""] + \
                  [f"![{p}](plots/{p})" for p in plots] + [""]
     lines += ["## Runs", "", _fmt(summary), ""]
     return "\n".join(lines)
