@@ -85,12 +85,20 @@ def last_index(mask: torch.Tensor) -> torch.Tensor:
     return (C - 1 - torch.flip(mask > 0, [1]).float().argmax(-1)).clamp(min=0) * (mask > 0).any(-1)
 
 
-def kl_penalized_rewards(rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor, beta: float) -> torch.Tensor:
+def kl_penalized_rewards(rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor, beta: float,
+                         turn_rewards: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token rewards [N, C]: −β·kl on every real token, plus the sequence reward [N] on the
-    last real token (the KL-in-reward construction of PPO for RLHF and REINFORCE++); 0 at padding."""
+    last real token (the KL-in-reward construction of PPO for RLHF and REINFORCE++); 0 at padding.
+    ``turn_rewards`` [N, C] (a multi-turn environment's, at each turn's last sampled token) are
+    added where they are, and only the rest of the sequence reward (reward − their sum) goes on
+    the last token, so a trajectory's tokens still sum to its reward."""
     r = -beta * kl * mask  # [N, C]
     last = last_index(mask)  # [N]
-    r = r.scatter_add(1, last.unsqueeze(-1), rewards.float().unsqueeze(-1))
+    final = rewards.float()
+    if turn_rewards is not None:
+        r = r + turn_rewards.float() * mask
+        final = final - (turn_rewards.float() * mask).sum(-1)
+    r = r.scatter_add(1, last.unsqueeze(-1), final.unsqueeze(-1))
     return r * mask
 
 

@@ -53,6 +53,9 @@ class Rollouts:
     # are attended to but never trained on: ``completion_mask`` (the loss mask) is 1 on sampled tokens only.
     env_mask: torch.Tensor | None = None
     turns: list[dict] | None = None  # N per-trajectory records (turns, tool calls, errors, env reward)
+    # [N, C] float: an environment's per-turn rewards at each turn's last sampled token (PPO's GAE and
+    # REINFORCE++'s returns take them as rewards at those tokens); None: one reward per trajectory
+    turn_rewards: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -80,7 +83,8 @@ class Rollouts:
             sampler_logprobs=None if self.sampler_logprobs is None else self.sampler_logprobs[rows],
             texts=[self.texts[i] for i in rows.tolist()], finish_reasons=[self.finish_reasons[i] for i in rows.tolist()],
             pad_id=self.pad_id, env_mask=None if self.env_mask is None else self.env_mask[rows],
-            turns=None if self.turns is None else [self.turns[i] for i in rows.tolist()])
+            turns=None if self.turns is None else [self.turns[i] for i in rows.tolist()],
+            turn_rewards=None if self.turn_rewards is None else self.turn_rewards[rows])
 
     @staticmethod
     def cat(parts: list["Rollouts"]) -> "Rollouts":
@@ -105,7 +109,9 @@ class Rollouts:
             pad_id=parts[0].pad_id,
             env_mask=torch.cat([pad(r.env_mask if r.env_mask is not None else torch.zeros_like(r.completion_mask), 0)
                                 for r in parts]) if any_env else None,
-            turns=[t for r in parts for t in (r.turns or [{} for _ in range(r.n)])] if any_env else None)
+            turns=[t for r in parts for t in (r.turns or [{} for _ in range(r.n)])] if any_env else None,
+            turn_rewards=torch.cat([pad(r.turn_rewards if r.turn_rewards is not None else torch.zeros_like(r.completion_mask), 0)
+                                    for r in parts]) if any(r.turn_rewards is not None for r in parts) else None)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """Left-padded prompt + right-padded completion, ready for a forward pass."""

@@ -309,3 +309,43 @@ def test_the_readme_environment_example_runs_unchanged(tokenizer, monkeypatch):
     assert metrics["env/tool_calls_mean"] == 1.0 and ro.texts == ["<answer>5535</answer>"] * 2
     listed = tokenizer.decode(ro.prompt_ids[0])
     assert '"name": "multiply"' in listed and '"name": "add"' in listed
+
+
+def test_per_turn_rewards_reach_ppo_and_reinforce_pp_at_each_turns_last_sampled_token(tokenizer):
+    import torch
+
+    from rlbench import manager, ops
+    from rlbench.types import StepContext
+
+    class Graded(Calculator):
+        get_reward = None  # the turn rewards are the trajectory's reward
+
+        def turn_rewards(self):
+            return [0.25, 1.0]  # the tool call earns a little, the answer the rest
+
+    _, ro, _ = _run(tokenizer, [CALL, "<answer>42</answer>"], env_cls=Graded, n=1)
+    mask = ro.completion_mask
+    turn0 = int(mask[0].tolist().index(0.0)) - 1  # the last sampled token of turn 0
+    last = int(ops.last_index(mask)[0])
+    assert ro.turn_rewards[0, turn0] == 0.25 and ro.turn_rewards[0, last] == 1.0
+    assert ro.turn_rewards[0].sum() == 1.25 and [r["reward"] for r in ro.turns] == [1.25, 1.25]
+    # the token rewards: the turn rewards where they are, the rest of the scalar reward (a format
+    # bonus of 0.1 here) on the last token; they sum to the trajectory's reward
+    rewards = torch.tensor([1.35, 1.35])
+    kl = torch.zeros_like(mask)
+    token_r = ops.kl_penalized_rewards(rewards, mask, kl, 0.1, ro.turn_rewards)
+    assert token_r[0, turn0].item() == pytest.approx(0.25) and token_r[0, last].item() == pytest.approx(1.1)
+    assert token_r.sum(-1).tolist() == pytest.approx([1.35, 1.35])
+    # PPO's GAE over them with values 0, γ = λ = 1: the advantage of a turn-0 token is the whole
+    # return, of a turn-1 token only turn 1's
+    ppo = manager.get("algorithm", "ppo")
+    algo = ppo(ppo.Config(beta=0.0, gamma=1.0, lam=1.0, whiten_advantages=False))
+    ctx = StepContext(step=1, ref_logprobs=torch.zeros_like(mask), values=torch.zeros_like(mask))
+    batch = algo.prepare(ro, rewards, ctx)
+    adv = batch["advantages"][0]
+    assert adv[turn0].item() == pytest.approx(1.35) and adv[last].item() == pytest.approx(1.1)
+    assert adv[turn0 + 1].item() == 0.0  # environment tokens carry none
+    rpp = manager.get("algorithm", "reinforce_pp")
+    returns = ops.returns_to_go(ops.kl_penalized_rewards(rewards, mask, kl, 0.0, ro.turn_rewards), mask)
+    assert returns[0, turn0].item() == pytest.approx(1.35) and returns[0, last].item() == pytest.approx(1.1)
+    assert rpp(rpp.Config(beta=0.0)).prepare(ro, rewards, StepContext(step=1))["advantages"].shape == mask.shape

@@ -84,7 +84,7 @@ class PPO(KLControlled):
         mask = rollouts.completion_mask.float()  # [N, C]
         old = ctx.old_logprobs if ctx.old_logprobs is not None else rollouts.sampler_logprobs  # [N, C]
         kl = ops.k1_kl(old, ctx.ref_logprobs) if ctx.ref_logprobs is not None else torch.zeros_like(mask)  # [N, C]
-        token_r = ops.kl_penalized_rewards(rewards, mask, kl, self.kl_ctl.beta)  # [N, C]
+        token_r = ops.kl_penalized_rewards(rewards, mask, kl, self.kl_ctl.beta, rollouts.turn_rewards)  # [N, C]
         values = ctx.values * mask  # [N, C] before the update
         adv, returns = ops.gae(token_r, values, mask, c.gamma, c.lam)
         if c.whiten_advantages:

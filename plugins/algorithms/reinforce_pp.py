@@ -48,7 +48,7 @@ class ReinforcePP(PolicyGradient):
         mask = rollouts.completion_mask.float()  # [N, C]
         old = ctx.old_logprobs if ctx.old_logprobs is not None else rollouts.sampler_logprobs  # [N, C]
         kl = ops.k1_kl(old, ctx.ref_logprobs) if ctx.ref_logprobs is not None else torch.zeros_like(mask)  # [N, C]
-        token_r = ops.kl_penalized_rewards(rewards, mask, kl, self.kl_ctl.beta)  # [N, C]
+        token_r = ops.kl_penalized_rewards(rewards, mask, kl, self.kl_ctl.beta, rollouts.turn_rewards)  # [N, C]
         adv = ops.whiten(ops.returns_to_go(token_r, mask), mask)  # [N, C]
         batch = TrainBatch.from_rollouts(rollouts, advantages=adv)
         batch.metrics["reinforce_pp/kl_reward"] = (-self.kl_ctl.beta * kl * mask).sum().item() / rollouts.n

@@ -15,7 +15,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 
 TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
-NOT_TOOLS = {"reset", "step", "get_reward", "close"}
+NOT_TOOLS = {"reset", "step", "get_reward", "turn_rewards", "close"}
 TOOL_PROMPT = ("You can call these tools. To call one, write <tool_call>{\"name\": NAME, \"arguments\": {ARGUMENTS}}"
                "</tool_call>; its result comes back in the next message. When you know the answer, give it "
                "without a tool call.\nTools:\n")

@@ -15,7 +15,11 @@ A turn with tool calls gets their results back as ``tool`` messages; a turn with
 trajectory: its text is the final answer. Environments without tools answer each turn through
 ``step(text) -> (observation | None, done)`` with a ``user`` message. The reward is the
 environment's ``get_reward()`` (a float, or named components) when it has one, otherwise the
-task's verifier on the final assistant message (the sampler scores it).
+task's verifier on the final assistant message (the sampler scores it). An environment may also
+reward each turn (``turn_rewards() -> [float]``, one per assistant turn): those sit at each
+turn's last sampled token in ``Rollouts.turn_rewards``, where PPO's GAE and REINFORCE++'s returns
+read them, and their sum is the trajectory's reward for the group methods (unless ``get_reward``
+gives one).
 
 Limits and faults (rlbench/config_env.py): ``max_turns``; ``max_tool_calls`` (a turn past it ends
 the trajectory); ``max_context_tokens`` for prompt plus completion region, each turn sampling at
@@ -62,6 +66,8 @@ class Trajectory:
     ended: bool = True  # the last turn sampled its end-of-turn token
     ended_by: str = ""  # answer | env_done | max_turns | max_tool_calls | context | error
     reward: object = None  # get_reward()'s value; None: the task scores the final answer
+    turn_ends: list[int] = field(default_factory=list)  # each turn's last sampled token, as a region index
+    turn_rewards: list[float] | None = None  # turn_rewards()'s values, one per assistant turn
 
     @property
     def ids(self) -> list[int]:
@@ -187,6 +193,7 @@ class Episodes:
                 k = min(int(out.completion_mask[row].sum()), budget[i])
                 t.region += out.completion_ids[row, :k].tolist()
                 t.sampled += [1.0] * k
+                t.turn_ends.append(len(t.region) - 1)
                 lp = out.sampler_logprobs[row, :k].tolist() if out.sampler_logprobs is not None else [0.0] * k
                 t.logprobs += lp
                 t.turns += 1
@@ -213,7 +220,14 @@ class Episodes:
         for t in trajs:
             if not t.done:
                 t.done, t.ended_by = True, t.ended_by or "max_turns"
-            if t.env is not None and not t.errors and hasattr(t.env, "get_reward"):
+            if t.env is not None and not t.errors and callable(getattr(t.env, "turn_rewards", None)):
+                try:
+                    t.turn_rewards = [float(x) for x in timed(t.env.turn_rewards, self.cfg.tool_timeout_s)][:t.turns]
+                    t.reward = sum(t.turn_rewards)  # the trajectory's reward unless get_reward says otherwise
+                except Exception as e:  # noqa: BLE001 - reward 0, counted
+                    t.errors += 1
+                    t.ended_by = f"error: turn_rewards: {type(e).__name__}: {e}"
+            if t.env is not None and not t.errors and callable(getattr(t.env, "get_reward", None)):
                 try:
                     t.reward = timed(t.env.get_reward, self.cfg.tool_timeout_s)
                 except Exception as e:  # noqa: BLE001 - reward 0, counted
@@ -231,6 +245,7 @@ class Episodes:
         sampled = torch.zeros(N, C)  # [N, C] loss mask
         env = torch.zeros(N, C)  # [N, C] environment tokens
         lps = torch.zeros(N, C)  # [N, C]
+        per_turn = torch.zeros(N, C) if any(t.turn_rewards is not None for t in trajs) else None  # [N, C]
         drift = 0
         for i, t in enumerate(trajs):
             k = len(t.region)
@@ -238,6 +253,10 @@ class Episodes:
             sampled[i, :k] = torch.tensor(t.sampled)
             env[i, :k] = 1.0 - torch.tensor(t.sampled)
             lps[i, :k] = torch.tensor(t.logprobs)
+            if per_turn is not None and t.turn_rewards and not t.errors:
+                for end, r in zip(t.turn_ends, t.turn_rewards):
+                    if end >= 0 and t.sampled[end]:  # a turn that sampled nothing has no token to hold it
+                        per_turn[i, end] += r
             if t.turns and t.initial:  # a task without chat messages (Prompt.meta['messages']): not checked
                 t_drift = self.renderer.drift(t.initial, _schemas(t), t.messages, t.ids, t.ended)
                 drift += t_drift
@@ -249,7 +268,7 @@ class Episodes:
                       group=torch.arange(len(prompts)).repeat_interleave(n), completion_ids=ids,
                       completion_mask=sampled, sampler_logprobs=lps, texts=[t.last_text() for t in trajs],
                       finish_reasons=["stop" if t.ended else "length" for t in trajs], pad_id=pad, env_mask=env,
-                      turns=records)
+                      turns=records, turn_rewards=per_turn)
         metrics = {"env/turns_mean": sum(r["turns"] for r in records) / N,
                    "env/tool_calls_mean": sum(r["tool_calls"] for r in records) / N,
                    "env/tool_errors": float(sum(r["tool_errors"] for r in records)),
