@@ -17,7 +17,7 @@ strings are resolved lazily, only when a run selects that name, so that
 bitsandbytes (lm-eval's registry habit). A value may also be the object itself.
 
 What each registered object must provide is typed by the protocols of ``rlbench.types``
-(``Algorithm``, ``RolloutEngine``, ``Task``, ``Logger``, ``Executor``) and documented hook by
+(``Algorithm``, ``RolloutEngine``, ``Task``, ``Logger``, ``Executor``, ``Environment``) and documented hook by
 hook below; environments follow TRL's ``environment_factory`` shape (``rlbench_environments``).
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # for the annotations only: the hook interface imports nothin
     import torch
 
     import rlbench  # the run's config is named in full (rlbench.config.Config), not imported: it stands above
-    from rlbench.types import Algorithm, Executor, Logger, RolloutEngine, Rollouts, Task
+    from rlbench.types import Algorithm, Environment, Executor, Logger, RolloutEngine, Rollouts, Task
 
 API_VERSION = 2
 # 2: what the trainer computes (reference / old logprobs, the critic's values, importance
@@ -149,7 +149,7 @@ def rlbench_tasks() -> Mapping[str, str | type[Task]]:
 
 
 @hookspec
-def rlbench_environments() -> Mapping[str, str | type]:
+def rlbench_environments() -> Mapping[str, str | type[Environment]]:
     """Register multi-turn environments (the config's ``env.name``; rlbench/environments/).
 
     Return ``{name: "module:Class"}``. ``Class`` may have a ``Config`` dataclass (its options, set

@@ -337,6 +337,15 @@ class Task(Protocol):
     def score(self, prompts: list[Prompt], texts: list[str]) -> dict[str, list[float]]: ...
 
 
+class Environment(Protocol):
+    """One trajectory's environment, in the shape of TRL's ``environment_factory``
+    (rlbench_environments): ``reset(**row)`` opens it; its other public methods are tools, or
+    ``step(text) -> (observation | None, done)`` answers each turn; ``get_reward()`` and
+    ``turn_rewards()`` are optional."""
+
+    def reset(self, **row: Any) -> str | None: ...
+
+
 class Logger(Protocol):
     """``Class(run_dir, config)``; every step's metrics line (rlbench_loggers)."""
 

@@ -349,3 +349,54 @@ def test_per_turn_rewards_reach_ppo_and_reinforce_pp_at_each_turns_last_sampled_
     returns = ops.returns_to_go(ops.kl_penalized_rewards(rewards, mask, kl, 0.0, ro.turn_rewards), mask)
     assert returns[0, turn0].item() == pytest.approx(1.35) and returns[0, last].item() == pytest.approx(1.1)
     assert rpp(rpp.Config(beta=0.0)).prepare(ro, rewards, StepContext(step=1))["advantages"].shape == mask.shape
+
+
+def test_hook_rlbench_environments(tmp_path):
+    """A third-party environment registered through the hook, named by env.name, with its own
+    options checked like every section, trains in a run."""
+    import json
+    from dataclasses import dataclass
+
+    import rlbench
+    from rlbench import manager
+    from rlbench.config import ConfigError
+    from rlbench.training import trainer
+
+    @dataclass
+    class EchoConfig:
+        reply: str = "again"
+
+    class Echo:  # a step environment: answers each turn with its option, twice
+        Config = EchoConfig
+
+        def __init__(self, options, task):
+            self.options, self.task, self.turns = options, task, 0
+
+        def reset(self, **row):
+            return None
+
+        def step(self, text):
+            self.turns += 1
+            return (self.options.reply, False) if self.turns < 2 else (None, True)
+
+        def get_reward(self):
+            return {"accuracy": 0.0, "turns": float(self.turns)}
+
+    class Plugin:
+        @rlbench.hookimpl
+        def rlbench_environments(self):
+            return {"echo": Echo}
+
+    with manager.registered(Plugin()):
+        with pytest.raises(ConfigError, match="unknown key 'replies' in section 'env'; did you mean 'reply'"):
+            tiny_config(env={"name": "echo", "replies": "x"})
+        cfg = tiny_config("train.steps=1", "rollout.max_tokens=4", env={"name": "echo", "reply": "more", "max_turns": 4},
+                          eval={"n": 2, "max_tokens": 4, "before": False, "after": False})
+        t = trainer.start(cfg, tmp_path / "run")
+        try:
+            t.run()
+        finally:
+            t.close()
+    step = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert step["env/turns_mean"] == 2.0 and step["reward/turns"] == 2.0  # its reward components are logged
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["plugins"]["env"]["name"] == "echo"

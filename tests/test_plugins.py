@@ -129,7 +129,7 @@ def test_every_hook_is_documented_and_tested(hook):
 
 
 PROTOCOLS = {"algorithm": "Algorithm", "engine": "RolloutEngine", "task": "Task", "logger": "Logger",
-             "executor": "Executor"}
+             "executor": "Executor", "environment": "Environment"}
 
 
 def test_hooks_are_typed_with_the_protocols_and_every_builtin_provides_its_own():

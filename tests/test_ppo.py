@@ -8,7 +8,8 @@ from rlbench import rundir
 from rlbench.ops import gae
 from rlbench.plugins.algorithms.ppo import PPO, PPOConfig, clipped_value_loss
 from rlbench.training.trainer import start
-from rlbench.types import TrainBatch, shuffle_seed
+from rlbench.seeds import shuffle_seed
+from rlbench.types import TrainBatch
 from rlbench.training.accumulate import mini_batches
 
 from conftest import tiny_config

@@ -271,17 +271,24 @@ def executor_for(spec: dict, root: Path, name: str | None = None, jobs_n: int | 
 
 
 def check_tasks(runs, echo=print) -> None:
-    """``rlbench task check`` once per distinct task section, before the first run starts: a data or
-    verifier error stops the suite here, not in every run's log."""
+    """``rlbench task check`` once per distinct task section, before the first run starts, so a data
+    or verifier problem is said up front. It stops nothing here: each run checks its task again and
+    fails on its own (recorded in status.json with the reason), and the suite goes on."""
     seen = set()
     for _, cfg in runs:
         key = json.dumps([cfg.model.name, cfg.names["task"], cfg.to_dict()["task"]], sort_keys=True, default=str)
-        if key not in seen:
-            seen.add(key)
+        if key in seen:
+            continue
+        seen.add(key)
+        label = cfg.label("task")
+        try:
             result = task_check.preflight(cfg, echo=False)
-            echo(f"  task check {result.task}: " + (f"gold {result.gold_accepted}/{result.gold_checked} accepted, "
-                                                     if result.gold_checked else "")
-                 + f"{result.overlap_prompts} test prompts also in train")
+        except Exception as e:  # noqa: BLE001 - any failure of the check is its runs' failure, said now
+            echo(f"  task check {label}: {type(e).__name__}: {str(e)[:300]} (its runs will fail)")
+            continue
+        echo(f"  task check {result.task}: " + (f"gold {result.gold_accepted}/{result.gold_checked} accepted, "
+                                                 if result.gold_checked else "")
+             + f"{result.overlap_prompts} test prompts also in train")
 
 
 def probe_tasks(runs, root: Path, prompts: int, echo=print) -> None:
