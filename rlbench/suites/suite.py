@@ -40,7 +40,6 @@ retries failed ones (rlbench/suites/jobs.py).
 """
 from __future__ import annotations
 
-import datetime as _dt
 import itertools
 import json
 import os
@@ -49,7 +48,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import yaml
@@ -57,6 +55,7 @@ import yaml
 from rlbench import config as cfgmod
 from rlbench.config_types import _suggest
 from rlbench.suites import jobs as jobsmod
+from rlbench.suites.status import Status, driver_alive, now, status_table  # noqa: F401 - status_table: the CLI's
 from rlbench.training import task_check
 
 SUITE_KEYS = {"name", "base", "budget", "matrix", "set", "baseline", "description", "keep_checkpoints", "probe",
@@ -171,40 +170,6 @@ def expand(spec: dict) -> list[tuple[str, cfgmod.Config]]:
     return runs
 
 
-# -- status ---------------------------------------------------------------------------------
-
-class Status:
-    """``status.json``: one entry per run, written atomically after every change."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.lock = threading.Lock()
-        self.data = json.loads(path.read_text()) if path.exists() else {"runs": {}}
-
-    def set(self, run: str, **fields) -> None:
-        with self.lock:
-            self.data["runs"].setdefault(run, {}).update(fields)
-            self._write()
-
-    def _write(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2))
-        os.replace(tmp, self.path)
-
-    def get(self, run: str) -> dict:
-        return self.data["runs"].get(run, {})
-
-    def meta(self, **fields) -> None:
-        """Suite-level entries (the resolved executor settings)."""
-        with self.lock:
-            self.data.update(fields)
-            self._write()
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def is_complete(run_dir: Path) -> bool:
     """A run is complete when it wrote cost.json (its last act) at its final step."""
     return (run_dir / "cost.json").is_file() and (run_dir / "metrics.jsonl").is_file()
@@ -232,7 +197,7 @@ def make_job(name: str, root: Path, processes: int = 1) -> jobsmod.Job:
         args, how = ["--resume", str(run_dir)], "resumed"
     else:
         if run_dir.exists():
-            shutil.move(str(run_dir), str(run_dir.with_name(f".{name}.partial-{_now().replace(':', '')}")))
+            shutil.move(str(run_dir), str(run_dir.with_name(f".{name}.partial-{now().replace(':', '')}")))
         args, how = [str(root / "configs" / f"{name}.yaml"), "--out", str(root / "runs")], "started"
     return jobsmod.Job(name, args, run_dir, root / "logs" / f"{name}.log", processes=processes, how=how)
 
@@ -355,32 +320,6 @@ def run_suite(path: str | Path, out: str | Path = "runs/suites", jobs: int | Non
                                               if summary[k] or k in ("complete", "failed"))
          + ("; `rlbench suite run` again resumes it" if summary["interrupted"] or summary["pending"] else ""))
     return summary
-
-
-def status_table(root: str | Path) -> list[dict]:
-    root = Path(root)
-    st = Status(root / "status.json")
-    rows = []
-    for name, info in sorted(st.data["runs"].items()):
-        run_dir = root / "runs" / name
-        steps = 0
-        if (run_dir / "metrics.jsonl").exists():
-            steps = sum(1 for _ in open(run_dir / "metrics.jsonl"))
-        rows.append({"run": name, "status": info.get("status"), "steps_logged": steps, "job_id": info.get("job_id"),
-                     "state": info.get("state"),
-                     "attempts": info.get("attempts", 0), "error": info.get("error") or ""})
-    return rows
-
-
-def driver_alive(driver: dict | None) -> bool:
-    """The suite driver recorded in status.json still runs (on this machine)."""
-    if not driver or driver.get("host") != socket.gethostname():
-        return False
-    try:
-        cmdline = Path(f"/proc/{driver['pid']}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return False
-    return "rlbench" in cmdline and "suite" in cmdline
 
 
 def cancel_suite(root: str | Path) -> list[str]:
