@@ -2,9 +2,10 @@
 
 A job id is the process id; each run is a session of its own. SIGINT (Ctrl-C) or SIGTERM to the
 suite controller, or ``rlbench suite cancel``, stops its runs (one SIGTERM each: they checkpoint)
-and the controller ends after them. A controller killed outright (SIGKILL) leaves its runs
-running; a new controller re-attaches to a run whose process is still alive by its id and command
-line.
+and the controller ends after them. A controller killed outright (SIGKILL) takes its runs with it:
+each gets SIGTERM from the kernel (PR_SET_PDEATHSIG), checkpoints and ends, and the next controller
+resumes it. (Where that is not available, a run outlives a killed controller and a new controller
+re-attaches to it by its process id and command line.)
 
 Not covered: a run on another machine; re-attaching after this machine reboots (the run is then
 resumed from its checkpoint instead).
@@ -30,6 +31,17 @@ class LocalConfig:
             raise ValueError(f"jobs and processes must be >= 1, got {self.jobs}, {self.processes}")
 
 
+def _term_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent (the suite driver) exits (Linux prctl)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # not Linux: a driver killed outright leaves its runs running (re-attached later)
+        pass
+
+
 class LocalExecutor:
     Config = LocalConfig
     name = "local"
@@ -47,9 +59,10 @@ class LocalExecutor:
         f.write(f"\n=== {job.how}: {' '.join(cmd)}\n")
         f.flush()
         # its own session: a Ctrl-C in the driver's terminal reaches the driver only, which stops each
-        # run with exactly one SIGTERM (a second signal would interrupt a run before its checkpoint)
+        # run with exactly one SIGTERM (a second signal would interrupt a run before its checkpoint);
+        # and SIGTERM when the driver dies, however it dies (SIGKILL included): no run outlives it
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **job.env},
-                             start_new_session=True)
+                             start_new_session=True, preexec_fn=_term_with_parent)
         self.procs[str(p.pid)] = (p, f)
         return str(p.pid)
 
