@@ -398,8 +398,9 @@ def test_stopping_a_local_suite_stops_it_and_a_rerun_resumes(tmp_path, how):
     spec.write_text(f"""
 name: stop
 base: {ROOT / "configs" / "smoke.yaml"}
-matrix: {{algorithm: [grpo, rloo, dr_grpo], seed: [0]}}
-set: ["train.steps=20", "train.checkpoint_every=1", "eval.before=false", "eval.n=4", "logging.loggers=[]"]
+matrix: {{algorithm: [grpo, rloo], seed: [0]}}
+set: ["train.steps=8", "train.checkpoint_every=1", "eval.before=false", "eval.n=4", "rollout.max_tokens=4",
+      "logging.loggers=[]"]
 probe: false
 """)
     out = tmp_path / "out"
