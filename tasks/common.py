@@ -229,9 +229,14 @@ class DatasetTask:
         return f"<think>The reference answer.</think>\n<answer>{prompt.answer}</answer>"
 
     def score(self, prompts, texts) -> dict[str, list[float]]:
-        c = self.config
-        out = {"accuracy": [float(x) for x in self.correct(prompts, texts)],
-               "format": [format_score(t, c, p.meta.get("prefilled_think", False)) for p, t in zip(prompts, texts)]}
-        if c.overlong_threshold > 0:
-            out["overlong"] = [overlong(len(self.tok(t, add_special_tokens=False)["input_ids"]), c) for t in texts]
-        return out
+        return components(self.config, self.tok, prompts, texts, self.correct(prompts, texts))
+
+
+def components(cfg: PromptConfig, tok, prompts, texts, accuracy) -> dict[str, list[float]]:
+    """A prompt-config task's reward components: ``accuracy`` as given, ``format`` and, when on,
+    ``overlong`` (the module docstring): what every task built on PromptConfig reports."""
+    out = {"accuracy": [float(x) for x in accuracy],
+           "format": [format_score(t, cfg, p.meta.get("prefilled_think", False)) for p, t in zip(prompts, texts)]}
+    if cfg.overlong_threshold > 0:
+        out["overlong"] = [overlong(len(tok(t, add_special_tokens=False)["input_ids"]), cfg) for t in texts]
+    return out

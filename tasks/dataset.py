@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import rlbench
 from rlbench.tasks import answers, rows as rowsmod, verifiers
-from rlbench.tasks.common import PromptConfig, chat_messages, chat_prompt, format_score, overlong, sample
+from rlbench.tasks.common import PromptConfig, chat_messages, chat_prompt, components, sample
 from rlbench.types import DataError, Prompt
 
 
@@ -250,12 +250,7 @@ class Dataset:
         return self.verify(predictions, [p.answer for p in prompts], rows, self.options)
 
     def score(self, prompts: list[Prompt], texts: list[str]) -> dict[str, list[float]]:
-        c = self.config
-        out = {"accuracy": [float(x) for x in self.correct(prompts, texts)],
-               "format": [format_score(t, c, p.meta.get("prefilled_think", False)) for p, t in zip(prompts, texts)]}
-        if c.overlong_threshold > 0:
-            out["overlong"] = [overlong(len(self.tok(t, add_special_tokens=False)["input_ids"]), c) for t in texts]
-        return out
+        return components(self.config, self.tok, prompts, texts, self.correct(prompts, texts))
 
     # -- what rlbench task check and the manifest read --------------------------------------------
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import rlbench
 from rlbench.tasks import answers
-from rlbench.tasks.common import PromptConfig, chat_messages, chat_prompt, format_score, overlong
+from rlbench.tasks.common import PromptConfig, chat_messages, chat_prompt, components
 from rlbench.types import DataError, Prompt
 
 
@@ -143,11 +143,7 @@ class ReasoningGym:
     def score(self, prompts: list[Prompt], texts: list[str]) -> dict[str, list[float]]:
         c = self.config
         acc = [self.scorer.score(answers.extract(t, c.extract), self._entry(p)) for p, t in zip(prompts, texts)]
-        out = {"accuracy": acc,
-               "format": [format_score(t, c, p.meta.get("prefilled_think", False)) for p, t in zip(prompts, texts)]}
-        if c.overlong_threshold > 0:
-            out["overlong"] = [overlong(len(self.tok(t, add_special_tokens=False)["input_ids"]), c) for t in texts]
-        return out
+        return components(c, self.tok, prompts, texts, acc)
 
     def gold(self, prompt: Prompt) -> str:
         return answers.gold_completion(str(prompt.answer), "tags")
