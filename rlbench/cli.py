@@ -204,7 +204,6 @@ def _cmd_task(args) -> int:
 
 
 def _cmd_suite(args) -> int:
-    from rlbench.config import ConfigError
     from rlbench.suites import suite
 
     if args.action == "run":
@@ -216,29 +215,12 @@ def _cmd_suite(args) -> int:
     if args.action == "plan":
         from rlbench.suites import plan as planmod
 
-        sd = args.sd if args.sd is not None else (planmod.sd_from_report(args.sd_from) if args.sd_from else None)
-        if args.mde is not None and sd is None:
-            raise ConfigError("rlbench suite plan --mde needs --sd (the sd of paired per-seed differences) or --sd-from REPORT")
-        how = planmod.Assumptions(accelerator=args.accelerator, mfu=args.mfu, jobs=args.jobs or 1,
-                                  completion_frac=args.completion_frac, measure=args.measure, mde=args.mde, sd=sd)
-        p = planmod.plan(suite.load(args.target, args.set or []), how)
-        print(json.dumps(p, indent=2, default=float) if args.json else planmod.table(p))
-        return 0
+        return planmod.command(args)
     if args.action == "cancel":
         ids = suite.cancel_suite(args.target)
         print(f"cancelled {len(ids)} job(s): {' '.join(ids)}" if ids else "no queued or running jobs")
         return 0
-    rows = suite.status_table(args.target)
-    if not rows:
-        raise FileNotFoundError(f"no suite status under {args.target} (status.json of `rlbench suite run`)")
-    counts = {}
-    for r in rows:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
-        print(f"{r['run']:<40} {r['status']:<11} steps {r['steps_logged']:<5} attempts {r['attempts']} "
-              f"job {r['job_id'] or '-'} ({r['state'] or '-'})")
-        if r["error"] and r["status"] != "complete":  # the whole reason, indented under its run
-            print("    " + r["error"].strip().replace("\n", "\n    "))
-    print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    print(suite.status_text(args.target))
     return 0
 
 

@@ -41,6 +41,20 @@ def tiny_config(*overrides: str, **sections: dict):
     return config.resolve({**TINY, **sections}, list(overrides))
 
 
+def train(cfg, run_dir):
+    """A whole training run of ``cfg`` into ``run_dir`` (engine closed after); its metrics lines."""
+    import json
+
+    from rlbench.training import trainer
+
+    t = trainer.start(cfg, run_dir)
+    try:
+        t.run()
+    finally:
+        t.close()
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from rlbench.modeling import models

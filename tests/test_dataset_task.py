@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import tiny_config
+from conftest import tiny_config, train
 from rlbench import cli
 from rlbench.tasks import answers, verifiers
 from rlbench.tasks.dataset import Dataset
@@ -320,11 +320,7 @@ def test_a_dataset_run_records_its_label_and_data_hashes(tmp_path):
 
     spec = _spec(tmp_path, MC, MC[:4], label="picks", extract="choice", verifier="choice", choices="options")
     cfg = tiny_config("train.steps=1", task=spec)
-    t = trainer.start(cfg, tmp_path / "run")
-    try:
-        t.run()
-    finally:
-        t.close()
+    train(cfg, tmp_path / "run")
     man = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert man["data"]["task"] == "picks"
     files = man["task_info"]["data_files"]
@@ -346,16 +342,10 @@ def test_the_letter_answer_example_trains_with_nonzero_accuracy_on_the_embedded_
     from pathlib import Path
 
     from rlbench import config
-    from rlbench.training import trainer
 
     root = Path(__file__).resolve().parents[1]
     cfg = config.load(root / "examples/unit-conversion/config.yaml",
                       ["train.steps=2", "engine.name=hf", f"task.train_file={root}/examples/unit-conversion/train.jsonl",
                        f"task.test_file={root}/examples/unit-conversion/test.jsonl", "eval.before=false", "eval.after=false"])
-    t = trainer.start(cfg, tmp_path / "run")
-    try:
-        t.run()
-    finally:
-        t.close()
-    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = train(cfg, tmp_path / "run")
     assert max(s["reward/accuracy"] for s in steps) > 0, steps

@@ -172,10 +172,20 @@ def run_jobs(todo: list, executor: Executor, status, runs: RunCallbacks, *, max_
     process (``rlbench suite cancel`` sends SIGTERM) stops the suite: the running jobs checkpoint
     and end as ``interrupted``, no new job starts, and the queued runs stay pending."""
     with StopRequest() as stop:
-        return _loop(todo, executor, status, runs, max_attempts, poll_seconds, echo, stop)
+        return _loop(todo, executor, status, runs, Pacing(max_attempts, poll_seconds, echo), stop)
 
 
-def _loop(todo, executor, status, runs, max_attempts, poll_seconds, echo, stop) -> dict[str, str]:
+@dataclass(frozen=True)
+class Pacing:
+    """How the job loop retries, waits and speaks."""
+
+    max_attempts: int
+    poll_seconds: float
+    echo: Callable
+
+
+def _loop(todo, executor, status, runs, pacing: Pacing, stop) -> dict[str, str]:
+    max_attempts, poll_seconds, echo = pacing.max_attempts, pacing.poll_seconds, pacing.echo
     results: dict[str, str] = {}
     active: dict[str, str] = {}  # name -> job id
     failures: dict[str, int] = {}  # this controller's failed jobs per run (resumable ends do not count)

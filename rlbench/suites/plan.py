@@ -179,3 +179,16 @@ def table(p: dict) -> str:
                         + (f" (${p['price_usd_at_seeds']:,.2f})" if p["price_usd_at_seeds"] is not None else "")
                         if math.isfinite(need) else ""))
     return "\n".join(lines)
+
+
+def command(args) -> int:
+    """``rlbench suite plan`` from its parsed arguments: the table (or JSON) on stdout."""
+    sd = args.sd if args.sd is not None else (sd_from_report(args.sd_from) if args.sd_from else None)
+    if args.mde is not None and sd is None:
+        raise cfgmod.ConfigError("rlbench suite plan --mde needs --sd (the sd of paired per-seed differences) or "
+                                 "--sd-from REPORT")
+    how = Assumptions(accelerator=args.accelerator, mfu=args.mfu, jobs=args.jobs or 1,
+                      completion_frac=args.completion_frac, measure=args.measure, mde=args.mde, sd=sd)
+    p = plan(suitemod.load(args.target, args.set or []), how)
+    print(json.dumps(p, indent=2, default=float) if args.json else table(p))
+    return 0

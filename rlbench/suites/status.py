@@ -69,3 +69,20 @@ def driver_alive(driver: dict | None) -> bool:
     except OSError:
         return False
     return "rlbench" in cmdline and "suite" in cmdline
+
+
+def status_text(root: str | Path) -> str:
+    """``rlbench suite status``: a line per run, the whole reason under a run that did not complete,
+    then the counts. FileNotFoundError when the directory holds no suite status."""
+    rows = status_table(root)
+    if not rows:
+        raise FileNotFoundError(f"no suite status under {root} (status.json of `rlbench suite run`)")
+    lines, counts = [], {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+        lines.append(f"{r['run']:<40} {r['status']:<11} steps {r['steps_logged']:<5} attempts {r['attempts']} "
+                     f"job {r['job_id'] or '-'} ({r['state'] or '-'})")
+        if r["error"] and r["status"] != "complete":
+            lines.append("    " + r["error"].strip().replace("\n", "\n    "))
+    lines.append(", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    return "\n".join(lines)

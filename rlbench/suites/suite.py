@@ -55,7 +55,7 @@ import yaml
 from rlbench import config as cfgmod
 from rlbench.config_types import _suggest
 from rlbench.suites import jobs as jobsmod
-from rlbench.suites.status import Status, driver_alive, now, status_table  # noqa: F401 - status_table: the CLI's
+from rlbench.suites.status import Status, driver_alive, now, status_table, status_text  # noqa: F401 - the CLI's
 from rlbench.training import task_check
 
 SUITE_KEYS = {"name", "base", "budget", "matrix", "set", "baseline", "description", "keep_checkpoints", "probe",
