@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCOPE = ["rlbench/ops.py", "rlbench/policy_gradient.py", "rlbench/training/accumulate.py", "rlbench/plugins/algorithms/*"]
 TESTS = ["test_ops.py", "test_properties.py", "test_accumulate.py", "test_algorithm_contracts.py", "test_grpo.py",
          "test_grpo_family.py", "test_dapo.py", "test_dpo.py",
-         "test_ppo.py", "test_trainer.py", "test_off_policy.py"]
+         "test_ppo.py", "test_trainer.py", "test_off_policy.py", "test_imitation.py"]
 DESELECT = ["learns", "dynamic_sampling", "cost_counts", "critic_from", "importance_correction_weights_are_one",
             "reference_is_frozen", "resume", "lag_of_one", "push_that", "asynchronous"]
 EQUIVALENT = Path(__file__).resolve().parent / "mutation_equivalent.txt"

@@ -189,10 +189,16 @@ class EvalConfig:
     # generated tokens, else steps) first reaches each fraction: 0 is before training, 1 the end.
     # Every algorithm is then evaluated at the same points of the compute axis (to within a step).
     at_budget_fractions: list = field(default_factory=list)
+    # More held-out splits evaluated beside "test" at every evaluation, eval.n problems each (the
+    # task's splits(): arithmetic's ood_* sets, say); "all": every one the task offers
+    splits: Any = field(default_factory=list)
 
     def validate(self):
         _positive(self, "n", "max_tokens", "batch_size")
         _at_least(self, 0, "every")
+        sp = self.splits
+        if not (sp == "all" or (isinstance(sp, list) and all(isinstance(x, str) and x for x in sp))):
+            raise ValueError(f"splits must be a list of split names or 'all', got {sp!r}")
         fr = self.at_budget_fractions
         if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f <= 1 for f in fr):
             raise ValueError(f"at_budget_fractions must be numbers in [0, 1], got {fr!r}")

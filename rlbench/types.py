@@ -86,6 +86,22 @@ class Rollouts:
             turns=None if self.turns is None else [self.turns[i] for i in rows.tolist()],
             turn_rewards=None if self.turn_rewards is None else self.turn_rewards[rows])
 
+    @classmethod
+    def from_token_lists(cls, prompts: list[Prompt], prompt_ids: list[list[int]], group: list[int],
+                         completions: list[list[int]], texts: list[str], finish_reasons: list[str],
+                         pad_id: int) -> "Rollouts":
+        """Rollouts of completions that were not sampled (offline data: preference pairs, reference
+        solutions): token lists right-padded to the longest, no sampler logprobs."""
+        C = max([len(c) for c in completions] + [1])
+        ids = torch.full((len(completions), C), pad_id, dtype=torch.long)  # [N, C]
+        mask = torch.zeros((len(completions), C))  # [N, C]
+        for i, c in enumerate(completions):
+            ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+            mask[i, :len(c)] = 1.0
+        return cls(prompts=prompts, prompt_ids=prompt_ids, group=torch.tensor(group, dtype=torch.long),
+                   completion_ids=ids, completion_mask=mask, sampler_logprobs=None, texts=texts,
+                   finish_reasons=finish_reasons, pad_id=pad_id)
+
     @staticmethod
     def cat(parts: list["Rollouts"]) -> "Rollouts":
         """Concatenate rollouts of different prompts (completions re-padded to the longest)."""
@@ -237,6 +253,8 @@ class Needs:
     #                            many extra rounds of prompts to refill the batch (DAPO)
     offline: bool = False  # the algorithm supplies its own rollouts (offline data) via
     #                        ``offline_rollouts(step, n, tokenizer, max_tokens) -> (Rollouts, rewards)``
+    gold_rollouts: bool = False  # nothing is sampled: each training prompt's one rollout is the task's
+    #                              reference written as a completion (``task.gold``; sft)
 
 
 @dataclass

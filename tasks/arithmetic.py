@@ -17,6 +17,14 @@ Rewards (each logged separately, their sum is the reward):
             the whole shape is not strict. Capped well below accuracy so a model
             cannot earn more by formatting than by being right (R1's format hack).
 
+Held-out splits (``splits()``; ``eval.splits`` evaluates them beside ``test``): ``test`` is the
+held-out part of the training distribution; the out-of-distribution ones, each disjoint from
+training and from each other by construction (and each a fixed set, whatever the run seed):
+  ood_larger_operands  the same operations with operands in [base, 2·base), outside the
+                       training range (base = max_operand + 1, or 10^digits)
+  ood_more_operands    one more operand than training, each in the training range
+  ood_reworded         the ``test`` problems asked with other wordings ("Calculate 7 + 5.", …)
+
 Not covered: division, parentheses, word problems (see the gsm8k task).
 """
 from __future__ import annotations
@@ -35,6 +43,10 @@ R1_SYSTEM = ("You are a helpful assistant. First think about the problem inside 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
 _STRICT = re.compile(r"^\s*<think>(?:(?!<answer>|</?think>).)*</think>\s*<answer>\s*-?\d+\s*</answer>\s*$", re.S)
 _NUMBER = re.compile(r"-?\d[\d,]*")
+# ood_reworded: the question without "What is …?" (each test problem gets one, by its index)
+REWORDINGS = ("Calculate {expr}.", "Compute the value of {expr}.", "{expr} equals what number?",
+              "Work out {expr} and report the result.")
+SPLITS = ("test", "ood_larger_operands", "ood_more_operands", "ood_reworded")
 
 
 @rlbench.hookimpl
@@ -98,14 +110,15 @@ class Arithmetic:
         self.space = self.base ** config.operands * len(config.operations)
 
     # -- problems --------------------------------------------------------
-    def _problem(self, index: int) -> tuple[str, int]:
+    def _problem(self, index: int, low: int = 0, operands: int | None = None) -> tuple[str, int]:
+        """Problem ``index`` of a space of operations × operands, each operand in [low, low + base)."""
         c = self.config
         base = self.base
         op = c.operations[index % len(c.operations)]
         index //= len(c.operations)
         nums = []
-        for _ in range(c.operands):
-            nums.append(index % base)
+        for _ in range(operands or c.operands):
+            nums.append(low + index % base)
             index //= base
         expr = f" {op} ".join(map(str, nums))
         return expr, int(eval(expr))  # noqa: S307 - expr is built here from digits and + - *
@@ -114,9 +127,9 @@ class Arithmetic:
         h = int.from_bytes(hashlib.sha256(expr.encode()).digest()[:8], "big") / 2**64
         return "test" if h < self.config.test_fraction else "train"
 
-    def _make(self, expr: str, result: int) -> Prompt:
+    def _make(self, expr: str, result: int, question: str = "What is {expr}?") -> Prompt:
         c = self.config
-        question = f"What is {expr}?" + (f" {c.instruction}" if c.instruction else "")
+        question = question.format(expr=expr) + (f" {c.instruction}" if c.instruction else "")
         msgs = None
         if c.chat_template:
             msgs = ([{"role": "system", "content": c.system_prompt}] if c.system_prompt else [])
@@ -126,11 +139,30 @@ class Arithmetic:
             text = (c.system_prompt + "\n\n" if c.system_prompt else "") + f"Question: {question}\nAnswer: <think>"
         return Prompt(id=expr, text=text, answer=result, meta={"question": question, "messages": msgs})
 
+    def splits(self) -> list[str]:
+        """The held-out splits ``prompts`` serves (``eval.splits``): ``test`` and the ``ood_`` ones."""
+        return list(SPLITS)
+
     def prompts(self, split: str, n: int, seed: int) -> list[Prompt]:
         """``train``: n problems drawn with replacement from the train part (seeded);
-        ``test``: the first n problems of a fixed shuffle of the test part."""
-        if split not in ("train", "test"):
-            raise ValueError(f"unknown split {split!r}; arithmetic has 'train' and 'test'")
+        ``test``: the first n problems of a fixed shuffle of the test part; the ``ood_`` splits
+        (module docstring): the first n of a fixed draw, never depending on the run seed."""
+        if split not in ("train",) + SPLITS:
+            raise ValueError(f"unknown split {split!r}; arithmetic has 'train', " + ", ".join(map(repr, SPLITS)))
+        if split == "ood_reworded":
+            return [self._make(p.id, p.answer, REWORDINGS[i % len(REWORDINGS)])
+                    for i, p in enumerate(self.prompts("test", n, seed))]
+        if split in ("ood_larger_operands", "ood_more_operands"):
+            larger = split == "ood_larger_operands"
+            operands = self.config.operands + (0 if larger else 1)
+            space = self.base ** operands * len(self.config.operations)
+            rng, seen, out = random.Random(54321), set(), []
+            while len(out) < min(n, space):
+                expr, res = self._problem(rng.randrange(space), low=self.base if larger else 0, operands=operands)
+                if expr not in seen:
+                    seen.add(expr)
+                    out.append(self._make(expr, res))
+            return out
         if split == "test":
             rng = random.Random(12345)  # the eval set never depends on the run seed
             if self.space <= 200_000:
@@ -154,8 +186,9 @@ class Arithmetic:
         return out
 
     def gold(self, prompt: Prompt) -> str:
-        """The reference written as a completion (``rlbench task check``)."""
-        return f"<think>The reference answer.</think>\n<answer>{prompt.answer}</answer>"
+        """The reference written as a completion, a short worked solution in the answer format
+        (``rlbench task check``'s self-check; sft's demonstration)."""
+        return f"<think>{prompt.id} = {prompt.answer}</think>\n<answer>{prompt.answer}</answer>"
 
     # -- rewards ---------------------------------------------------------
     def score(self, prompts: list[Prompt], texts: list[str]) -> dict[str, list[float]]:

@@ -36,6 +36,8 @@ ALGORITHMS = {  # name: config overrides that make every term of the loss active
     "ppo": {"beta": 0.1, "epochs": 2},
     "cispo": {"beta": 0.05, "epsilon_low": 0.5, "epsilon_high": 0.1, "epochs": 2},
     "dpo": {"beta": 0.2},
+    "sft": {},
+    "rft": {"accept": 1.0},  # rewards are drawn from {0, 1, 2}: some rows kept, some not
 }
 
 

@@ -151,17 +151,10 @@ class DPO(AlgorithmBase):
                 ids = tokenizer(pair[key], add_special_tokens=False)["input_ids"] + ([end] if end is not None else [])
                 finish.append("length" if len(ids) > max_tokens else "stop")
                 comps.append(ids[:max_tokens])
-        C = max(len(c) for c in comps)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(comps), C), pad, dtype=torch.long)  # [2n, C]
-        mask = torch.zeros((len(comps), C))  # [2n, C]
-        for i, c in enumerate(comps):
-            ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
-            mask[i, :len(c)] = 1.0
         texts = [tokenizer.decode(c, skip_special_tokens=True) for c in comps]
-        ro = Rollouts(prompts=prompts, prompt_ids=prompt_ids, group=torch.arange(len(prompts)).repeat_interleave(2),
-                      completion_ids=ids, completion_mask=mask, sampler_logprobs=None, texts=texts, finish_reasons=finish,
-                      pad_id=pad)
+        group = torch.arange(len(prompts)).repeat_interleave(2).tolist()
+        ro = Rollouts.from_token_lists(prompts, prompt_ids, group, comps, texts, finish, pad)
         return ro, torch.tensor([1.0, 0.0]).repeat(len(prompts))  # [2n]
 
     def prepare(self, rollouts, rewards, ctx) -> TrainBatch:

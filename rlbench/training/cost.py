@@ -39,7 +39,7 @@ from rlbench.training import dist
 
 COUNTERS = ("tokens/generated", "tokens/prompt", "tokens/trained", "tokens/reference", "tokens/old_logprobs", "tokens/critic",
             "nonfinite/skipped", "grad/clipped", "prompts/skipped", "prompts/truncated", "engine/retries",
-            "engine/restarts")
+            "engine/restarts", "update/empty")
 SHARED = ("tokens/", "prompts/", "engine/")  # counted per rank, summed over ranks by flush()
 UNMETERED = ("load", "eval")  # phases outside the device-second budget
 BUDGETS = {"max_flops": "flops", "max_device_seconds": "device_seconds", "max_generated_tokens": "tokens"}

@@ -16,6 +16,7 @@ how far the model moved. The training-step ``kl`` is of π_T, the sampling distr
 """
 from __future__ import annotations
 
+import difflib
 import math
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from rlbench.config_types import ConfigError
 from rlbench.environments import episodes
 from rlbench.training import dist
 from rlbench.modeling import logprobs as lpmod
@@ -113,7 +115,8 @@ def during_training(sampler, weights, reference, ev: EvalConfig, plan: MicroBatc
     (the sampler's engine, long-prompt policy and engine-fault recovery; sharded over its ranks)
     plus, with ``eval.kl``, the exact KL(policy ‖ reference) summed over the vocabulary on those
     completions (micro-batched as ``plan``; of the models' own distributions, T = 1), the same
-    measure for every algorithm."""
+    measure for every algorithm. With ``eval.splits``, each other held-out split is evaluated the
+    same way into ``splits`` (name → ``SPLIT_FIELDS``); the top-level fields stay ``test``'s."""
     t = time.perf_counter()
     device, world = sampler.device, sampler.world
     rec, rollouts = evaluate(sampler.engine, sampler.task, EvalPlan("test", ev.n, samples=1, max_tokens=ev.max_tokens),
@@ -121,6 +124,15 @@ def during_training(sampler, weights, reference, ev: EvalConfig, plan: MicroBatc
                              generate=lambda ps, n, smp: sampler.rollouts(ps, n, smp, step)[0],
                              shard=(sampler.rank, world) if world > 1 else None)
     rec = {"step": step, **rec}
+    extra = eval_splits(sampler.task, ev.splits)
+    if extra:  # the other held-out splits (eval.splits): the same evaluation, without the KL
+        rec["splits"] = {}
+        for name in extra:
+            r, _ = evaluate(sampler.engine, sampler.task, EvalPlan(name, ev.n, samples=1, max_tokens=ev.max_tokens),
+                            fit_prompts=lambda ps, m: sampler.fit_prompts(ps, m, step, count=False),
+                            generate=lambda ps, n, smp: sampler.rollouts(ps, n, smp, step)[0],
+                            shard=(sampler.rank, world) if world > 1 else None)
+            rec["splits"][name] = {k: r[k] for k in SPLIT_FIELDS}
     if ev.kl:
         kl_sum, tokens = 0.0, 0.0
         if rollouts is not None:
@@ -134,6 +146,25 @@ def during_training(sampler, weights, reference, ev: EvalConfig, plan: MicroBatc
         rec["kl"] = kl_sum / max(1.0, tokens)
     rec["time"] = time.perf_counter() - t
     return rec
+
+
+# what eval.jsonl keeps of each extra split's evaluation (``splits``: name → these)
+SPLIT_FIELDS = ("n", "accuracy", "stderr", "ci95", "format_rate", "completion_len", "correct", "ids")
+
+
+def eval_splits(task: Task, splits) -> list[str]:
+    """The held-out splits ``eval.splits`` names beyond ``test``, checked against the task's
+    ``splits()`` (a task without it offers only ``test``); ``"all"``: every one it offers."""
+    offered = list(task.splits()) if hasattr(task, "splits") else ["test"]
+    if splits == "all":
+        return [s for s in offered if s != "test"]
+    for name in splits:
+        if name not in offered:
+            close = difflib.get_close_matches(name, offered, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"config: eval.splits names {name!r}, which task {type(task).__name__} does not offer "
+                              f"(it has {', '.join(offered)}){hint}")
+    return [s for s in dict.fromkeys(splits) if s != "test"]
 
 
 def merge_raw(parts: list[dict]) -> dict:

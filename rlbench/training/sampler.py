@@ -6,7 +6,9 @@ of W takes the contiguous shard [r·B/W, (r+1)·B/W) (whole groups: B must divid
 algorithm's ``Needs.dynamic_sampling`` = k > 0 (DAPO) groups whose rewards are all equal are dropped
 and up to k extra rounds of fresh prompts are sampled until the shard is full of informative
 groups; if the rounds run out, the step trains on what it found (or on the last round when none
-was informative). Every generated token is counted, refill rounds included.
+was informative). Every generated token is counted, refill rounds included. With
+``Needs.gold_rollouts`` (sft) nothing is generated: the same seeded prompts get the task's reference
+written as a completion (``task.gold``) as their one rollout (``gold_rollouts``).
 
 Faults: prompts longer than the limit are skipped, truncated or refused (``rollout.long_prompts``);
 a generate call that runs out of memory is retried on the two halves of the batch, at most
@@ -30,7 +32,7 @@ from rlbench.modeling import models
 from rlbench.training import dist
 from rlbench.training.faults import NonFiniteError, TrainingError, is_oom
 from rlbench.seeds import data_seed, engine_seed
-from rlbench.types import RolloutEngine, Rollouts, Sampling
+from rlbench.types import DataError, RolloutEngine, Rollouts, Sampling
 
 if TYPE_CHECKING:
     from rlbench.config import RolloutConfig
@@ -280,6 +282,17 @@ class Sampler:
             return Sample(rollouts, rewards, rollouts, {}, offline=True)
         G, B = self.rollout.group_size, self.rollout.prompts_per_step
         b = B // self.world  # this rank's prompts
+        if self.needs.gold_rollouts:  # the task's references instead of samples (sft)
+            metrics: dict[str, float] = {}
+            prompts = self.fit_prompts(self.task.prompts("train", B, seed=data_seed(self.seed, step, 0))
+                                       [self.rank * b:(self.rank + 1) * b], metrics, step)
+            with self.meter.timed("rollout"):
+                ro, metrics["gold/missing"] = gold_rollouts(self.task, prompts, self.tok, self.rollout.max_tokens)
+            with self.meter.timed("reward"):  # the references checked by the task's own verifier
+                comp = self.task.score([prompts[g] for g in ro.group.tolist()], ro.texts)
+            metrics["gold/accuracy"] = sum(comp.get("accuracy", [0.0])) / max(1, ro.n)
+            metrics["gold/truncated_frac"] = sum(f == "length" for f in ro.finish_reasons) / max(1, ro.n)
+            return Sample(ro, torch.ones(ro.n), ro, {}, metrics, offline=True)
         parts, kept_parts, metrics = [], [], {}
         kept, bad = 0, None
         for rnd in range(1 + self.needs.dynamic_sampling):
@@ -327,3 +340,31 @@ class Sampler:
             return Sample(parts[-1][0], parts[-1][2], sampled, components, metrics)
         rollouts = Rollouts.cat([k[0] for k in kept_parts]) if len(kept_parts) > 1 else kept_parts[0][0]
         return Sample(rollouts, torch.cat([k[1] for k in kept_parts]), sampled, components, metrics)
+
+
+def gold_rollouts(task, prompts: list, tok, max_tokens: int) -> tuple[Rollouts, float]:
+    """Each prompt's reference written as a completion (``task.gold(prompt)``) plus the end-of-turn
+    token, as one rollout per prompt, cut at ``max_tokens``; and the number of prompts without a
+    reference (dropped). A task with no ``gold``, or no reference for any prompt, is a DataError."""
+    gold = getattr(task, "gold", None)
+    if gold is None:
+        raise DataError(f"task {type(task).__name__} has no reference solutions (no gold(prompt) method): "
+                        "supervised fine-tuning needs them")
+    end = models.stop_token_ids(tok)[-1:]  # the end-of-turn token the engine stops at
+    kept, ids, texts, finish = [], [], [], []
+    for p in prompts:
+        text = gold(p)
+        if text is None:
+            continue
+        toks = tok(text, add_special_tokens=False)["input_ids"] + end
+        kept.append(p)
+        ids.append(toks[:max_tokens])
+        texts.append(tok.decode(toks[:max_tokens], skip_special_tokens=True))
+        finish.append("length" if len(toks) > max_tokens else "stop")
+    if not kept:
+        raise DataError(f"no reference solution for any of the {len(prompts)} training prompts of this step "
+                        f"(task {type(task).__name__}'s gold returned None)")
+    prompt_ids = [p.token_ids or tok(p.text, add_special_tokens=False)["input_ids"] for p in kept]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ro = Rollouts.from_token_lists(kept, prompt_ids, list(range(len(kept))), ids, texts, finish, pad)
+    return ro, float(len(prompts) - len(kept))

@@ -29,6 +29,7 @@ from rlbench.training import dist
 from rlbench.modeling import logprobs as lpmod
 from rlbench.modeling import lora
 from rlbench.training.checkpoints import seed_all
+from rlbench.training.evaluation import eval_splits
 from rlbench.modeling.critic import ValueModel
 from rlbench.types import Algorithm, Needs, Sampling, Task
 from rlbench.training.zero import Zero
@@ -159,6 +160,7 @@ def build(cfg: cfgmod.Config) -> Setup:
     load_seconds = time.perf_counter() - t0
 
     task = manager.get("task", cfg.names["task"])(cfg.task, tok)
+    eval_splits(task, cfg.eval.splits)  # an unknown split name stops the run here, before any training
     episodes = Episodes(envs.factory(cfg.env, task), cfg.env, tok, models.stop_token_ids(tok)) if cfg.env else None
     algo_cls = manager.get("algorithm", cfg.names["algorithm"])
     algorithm, needs = algo_cls(cfg.algorithm), algo_cls.needs(cfg.algorithm)

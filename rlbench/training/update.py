@@ -133,8 +133,10 @@ class Updater:
         self.seed, self.max_grad_norm, self.max_tokens = s.seed, train.max_grad_norm, rollout.max_tokens
         self.with_reference = s.needs.reference or eval_kl  # eval.kl logs the KL of algorithms without one
         # logprobs of π_T, the distribution the rollouts were sampled from (rlbench/modeling/logprobs.py);
-        # offline data (needs.offline) has no sampler: the model's own distribution, T = 1
-        self.plan = MicroBatching(train.micro_batch_size, temperature=1.0 if s.needs.offline else rollout.temperature,
+        # offline data (needs.offline) and references (needs.gold_rollouts) were not sampled: the
+        # model's own distribution, T = 1
+        self.plan = MicroBatching(train.micro_batch_size, temperature=1.0 if s.needs.offline or s.needs.gold_rollouts
+                                  else rollout.temperature,
                                   pairs=s.needs.pairs, share_prompts=train.share_prompt_forward)
         self._before = None  # score's no-grad pass of the sampling weights: (logprobs, entropy) [N, C]
         self.applied = 0  # optimizer steps applied in the current step
@@ -223,8 +225,14 @@ class Updater:
           pass; never from a forward after an optimizer step;
         * measured during the update (``loss``, ``clip_frac``, ``grad_norm``, ``grad_clipped``, value
           loss, the algorithm's loss metrics, ``is/*``): the mean over all of the step's optimizer
-          steps (every epoch and mini-batch)."""
+          steps (every epoch and mini-batch).
+
+        An empty batch on every rank (an algorithm that kept no row) applies no update: no optimizer
+        or scheduler step, ``update/empty`` counted, no sampling-policy metric logged."""
         needs = self.needs
+        if dist.sum_floats([float(batch.size)])[0] == 0:  # nothing to train on (rft: no completion accepted)
+            self.meter.counters["update/empty"] += 1
+            return {"update/empty": 1.0}
         self.model.train()
         if self.critic is not None:
             self.critic.train()

@@ -1,0 +1,160 @@
+"""The imitation baselines (sft on the task's references, rft on accepted samples) and the
+out-of-distribution held-out splits they are compared on: losses against hand computations on the
+tiny model, the empty update, the splits' disjointness and their records in eval.jsonl."""
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_config, train
+from rlbench.config import ConfigError
+from rlbench.modeling import models
+from rlbench.plugins.algorithms.rft import RFT, RFTConfig, accepted_rows
+from rlbench.seeds import data_seed
+from rlbench.tasks.arithmetic import REWORDINGS, Arithmetic, ArithmeticConfig
+from rlbench.training.sampler import gold_rollouts
+from rlbench.types import Prompt, Rollouts, StepContext
+
+
+def _arith(tokenizer, **kw):
+    cfg = ArithmeticConfig(**kw)
+    cfg.validate()
+    return Arithmetic(cfg, tokenizer)
+
+
+# -- sft ---------------------------------------------------------------------------------------------
+
+def test_gold_rollouts_are_the_worked_solutions_with_the_end_of_turn_token(tokenizer):
+    task = _arith(tokenizer, max_operand=19)
+    prompts = task.prompts("train", 3, seed=1)
+    ro, missing = gold_rollouts(task, prompts, tokenizer, max_tokens=64)
+    assert missing == 0 and ro.n == 3 and ro.group.tolist() == [0, 1, 2] and ro.sampler_logprobs is None
+    for i, p in enumerate(prompts):
+        n = int(ro.completion_mask[i].sum())
+        ids = ro.completion_ids[i, :n].tolist()
+        assert ids[-1] == models.stop_token_ids(tokenizer)[-1]
+        assert tokenizer.decode(ids[:-1]) == f"<think>{p.id} = {p.answer}</think>\n<answer>{p.answer}</answer>"
+    assert task.score(prompts, ro.texts)["accuracy"] == [1.0, 1.0, 1.0]  # the references pass the verifier
+    short, _ = gold_rollouts(task, prompts, tokenizer, max_tokens=4)
+    assert short.completion_ids.shape[1] == 4 and short.finish_reasons == ["length"] * 3
+
+
+def test_gold_rollouts_drop_prompts_without_a_reference_and_refuse_a_task_without_any(tokenizer):
+    class Partial:
+        def gold(self, p):
+            return None if p.id == "b" else "<answer>1</answer>"
+
+    ps = [Prompt(id=x, text=f"Q {x}", answer=1) for x in "abc"]
+    ro, missing = gold_rollouts(Partial(), ps, tokenizer, 16)
+    assert missing == 1 and [p.id for p in ro.prompts] == ["a", "c"]
+
+    class NoGold:
+        pass
+
+    with pytest.raises(Exception, match="no reference solutions"):
+        gold_rollouts(NoGold(), ps, tokenizer, 16)
+
+
+def test_sft_loss_is_the_nll_of_the_solution_tokens_only(tmp_path, tokenizer):
+    """One step of sft on the tiny model: the logged loss equals −mean log p(solution token) of the
+    initial model, computed here on each unpadded prompt + solution, prompt positions excluded."""
+    cfg = tiny_config("algorithm.name=sft", "train.steps=1", "rollout.max_tokens=32",
+                      task={"name": "arithmetic", "max_operand": 19})
+    rows = train(cfg, tmp_path / "run")
+    task = _arith(tokenizer, max_operand=19)
+    prompts = task.prompts("train", cfg.rollout.prompts_per_step, seed=data_seed(cfg.run.seed, 1, 0))
+    model = models.tiny_random(tokenizer, seed=cfg.run.seed).eval()
+    end = models.stop_token_ids(tokenizer)[-1]
+    total, count, with_prompt = 0.0, 0, 0.0
+    for p in prompts:
+        prompt = tokenizer(p.text, add_special_tokens=False)["input_ids"]
+        sol = tokenizer(task.gold(p), add_special_tokens=False)["input_ids"] + [end]
+        ids = torch.tensor([prompt + sol])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)  # [L-1, V]
+        token_lp = lp.gather(-1, ids[0, 1:, None])[:, 0]  # [L-1] log p(token t | < t)
+        total -= token_lp[len(prompt) - 1:].sum().item()  # the solution's tokens only
+        with_prompt -= token_lp.sum().item()
+        count += len(sol)
+    assert rows[0]["loss"] == pytest.approx(total / count, rel=1e-4)
+    assert rows[0]["sft/nll"] == pytest.approx(total / count, rel=1e-4)
+    assert abs(with_prompt / count - total / count) > 1e-2  # the prompt would change it: it is masked
+    assert rows[0]["gold/accuracy"] == 1.0 and rows[0]["tokens/generated"] == 0.0
+
+
+# -- rft ---------------------------------------------------------------------------------------------
+
+def test_accepted_rows_keep_what_the_verifier_accepts():
+    r = torch.tensor([0.0, 1.1, 1.0, 0.1, 0.05, 0.0, 1.05, 0.0])  # [B=2, G=4]
+    assert accepted_rows(r, 4, 1.0, False).tolist() == [1, 2, 6]
+    assert accepted_rows(r, 4, 1.0, True).tolist() == [1, 6]  # the first accepted of each group
+    assert accepted_rows(r, 4, 1.1, False).tolist() == [1]
+    assert accepted_rows(r, 4, 2.0, True).tolist() == []
+    with pytest.raises(ValueError):
+        RFTConfig(accept=0.0).validate()
+
+
+def test_rft_loss_is_the_token_mean_nll_of_the_accepted_completions_only():
+    ids = torch.zeros(4, 3, dtype=torch.long)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    ro = Rollouts(prompts=[Prompt("a", "x", 1), Prompt("b", "y", 2)], prompt_ids=[[5, 6], [7]],
+                  group=torch.tensor([0, 0, 1, 1]), completion_ids=ids, completion_mask=mask,
+                  sampler_logprobs=None, texts=[""] * 4, finish_reasons=["stop"] * 4)
+    algo = RFT(RFTConfig())
+    batch = algo.prepare(ro, torch.tensor([1.0, 0.0, 1.1, 0.1]), StepContext(step=1))
+    assert batch["row"].tolist() == [0, 2] and batch.totals["tokens"] == 3.0
+    assert batch.metrics["rft/accepted_frac"] == 0.5 and batch.metrics["rft/prompts_with_accepted"] == 2.0
+    lp = torch.tensor([[-1.0, -2.0, -9.0], [-0.5, -9.0, -9.0]], requires_grad=True)  # rows 0 and 2
+    loss, m = algo.loss(lp, batch, StepContext(step=1))
+    assert loss.item() == pytest.approx((1.0 + 2.0 + 0.5) / 3)
+    loss.backward()
+    assert torch.allclose(lp.grad, -torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]) / 3)  # padding: no gradient
+
+
+def test_rft_with_nothing_accepted_applies_no_update(tmp_path, tokenizer):
+    cfg = tiny_config("algorithm.name=rft", "algorithm.accept=100.0", "train.steps=2", "train.checkpoint_every=2")
+    rows = train(cfg, tmp_path / "run")
+    assert [r.get("update/empty") for r in rows] == [1.0, 1.0]
+    assert all(r["rft/accepted"] == 0.0 for r in rows)
+    from safetensors.torch import load_file
+    saved = load_file(str(next((tmp_path / "run").rglob("model.safetensors"))))
+    initial = models.tiny_random(tokenizer, seed=0).state_dict()
+    assert all(torch.equal(saved[k], initial[k]) for k in saved if k in initial)
+
+
+# -- out-of-distribution splits ----------------------------------------------------------------------
+
+def test_arithmetic_ood_splits_are_disjoint_from_training_and_from_each_other(tokenizer):
+    task = _arith(tokenizer, max_operand=19, test_fraction=0.55)
+    train_ids = {p.id for p in task.prompts("train", 4000, seed=0)}
+    ids = {s: [p.id for p in task.prompts(s, 150, seed=0)] for s in task.splits()}
+    assert task.splits() == ["test", "ood_larger_operands", "ood_more_operands", "ood_reworded"]
+    for s in ("test", "ood_larger_operands", "ood_more_operands"):
+        assert len(set(ids[s])) == len(ids[s]) and not set(ids[s]) & train_ids, s
+    assert not set(ids["ood_larger_operands"]) & set(ids["ood_more_operands"])
+    assert not (set(ids["ood_larger_operands"]) | set(ids["ood_more_operands"])) & set(ids["test"])
+    big = task.prompts("ood_larger_operands", 150, seed=0)
+    assert all(20 <= int(x) <= 39 for p in big for x in p.id.split(" + "))
+    assert all(len(p.id.split(" + ")) == 3 and p.answer == sum(map(int, p.id.split(" + ")))
+               for p in task.prompts("ood_more_operands", 50, seed=0))
+    reworded = task.prompts("ood_reworded", 8, seed=0)
+    assert ids["ood_reworded"][:8] == ids["test"][:8]  # the held-out problems, asked differently
+    assert all(p.meta["question"].startswith(REWORDINGS[i % 4].format(expr=p.id)) for i, p in enumerate(reworded))
+    assert task.prompts("ood_more_operands", 20, seed=7) == task.prompts("ood_more_operands", 20, seed=0)
+
+
+def test_eval_jsonl_carries_every_split(tmp_path):
+    cfg = tiny_config("eval.splits=all", "eval.before=true", "train.steps=1")
+    train(cfg, tmp_path / "run")
+    (rec,) = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert rec["split"] == "test" and set(rec["splits"]) == {"ood_larger_operands", "ood_more_operands", "ood_reworded"}
+    for name, r in rec["splits"].items():
+        assert r["n"] == 8 and len(r["correct"]) == 8 and 0.0 <= r["accuracy"] <= 1.0
+        assert r["accuracy"] == pytest.approx(sum(r["correct"]) / 8)
+
+
+def test_an_unknown_eval_split_is_refused_before_training(tmp_path):
+    cfg = tiny_config("eval.splits=[ood_reword]")
+    with pytest.raises(ConfigError, match="did you mean 'ood_reworded'"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
