@@ -253,6 +253,8 @@ class Needs:
     #                            many extra rounds of prompts to refill the batch (DAPO)
     offline: bool = False  # the algorithm supplies its own rollouts (offline data) via
     #                        ``offline_rollouts(step, n, tokenizer, max_tokens) -> (Rollouts, rewards)``
+    teacher: str = ""  # a frozen teacher model (any name the model section accepts, same tokenizer):
+    #                    its logprobs of the sampled tokens reach the loss as ``teacher_logprobs`` (opd)
     gold_rollouts: bool = False  # nothing is sampled: each training prompt's one rollout is the task's
     #                              reference written as a completion (``task.gold``; sft)
 
@@ -272,6 +274,7 @@ class StepContext:
     truncated, masked or decoupled importance weights against the behaviour policy);
     ``sampler_logprobs`` are the engine's logprobs of the sampled tokens, from the weights that
     generated them (with ``rollout.off_policy_steps`` k > 0, k updates older than the trainer's);
+    ``teacher_logprobs`` are a frozen teacher's log π_T of the same tokens (``Needs.teacher``);
     ``max_tokens`` is the completion budget (a constant length normaliser, as Dr. GRPO uses)."""
 
     step: int
@@ -281,9 +284,10 @@ class StepContext:
     values: torch.Tensor | None = None
     is_weights: torch.Tensor | None = None
     sampler_logprobs: torch.Tensor | None = None
+    teacher_logprobs: torch.Tensor | None = None
     max_tokens: int = 0
 
-    _ROW_TENSORS = ("ref_logprobs", "old_logprobs", "values", "is_weights", "sampler_logprobs")
+    _ROW_TENSORS = ("ref_logprobs", "old_logprobs", "values", "is_weights", "sampler_logprobs", "teacher_logprobs")
 
     def select(self, rows: torch.Tensor, columns: int) -> "StepContext":
         """This context for the rollouts rows ``rows`` and their first ``columns`` completion

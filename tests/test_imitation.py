@@ -158,3 +158,79 @@ def test_an_unknown_eval_split_is_refused_before_training(tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'ood_reworded'"):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# -- opd ---------------------------------------------------------------------------------------------
+
+def test_opd_loss_is_the_reverse_kl_estimate_and_its_gradient_the_per_token_policy_gradient():
+    from rlbench.plugins.algorithms.opd import OPD, OPDConfig
+
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    lp = torch.tensor([[-1.0, -0.5, -2.0], [-0.3, -9.0, -9.0]], requires_grad=True)
+    teacher = torch.tensor([[-1.5, -0.5, -1.0], [-1.3, 0.0, 0.0]])
+    batch = OPD(OPDConfig(teacher="x")).prepare(
+        Rollouts(prompts=[Prompt("a", "", 1)], prompt_ids=[[1]], group=torch.tensor([0, 0]),
+                 completion_ids=torch.zeros(2, 3, dtype=torch.long), completion_mask=mask, sampler_logprobs=None,
+                 texts=["", ""], finish_reasons=["stop", "stop"]), torch.tensor([1.0, 0.0]), StepContext(step=1))
+    loss, m = OPD(OPDConfig(teacher="x")).loss(lp, batch, StepContext(step=1, teacher_logprobs=teacher))
+    d = [0.5, 0.0, -1.0, 1.0]  # log π_student − log π_teacher on the four real tokens
+    assert loss.item() == pytest.approx(sum(d) / 4) and m["opd/reverse_kl"] == pytest.approx(sum(d) / 4)
+    loss.backward()
+    assert torch.allclose(lp.grad, torch.tensor([[0.5, 0.0, -1.0], [1.0, 0.0, 0.0]]) / 4)
+    # with the task reward: GRPO's advantage (±0.7071 in a group of two) joins with its weight
+    lp2 = lp.detach().clone().requires_grad_(True)
+    loss2, _ = OPD(OPDConfig(teacher="x", reward_coef=0.5)).loss(lp2, batch, StepContext(step=1, teacher_logprobs=teacher))
+    loss2.backward()
+    a = 0.5 / (0.5 ** 0.5 + 1e-4)  # (1 − mean 0.5) / (unbiased std 0.7071 + eps 1e-4)
+    assert lp2.grad[0, 0].item() == pytest.approx((0.5 - 0.5 * a) / 4, rel=1e-3)
+    assert lp2.grad[1, 0].item() == pytest.approx((1.0 + 0.5 * a) / 4, rel=1e-3)
+
+
+def test_opd_on_a_tiny_teacher_student_pair(tmp_path, tokenizer):
+    """The reverse KL of a tiny student (seed 0) to a tiny teacher (seed 1) on fixed tokens, by hand
+    from the two models' logits at T = 0.7; 0 when the teacher is the student."""
+    from rlbench.modeling import logprobs as lpmod
+    from rlbench.plugins.algorithms.opd import OPD, OPDConfig
+
+    student, teacher = models.tiny_random(tokenizer, seed=0).eval(), models.tiny_random(tokenizer, seed=1).eval()
+    prompt, completion = [5, 6, 7], [[8, 9, 10, 11], [12, 13, 0, 0]]
+    ro = Rollouts(prompts=[Prompt("a", "", 1)], prompt_ids=[prompt], group=torch.tensor([0, 0]),
+                  completion_ids=torch.tensor(completion), completion_mask=torch.tensor([[1.0] * 4, [1, 1, 0, 0]]),
+                  sampler_logprobs=None, texts=["", ""], finish_reasons=["stop", "length"])
+    inputs = ro.model_inputs()
+
+    def hand(model):  # log π_T of each completion token, from the unpadded sequence
+        out = torch.zeros(2, 4)
+        for i, c in enumerate(completion):
+            n = 4 if i == 0 else 2
+            ids = torch.tensor([prompt + c[:n]])
+            with torch.no_grad():
+                lp = torch.log_softmax(model(ids).logits[0].double() / 0.7, -1)
+            out[i, :n] = torch.tensor([lp[len(prompt) - 1 + t, c[t]].item() for t in range(n)])
+        return out
+
+    s_lp, t_lp = hand(student), hand(teacher)
+    expected = ((s_lp - t_lp) * ro.completion_mask).sum() / 6
+    algo = OPD(OPDConfig(teacher="x"))
+    batch = algo.prepare(ro, torch.zeros(2), StepContext(step=1))
+    trainer_lp = lpmod.batched_logprobs(student, inputs, 4, 8, temperature=0.7)  # the trainer's pass
+    teacher_lp = lpmod.batched_logprobs(teacher, inputs, 4, 8, temperature=0.7)
+    assert torch.allclose(teacher_lp * ro.completion_mask, t_lp, atol=1e-5)
+    loss, _ = algo.loss(trainer_lp, batch, StepContext(step=1, teacher_logprobs=teacher_lp))
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5) and abs(expected.item()) > 0.01
+    same, _ = algo.loss(trainer_lp, batch, StepContext(step=1, teacher_logprobs=trainer_lp))
+    assert same.item() == 0.0
+
+
+def test_opd_run_counts_the_teachers_passes_and_refuses_another_tokenizer(tmp_path):
+    cfg = tiny_config("algorithm.name=opd", "algorithm.teacher=tiny-random", "train.steps=1")
+    rows = train(cfg, tmp_path / "run")  # the teacher is the untrained student: nothing to learn
+    assert rows[0]["loss"] == pytest.approx(0.0, abs=1e-5) and rows[0]["opd/reverse_kl"] == pytest.approx(0.0, abs=1e-5)
+    cost = json.loads((tmp_path / "run" / "cost.json").read_text())
+    assert cost["tokens_teacher"] == cost["tokens_reference"] > 0 and cost["params_teacher"] == cost["params"]
+    c = cost
+    assert c["flops_estimate"] == pytest.approx(
+        2 * c["params"] * (c["tokens_prompt"] + c["tokens_generated"] + c["tokens_reference"] + c["tokens_old_logprobs"]
+                           + c["tokens_teacher"]) + 6 * c["params"] * c["tokens_trained"])
+    with pytest.raises(ConfigError, match="teacher"):
+        train(tiny_config("algorithm.name=opd", "algorithm.teacher=/nonexistent/model"), tmp_path / "bad")

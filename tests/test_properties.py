@@ -38,6 +38,7 @@ ALGORITHMS = {  # name: config overrides that make every term of the loss active
     "dpo": {"beta": 0.2},
     "sft": {},
     "rft": {"accept": 1.0},  # rewards are drawn from {0, 1, 2}: some rows kept, some not
+    "opd": {"teacher": "tiny-random", "reward_coef": 0.5},
 }
 
 
@@ -77,6 +78,7 @@ def _case(seed: int, groups: int, group_size: int, C: int, pairs: bool, multi_tu
                       values=torch.randn(N, C, generator=g) * mask)
     logp = ((-1.5 + 0.3 * torch.randn(N, C, generator=g)) * mask).requires_grad_(True)
     current_values = (torch.randn(N, C, generator=g) * mask).requires_grad_(True)
+    ctx.teacher_logprobs = (-1.5 + 0.3 * torch.randn(N, C, generator=g)) * mask  # opd's (drawn last)
     # Completion 0 is never clipped (its ratio is exactly 1) and its group's rewards differ, so the
     # policy gradient is never zero by chance: every other token may sit outside the clip range.
     ctx.old_logprobs[0] = logp.detach()[0]

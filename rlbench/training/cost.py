@@ -39,7 +39,7 @@ from rlbench.training import dist
 
 COUNTERS = ("tokens/generated", "tokens/prompt", "tokens/trained", "tokens/reference", "tokens/old_logprobs", "tokens/critic",
             "nonfinite/skipped", "grad/clipped", "prompts/skipped", "prompts/truncated", "engine/retries",
-            "engine/restarts", "update/empty")
+            "engine/restarts", "update/empty", "tokens/teacher")
 SHARED = ("tokens/", "prompts/", "engine/")  # counted per rank, summed over ranks by flush()
 UNMETERED = ("load", "eval")  # phases outside the device-second budget
 BUDGETS = {"max_flops": "flops", "max_device_seconds": "device_seconds", "max_generated_tokens": "tokens"}
@@ -56,11 +56,12 @@ def price_table() -> tuple[dict, str]:
 
 class CostMeter:
     def __init__(self, max_generated_tokens: float = 0, max_flops: float = 0, max_device_seconds: float = 0, *,
-                 n_params: int = 0, n_critic: int = 0, world: int = 1):
+                 n_params: int = 0, n_critic: int = 0, n_teacher: int = 0, world: int = 1):
         self.max_generated_tokens = max_generated_tokens
         self.limits = {"flops": float(max_flops), "device_seconds": float(max_device_seconds),
                        "tokens": float(max_generated_tokens)}  # 0 = no such budget
         self.n_params, self.n_critic, self.world = n_params, n_critic, world
+        self.n_teacher = n_teacher  # a frozen teacher's parameters (opd): its forward passes count
         self.counters: dict[str, float] = {k: 0.0 for k in COUNTERS}
         self.times: dict[str, float] = {}  # run total wall seconds per phase (load, rollout, …, eval)
         self.last: dict[str, float] = {}  # this step's seconds per phase (time/<phase> in metrics)
@@ -150,7 +151,8 @@ class CostMeter:
         c = self.counters
         return (2 * n_params * (c["tokens/prompt"] + c["tokens/generated"] + c["tokens/reference"]
                                 + c["tokens/old_logprobs"])
-                + 6 * (n_params + n_critic) * c["tokens/trained"] + 2 * n_critic * c["tokens/critic"])
+                + 6 * (n_params + n_critic) * c["tokens/trained"] + 2 * n_critic * c["tokens/critic"]
+                + 2 * self.n_teacher * c["tokens/teacher"])
 
     def cost(self, *, n_params: int, n_critic: int, device: torch.device, steps_done: int) -> dict:
         wall = sum(self.times.values())
@@ -176,9 +178,11 @@ class CostMeter:
             "tokens_reference": c["tokens/reference"],
             "tokens_old_logprobs": c["tokens/old_logprobs"],
             "tokens_critic": c["tokens/critic"],
+            "tokens_teacher": c["tokens/teacher"],
             "flops_estimate": self.flops(n_params, n_critic),
             "params": n_params,
             "params_critic": n_critic,
+            "params_teacher": self.n_teacher,
             "device": str(device),
             "device_hours": device_hours,
             "device_hours_unit": "gpu-hours" if on_gpu else "cpu-core-hours",

@@ -111,6 +111,8 @@ class Setup:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     critic: torch.nn.Module | None  # prepared
     reference: torch.nn.Module
+    teacher: torch.nn.Module | None  # Needs.teacher's frozen model (opd), else None
+    n_teacher: int
     zero: object | None  # rlbench.training.zero.Zero under DeepSpeed
     weights: PolicyWeights
     n_params: int
@@ -164,6 +166,7 @@ def build(cfg: cfgmod.Config) -> Setup:
     episodes = Episodes(envs.factory(cfg.env, task), cfg.env, tok, models.stop_token_ids(tok)) if cfg.env else None
     algo_cls = manager.get("algorithm", cfg.names["algorithm"])
     algorithm, needs = algo_cls(cfg.algorithm), algo_cls.needs(cfg.algorithm)
+    teacher, n_teacher = load_teacher(needs.teacher, tok, weights_dtype, device) if needs.teacher else (None, 0)
     if cfg.rollout.group_size < needs.group_size:
         raise cfgmod.ConfigError(f"config: rollout.group_size={cfg.rollout.group_size} but algorithm "
                                  f"{cfg.names['algorithm']!r} needs at least {needs.group_size}")
@@ -190,7 +193,8 @@ def build(cfg: cfgmod.Config) -> Setup:
     critic = accelerator.prepare(critic) if critic is not None else None
     return Setup(accelerator=accelerator, device=device, rank=rank, world=world, tokenizer=tok, task=task,
                  algorithm=algorithm, needs=needs, model=model, optimizer=optimizer, scheduler=scheduler, critic=critic,
-                 reference=reference, zero=zero, weights=PolicyWeights(accelerator, model, zero, use_lora),
+                 reference=reference, teacher=teacher, n_teacher=n_teacher, zero=zero,
+                 weights=PolicyWeights(accelerator, model, zero, use_lora),
                  n_params=n_params, n_critic=n_critic, model_hash=model_hash, load_seconds=load_seconds,
                  max_drift=cfg.rollout.max_logprob_drift or (2.0 if use_cuda else 1e-3), seed=cfg.run.seed,
                  episodes=episodes)
@@ -207,6 +211,20 @@ def _critic(cfg, needs: Needs, policy, tok, dtype):
 
 
 @torch.no_grad()
+def load_teacher(name: str, tok, dtype: torch.dtype, device) -> tuple[torch.nn.Module, int]:
+    """A frozen teacher (``Needs.teacher``) and its parameter count; its tokenizer must be the
+    policy's (the teacher scores the student's token ids as they are)."""
+    try:
+        models.check_name(name)
+    except models.ModelError as e:
+        raise cfgmod.ConfigError(f"config: the teacher model: {e}") from None
+    teacher, ttok = models.load(name, dtype=dtype)
+    if ttok.get_vocab() != tok.get_vocab():
+        raise cfgmod.ConfigError(f"config: the teacher {name!r} has another tokenizer than the policy's: it cannot "
+                                 "score the policy's tokens")
+    return teacher.eval().requires_grad_(False).to(device), sum(p.numel() for p in teacher.parameters())
+
+
 def reference_quantization_error(cfg, s: Setup, engine, run_dir: Path, resume: bool) -> dict | None:
     """|Δ token logprob| between the quantised reference and full precision (the untrained policy)
     on greedy completions of up to 32 held-out problems; on resume, the start's figure (manifest)."""

@@ -73,7 +73,7 @@ class Trainer:
         self.reference, self.zero, self.weights = s.reference, s.zero, s.weights
         self.n_params, self.n_critic, self.model_hash = s.n_params, s.n_critic, s.model_hash
         self.meter = CostMeter(cfg.train.max_generated_tokens, cfg.train.max_flops, cfg.train.max_device_seconds,
-                               n_params=s.n_params, n_critic=s.n_critic, world=s.world)
+                               n_params=s.n_params, n_critic=s.n_critic, n_teacher=s.n_teacher, world=s.world)
         self.meter.add_time("load", s.load_seconds, step=False)
         stepper = ZeroStepper(s.zero) if s.zero else \
             PlainStepper(s.accelerator, s.model, s.optimizer, s.critic, cfg.train.max_grad_norm)

@@ -130,6 +130,7 @@ class Updater:
         self.needs, self.algorithm, self.stepper, self.meter = s.needs, s.algorithm, stepper, meter
         self.model, self.optimizer, self.scheduler, self.critic = s.model, s.optimizer, s.scheduler, s.critic
         self.reference, self.weights, self.max_drift, self.device = s.reference, s.weights, s.max_drift, s.device
+        self.teacher = s.teacher
         self.seed, self.max_grad_norm, self.max_tokens = s.seed, train.max_grad_norm, rollout.max_tokens
         self.with_reference = s.needs.reference or eval_kl  # eval.kl logs the KL of algorithms without one
         # logprobs of π_T, the distribution the rollouts were sampled from (rlbench/modeling/logprobs.py);
@@ -156,7 +157,7 @@ class Updater:
     def score(self, rollouts, step: int) -> StepContext:
         """The step's context before ``prepare``: reference logprobs (the algorithm's, or
         ``eval.kl``'s logged KL), old-policy logprobs (μ > 1, mini-batches, or the proximal policy
-        of the decoupled correction), the critic's values, the sampler's logprobs [N, C]; all of
+        of the decoupled correction), a frozen teacher's (``Needs.teacher``), the critic's values, the sampler's logprobs [N, C]; all of
         π_T (``self.plan.temperature``). When the update takes several optimizer steps, the no-grad
         pass of the sampling weights also gives the step's sampling-policy metrics (``update``)."""
         ctx = StepContext(step=step, max_tokens=self.max_tokens, sampler_logprobs=rollouts.sampler_logprobs)
@@ -168,6 +169,9 @@ class Updater:
             ctx.ref_logprobs = lpmod.batched_logprobs(self.reference, inputs, C,
                                                       micro, share, temperature=T).cpu()  # [N, C]
             self.meter.count("tokens/reference", tokens)
+        if self.teacher is not None:  # Needs.teacher: the same tokens through the frozen teacher (opd)
+            ctx.teacher_logprobs = lpmod.batched_logprobs(self.teacher, inputs, C, micro, share, temperature=T).cpu()  # [N, C]
+            self.meter.count("tokens/teacher", tokens)
         asked = self.needs.old_logprobs or (self.correction is not None and self.correction.mode == "decoupled")
         if asked or self.steps_per_update > 1:
             self.meter.count("tokens/old_logprobs", tokens)
