@@ -251,3 +251,42 @@ def test_a_regressed_run_is_flagged(tmp_path):
     md = (tmp_path / "rep" / "report.md").read_text()
     answer = md.split("## The answer", 1)[1].split("\n## ", 1)[0]
     assert "Regressed runs" in answer and "grpo-arithmetic-s1" in answer
+
+
+def test_generalisation_gap_and_split_tests_against_a_hand_computation(tmp_path):
+    """A fake suite of grpo vs sft, 3 seeds, with two ood splits: the gap table is the hand-computed
+    gain(test) − mean gain(ood), and the per-split tests are scipy's paired t-tests."""
+    root, runs = _small_suite(tmp_path, "ood", "[grpo, sft]", "[0, 1, 2]")
+    # (test, ood_a, ood_b) accuracies: before training (all runs) and after, per algorithm and seed
+    before = (0.5, 0.3, 0.4)
+    after = {"grpo": [(0.8, 0.5, 0.6), (0.7, 0.45, 0.5), (0.75, 0.5, 0.55)],
+             "sft": [(0.9, 0.3, 0.4), (0.85, 0.35, 0.45), (0.8, 0.3, 0.35)]}
+    for name, c in runs:
+        cfg = c.to_dict()
+        algo, seed = cfg["algorithm"]["name"], cfg["run"]["seed"]
+        d = _run(root, cfg, [(0, 0.0, before[0]), (4, 1.0, after[algo][seed][0])], correct_seed=seed)
+        lines = [json.loads(x) for x in (d / "eval.jsonl").read_text().splitlines()]
+        for e, accs in zip(lines, [before, after[algo][seed]]):
+            e["splits"] = {"ood_a": {"accuracy": accs[1], "n": 100}, "ood_b": {"accuracy": accs[2], "n": 100}}
+        (d / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    out = tmp_path / "rep"
+    r = _cli("report", str(root), "--out", str(out), "--baseline", "grpo")
+    assert r.returncode == 0, r.stderr
+    gaps = {g["algorithm"]: g for g in csv.DictReader(open(out / "generalisation.csv"))}
+    for algo in ("grpo", "sft"):
+        per_seed = [(a[0] - before[0]) - ((a[1] - before[1]) + (a[2] - before[2])) / 2 for a in after[algo]]
+        lo, hi = sps.t.interval(0.95, 2, loc=np.mean(per_seed), scale=sps.sem(per_seed))
+        g = gaps[algo]
+        assert float(g["gap_mean"]) == pytest.approx(np.mean(per_seed))
+        assert (float(g["gap_ci_low"]), float(g["gap_ci_high"])) == (pytest.approx(lo), pytest.approx(hi))
+        assert g["seeds"] == "3" and g["ci_method"] == "t"
+    assert float(gaps["sft"]["gap_mean"]) > float(gaps["grpo"]["gap_mean"])  # sft kept less of its gain
+    tests = {(t["split"], t["algorithm"]): t for t in csv.DictReader(open(out / "split_tests.csv"))}
+    assert set(tests) == {("test", "sft"), ("ood_a", "sft"), ("ood_b", "sft")}
+    for i, split in enumerate(("test", "ood_a", "ood_b")):
+        p = sps.ttest_rel([a[i] for a in after["sft"]], [a[i] for a in after["grpo"]]).pvalue
+        assert float(tests[(split, "sft")]["t_test_p"]) == pytest.approx(p)
+    rows = {(s["algorithm"], s["split"]): s for s in csv.DictReader(open(out / "splits.csv"))}
+    assert float(rows[("sft", "ood_a")]["accuracy_after_mean"]) == pytest.approx(np.mean([0.3, 0.35, 0.3]))
+    md = (out / "report.md").read_text()
+    assert "## Out of distribution" in md and "`ood_a` (arithmetic), sft − grpo over 3 seeds: grpo ahead by 0.167" in md

@@ -17,6 +17,9 @@ the same held-out problems, and a Cochran–Mantel–Haenszel test stratified by
 conditional on the trained runs (it measures evaluation noise, not training randomness), and
 reconciled with the seed-level test in the answer.
 
+Out of distribution (runs with ``eval.splits``): accuracy per held-out split, the generalisation
+gap and paired tests per split (rlbench/reporting/splits.py), in the answer and their own section.
+
 Identical infrastructure: each comparison checks that the two runs' resolved configs differ only in
 the algorithm section (and run name / seed / variant), and that their manifests agree on package
 versions, engine, device, data hash and git revision; any other difference is listed as a flag.
@@ -27,7 +30,7 @@ import json
 from pathlib import Path
 
 from rlbench.reporting import compare, curves
-from rlbench.reporting import plots as plotsmod, stats
+from rlbench.reporting import plots as plotsmod, splits as splitsmod, stats
 from rlbench.reporting.html import page
 from rlbench.reporting.runs import (SUMMARY_COLUMNS, ReportError, by_seed, answers, check_groups, find_runs,
                                  infra_differences, load_run)
@@ -122,16 +125,24 @@ def build(paths, out: str | Path, baseline: str | None = None, title: str | None
         plots.insert(0, curves.plot(compute, out / "plots"))
     if command:  # the suites' own commands first: the runs, then this report
         command = "\n".join([*(_suite_command(r, out) for r in sorted(roots)), command])
+    ood = None
+    if splitsmod.has_splits(runs):  # eval.splits: every held-out split, the generalisation gap, tests per split
+        rows = splitsmod.split_rows(runs)
+        ood = {"table": splitsmod.per_split(rows), "gaps": splitsmod.gaps(rows),
+               "paired": splitsmod.paired(rows, baseline, mde)}
+        for name, key in (("splits", "table"), ("generalisation", "gaps"), ("split_tests", "paired")):
+            pd.DataFrame(ood[key]).to_csv(out / f"{name}.csv", index=False)
     regressed = [f"{r.run} ({r.algorithm}, seed {r.seed})" for r in summary.itertuples() if r.regressed]
     tables = {"summary": summary, "aggregate": agg, "per_seed": per_seed, "problem": problem, "flags": flags,
               "power": power, "two_way": two_way, "regressed": regressed, "plot_notes": notes,
-              "no_signal": plotsmod.no_signal(runs)}
+              "no_signal": plotsmod.no_signal(runs), "ood": ood}
     md = _markdown(title or f"rlbench report: {', '.join(map(str, paths))}", command, tables, plots, baseline,
                    probes, compute)
     (out / "report.md").write_text(md)
     (out / "report.html").write_text(page(md, out))
     return {"summary": summary, "aggregate": agg, "paired": pd.DataFrame(problem), "per_seed": per_seed,
-            "flags": flags, "plots": plots, "power": power, "two_way": two_way, "compute": compute, "baseline": baseline}
+            "flags": flags, "plots": plots, "power": power, "two_way": two_way, "compute": compute, "baseline": baseline,
+            "ood": ood}
 
 
 def _suite_command(root: Path, out: Path) -> str:
@@ -164,6 +175,9 @@ def _markdown(title, command, t, plots, baseline, probes=None, compute=None) -> 
     if power:
         lines += ["## The answer", "", compare.answer_paragraph(power, baseline, t["two_way"], t["problem"], t["regressed"]),
                   ""] + [f"- {r['sentence']}" for r in power] + [""]
+        if t.get("ood"):
+            lines += ["Out of distribution (final accuracy per split, paired by seed):", ""] + \
+                [f"- {x}" for x in splitsmod.answer_lines(t["ood"]["paired"], baseline)] + [""]
     if probes:
         cols = ["task", "model", "prompts", "group_size", "accuracy_sampled", "accuracy_greedy", "uniform_groups",
                 "signal_prompts_per_step", "truncated_frac", "verdict"]
@@ -173,6 +187,8 @@ def _markdown(title, command, t, plots, baseline, probes=None, compute=None) -> 
                   _fmt(pd.DataFrame([{c: p.get(c) for c in cols} for p in probes.values()])), ""]
     if compute:
         lines += curves.markdown(compute, baseline, _fmt)
+    if t.get("ood"):
+        lines += splitsmod.markdown(t["ood"]["table"], t["ood"]["gaps"], t["ood"]["paired"], baseline, _fmt)
     lines += ["## Per algorithm and task", "",
               "Accuracy is greedy pass@1 on the task's fixed held-out problems. Intervals are 95% intervals of the mean "
               "over seeds; `*_ci_method` names the method (t: Student t, used below 10 seeds, where a bootstrap over "
