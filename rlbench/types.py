@@ -1,4 +1,5 @@
-"""The data that flows through one training step, and the plugin protocols.
+"""The data that flows through one training step, and (re-exported from rlbench/protocols.py) the
+plugin protocols.
 
     Task.prompts ──► [Prompt] ──► RolloutEngine.generate(n=G) ──► Rollouts
     Task.score(prompts, texts) ──► {component: [N]} rewards
@@ -316,89 +317,9 @@ class AlgorithmBase:
         pass
 
 
-# -- what a registered plugin provides (hookspecs.py says how each is registered and built) -----------
-
-class Algorithm(Protocol):
-    """``Class(config)``; ``needs`` tells the trainer what to compute, ``prepare`` turns a step's
-    rollouts into a batch, ``loss`` is one micro-batch's share (rlbench_algorithms)."""
-
-    Config: type
-
-    @classmethod
-    def needs(cls, config: Any) -> Needs: ...
-
-    def prepare(self, rollouts: Rollouts, rewards: torch.Tensor, ctx: StepContext) -> TrainBatch: ...
-
-    def loss(self, logprobs: torch.Tensor, batch: TrainBatch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]: ...
-
-    def after_step(self, metrics: dict[str, float]) -> dict[str, float]: ...
-
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, state: dict) -> None: ...
-
-
-class RolloutEngine(Protocol):
-    """``Class(config, model, tokenizer, device, seed=seed)``; completions group-major with the
-    sampled tokens' logprobs of π_T (rlbench_rollout_engines)."""
-
-    Config: type
-
-    def generate(self, prompts: list[Prompt], n: int, sampling: Sampling) -> Rollouts: ...
-
-    def sync(self, model: torch.nn.Module) -> None: ...
-
-
-class Task(Protocol):
-    """``Class(config, tokenizer)``; named reward components, ``accuracy`` among them (rlbench_tasks)."""
-
-    Config: type
-
-    def prompts(self, split: str, n: int, seed: int) -> list[Prompt]: ...
-
-    def score(self, prompts: list[Prompt], texts: list[str]) -> dict[str, list[float]]: ...
-
-
-class Environment(Protocol):
-    """One trajectory's environment, in the shape of TRL's ``environment_factory``
-    (rlbench_environments): ``reset(**row)`` opens it; its other public methods are tools, or
-    ``step(text) -> (observation | None, done)`` answers each turn; ``get_reward()`` and
-    ``turn_rewards()`` are optional."""
-
-    def reset(self, **row: Any) -> str | None: ...
-
-
-class Logger(Protocol):
-    """``Class(run_dir, config)``; every step's metrics line (rlbench_loggers)."""
-
-    def log(self, step: int, metrics: dict[str, float]) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class Job(Protocol):
-    """One run of a suite as an executor sees it (rlbench.suites.jobs.Job)."""
-
-    name: str
-    log: Any  # Path: the file its output is appended to
-    processes: int  # processes per machine
-
-    def command(self, machines: int = 1, machine_rank: int = 0, main_ip: str = "127.0.0.1",
-                port: int | None = None) -> list[str]: ...
-
-
-class Executor(Protocol):
-    """``Class(config, suite_dir)``; where a suite's runs execute (rlbench_executors)."""
-
-    Config: type
-    name: str
-    parallel: int
-
-    def submit(self, job: Job) -> str: ...
-
-    def poll(self, job_ids: list[str]) -> dict[str, str]: ...
-
-    def cancel(self, job_ids: list[str]) -> None: ...
+# -- what a registered plugin provides: the Protocols live in rlbench/protocols.py (hookspecs.py says
+# how each is registered and built); this module keeps their public names
+from rlbench.protocols import Algorithm, Environment, Executor, Job, Logger, RolloutEngine, Task  # noqa: E402,F401
 
 
 @dataclass
