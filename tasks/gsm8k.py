@@ -11,7 +11,9 @@ the whole completion; the number read is the last one in it. Read as numbers:
 ``1,234`` (thousands separators), ``$18.00``, ``18.`` (trailing period), ``25%``,
 ``−3`` (Unicode minus), ``3 apples`` (units). Compared exactly as rationals, so
 ``18.00`` = ``18`` but ``18.5`` ≠ ``18``. Several answer blocks score 0.
-References come in the dataset's worked-solution form ending ``#### N``.
+References come in the dataset's worked-solution form ending ``#### N``; ``gold`` writes that
+solution (calculator annotations ``<<48/2=24>>`` removed) as a completion in the answer format:
+the task check's self-check and sft's demonstrations.
 
 Not covered: answers written in words ("five"), fractions like ``3/4`` (GSM8K
 answers are integers; ``3/4`` reads as 4).
@@ -34,6 +36,7 @@ def rlbench_tasks():
 
 
 _FINAL = re.compile(r"(?:####|the (?:final )?answer is)", re.I)
+_CALC = re.compile(r"<<[^<>]*>>")
 
 
 @dataclass
@@ -89,7 +92,15 @@ class GSM8K(DatasetTask):
         user = question + (f" {self.config.instruction}" if self.config.instruction else "")
         text, prefilled = chat_prompt(self.tok, self.config, user)
         return Prompt(id=f"gsm8k/{i}", text=text, answer=str(reference_number(answer)),
-                      meta={"question": question, "prefilled_think": prefilled, "messages": chat_messages(self.config, user)})
+                      meta={"question": question, "prefilled_think": prefilled, "messages": chat_messages(self.config, user),
+                            "solution": _CALC.sub("", answer.rsplit("####", 1)[0]).strip()})
+
+    def gold(self, prompt: Prompt) -> str:
+        """The dataset's worked solution as a completion: reasoning in the think block, the number
+        in the answer tags (the think block already open when the prompt pre-fills it)."""
+        think = prompt.meta.get("solution") or "The reference answer."
+        opening = "" if prompt.meta.get("prefilled_think") else "<think>"
+        return f"{opening}{think}</think>\n<answer>{prompt.answer}</answer>"
 
     def correct(self, prompts, texts):
         mode = self.config.answer_mode

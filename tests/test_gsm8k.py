@@ -171,3 +171,17 @@ def test_hugging_face_dataset_loader_on_a_local_dataset_directory(tmp_path, toke
     assert sorted(p.answer for p in task.prompts("test", 3, 0)) == ["0", "1", "2"]
     with pytest.raises(DataError, match="hf_dataset"):
         GSM8K(GSM8KConfig(hf_dataset=str(tmp_path / "nothing-here")), tokenizer).prompts("test", 1, 0)
+
+
+def test_gold_is_the_worked_solution_without_calculator_annotations_and_passes_the_verifier():
+    from rlbench.modeling import models
+    from rlbench.tasks.gsm8k import GSM8K, GSM8KConfig
+
+    task = GSM8K(GSM8KConfig(), models.load_tokenizer("tiny-random"))
+    prompts = task.prompts("train", 300, seed=0)
+    golds = [task.gold(p) for p in prompts]
+    assert all("<<" not in g and g.startswith("<think>") and "####" not in g for g in golds)
+    raw = {r["question"]: r["answer"] for r in map(json.loads, open(GSM8K.FILES["train"]))}
+    p = next(p for p in prompts if "<<" in raw[p.meta["question"]])  # one whose solution had annotations
+    assert p.meta["solution"] in task.gold(p) and p.meta["solution"].split()[0] in raw[p.meta["question"]]
+    assert task.score(prompts, golds)["accuracy"] == [1.0] * 300
