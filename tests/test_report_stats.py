@@ -290,3 +290,4 @@ def test_generalisation_gap_and_split_tests_against_a_hand_computation(tmp_path)
     assert float(rows[("sft", "ood_a")]["accuracy_after_mean"]) == pytest.approx(np.mean([0.3, 0.35, 0.3]))
     md = (out / "report.md").read_text()
     assert "## Out of distribution" in md and "`ood_a` (arithmetic), sft − grpo over 3 seeds: grpo ahead by 0.167" in md
+    assert (out / "plots" / "accuracy_by_split.png").stat().st_size > 5000 and "plots/accuracy_by_split.png" in md

@@ -132,6 +132,7 @@ def build(paths, out: str | Path, baseline: str | None = None, title: str | None
                "paired": splitsmod.paired(rows, baseline, mde)}
         for name, key in (("splits", "table"), ("generalisation", "gaps"), ("split_tests", "paired")):
             pd.DataFrame(ood[key]).to_csv(out / f"{name}.csv", index=False)
+        plots.insert(0, splitsmod.plot(rows, ood["table"], out / "plots"))
     regressed = [f"{r.run} ({r.algorithm}, seed {r.seed})" for r in summary.itertuples() if r.regressed]
     tables = {"summary": summary, "aggregate": agg, "per_seed": per_seed, "problem": problem, "flags": flags,
               "power": power, "two_way": two_way, "regressed": regressed, "plot_notes": notes,

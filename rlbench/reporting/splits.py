@@ -13,7 +13,11 @@ interval. Per split, each algorithm's final accuracy is compared with the baseli
 paired t-test over seeds as the in-distribution answer (``compare.seed_comparisons``), Holm-adjusted
 over the algorithms of that split.
 
-Not covered: problem-level (McNemar) tests per split, a correction across splits (each split is its
+The plot (``plot``): per task, final accuracy per split with one bar per algorithm (95% interval
+whiskers) and the step-0 accuracy as a tick on each bar.
+
+Not covered: accuracy-against-compute curves per split (the compute curves are ``test``'s),
+problem-level (McNemar) tests per split, a correction across splits (each split is its
 own family: state which split a claim is about), splits that only some runs evaluated (a run is
 counted on the splits it has).
 """
@@ -109,6 +113,47 @@ def answer_lines(paired_rows: list[dict], baseline: str) -> list[str]:
                        f"detectable at this design: ±{r['min_detectable_diff']:.2f}")
         lines.append(f"`{r['split']}` ({r['task']}), {r['algorithm']} − {baseline} over {r['paired_seeds']} seeds: {verdict}.")
     return lines
+
+
+def plot(rows: list[dict], split_table: list[dict], folder) -> str:
+    """``accuracy_by_split.png``: per task, final accuracy per split and algorithm (mean over seeds,
+    95% interval whiskers), the step-0 accuracy as a black tick."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in split_table))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        mine = [r for r in split_table if r["task"] == task]
+        names = list(dict.fromkeys(r["split"] for r in mine))
+        algos = list(dict.fromkeys(r["algorithm"] for r in mine))
+        width = 0.8 / len(algos)
+        for k, algo in enumerate(algos):
+            by = {r["split"]: r for r in mine if r["algorithm"] == algo}
+            xs = [i + (k - (len(algos) - 1) / 2) * width for i in range(len(names))]
+            means = [by[n]["accuracy_after_mean"] if n in by else math.nan for n in names]
+            err = [[m - by[n]["accuracy_after_ci_low"] if n in by and by[n]["accuracy_after_ci_low"] == by[n]["accuracy_after_ci_low"]
+                    else 0 for n, m in zip(names, means)],
+                   [by[n]["accuracy_after_ci_high"] - m if n in by and by[n]["accuracy_after_ci_high"] == by[n]["accuracy_after_ci_high"]
+                    else 0 for n, m in zip(names, means)]]
+            ax.bar(xs, means, width, yerr=err, capsize=2, label=algo)
+            before = [[r["accuracy_before"] for r in rows if r["task"] == task and r["algorithm"] == algo
+                       and r["split"] == n and r["accuracy_before"] is not None] for n in names]
+            ax.scatter(xs, [sum(b) / len(b) if b else math.nan for b in before], marker="_", s=120, color="k",
+                       zorder=3, label="before training" if k == 0 else None)
+        ax.set_xticks(range(len(names)), names, rotation=15, fontsize=8)
+        ax.set_ylabel("held-out accuracy after training")
+        ax.set_ylim(0, 1)
+        ax.set_title(task)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "accuracy_by_split.png", dpi=90)
+    plt.close(fig)
+    return "accuracy_by_split.png"
 
 
 def markdown(split_table: list[dict], gap_table: list[dict], paired_rows: list[dict], baseline: str, fmt) -> list[str]:
