@@ -291,3 +291,18 @@ def test_generalisation_gap_and_split_tests_against_a_hand_computation(tmp_path)
     md = (out / "report.md").read_text()
     assert "## Out of distribution" in md and "`ood_a` (arithmetic), sft − grpo over 3 seeds: grpo ahead by 0.167" in md
     assert (out / "plots" / "accuracy_by_split.png").stat().st_size > 5000 and "plots/accuracy_by_split.png" in md
+
+
+def test_the_answer_carries_the_infrastructure_caveat_where_the_runs_differ(tmp_path):
+    root, runs = _small_suite(tmp_path, "infra", "[grpo, rloo]", "[0, 1]")
+    for name, c in runs:
+        cfg = c.to_dict()
+        d = _run(root, cfg, [(0, 0.0, 0.5), (4, 1.0, 0.6 + 0.05 * cfg["run"]["seed"])], correct_seed=cfg["run"]["seed"])
+        man = json.loads((d / "manifest.json").read_text())
+        man["git_revision"] = "b" * 40 if name == "rloo-arithmetic-s1" else "a" * 40
+        (d / "manifest.json").write_text(json.dumps(man))
+    out = tmp_path / "rep"
+    assert _cli("report", str(root), "--out", str(out)).returncode == 0
+    md = (out / "report.md").read_text()
+    answer = md.split("## The answer", 1)[1].split("\n## ", 1)[0]
+    assert "Caveat: 1 of these comparisons differ in more than the algorithm and seed (manifest.git_revision)" in answer

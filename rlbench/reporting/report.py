@@ -151,10 +151,15 @@ def _suite_command(root: Path, out: Path) -> str:
     spec = json.loads((root / "suite.json").read_text()) if (root / "suite.json").is_file() else {}
 
     def rel(p) -> str:
+        """Relative to here when under it; else the shortest tail of it that exists here (the same
+        suite file in another checkout, say); else as recorded."""
+        here, path = Path.cwd().resolve(), Path(p)
         try:
-            return str(Path(p).resolve().relative_to(Path.cwd().resolve()))
+            return str(path.resolve().relative_to(here))
         except ValueError:
-            return str(p)
+            pass
+        tails = [Path(*path.parts[i:]) for i in range(len(path.parts) - 1, 0, -1)]
+        return str(next((t for t in reversed(tails) if (here / t).exists() and not t.is_absolute()), p))
 
     return f"rlbench suite run {rel(spec.get('path', root / 'suite.yaml'))} --out {rel(root.parent)}"
 
@@ -176,6 +181,10 @@ def _markdown(title, command, t, plots, baseline, probes=None, compute=None) -> 
     if power:
         lines += ["## The answer", "", compare.answer_paragraph(power, baseline, t["two_way"], t["problem"], t["regressed"]),
                   ""] + [f"- {r['sentence']}" for r in power] + [""]
+        if t["flags"]:  # a claim that rests on runs with different infrastructure says so where it is made
+            kinds = sorted({str(f["difference"]).split(":")[0] for f in t["flags"]})
+            lines += [f"Caveat: {len(t['flags'])} of these comparisons differ in more than the algorithm and seed "
+                      f"({', '.join(kinds)}); see Identical infrastructure.", ""]
         if t.get("ood"):
             lines += ["Out of distribution (final accuracy per split, paired by seed):", ""] + \
                 [f"- {x}" for x in splitsmod.answer_lines(t["ood"]["paired"], baseline)] + [""]
@@ -227,7 +236,7 @@ def _markdown(title, command, t, plots, baseline, probes=None, compute=None) -> 
     lines += [_randomness(summary), ""]
     if plots or t.get("plot_notes"):
         lines += ["## Plots", "", "Step plots: mean over seeds (markers at each logged step), the band the range over "
-                  "seeds.", ""] + [f"- {n}" for n in t.get("plot_notes", [])] + [""] + \
+                  "seeds.", ""] + ([f"- {n}" for n in t["plot_notes"]] + [""] if t.get("plot_notes") else []) + \
                  [f"![{p}](plots/{p})" for p in plots] + [""]
     lines += ["## Runs", "", _fmt(summary), ""]
     return "\n".join(lines)
