@@ -123,9 +123,9 @@ def stable_fraction(key: str) -> float:
 
 
 def sample(items: list, split: str, n: int, seed: int) -> list:
-    """``test``: the first n of a fixed shuffle (the same held-out set for every run);
-    ``train``: n drawn with the run's seed, without replacement while the split lasts."""
-    if split == "test":
+    """``test`` and every other held-out split: the first n of a fixed shuffle (the same held-out
+    set for every run); ``train``: n drawn with the run's seed, without replacement while the split lasts."""
+    if split != "train":
         order = list(range(len(items)))
         random.Random(12345).shuffle(order)
         return [items[i] for i in order[:n]]

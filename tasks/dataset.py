@@ -17,6 +17,9 @@ which ``rlbench run`` does before loading a model (``rlbench task check``). The 
 through the chat template with the system prompt and ``instruction`` as in the other tasks;
 the format reward and the overlong penalty are theirs too (rlbench.tasks.common).
 
+More held-out sets: ``eval_files: {ood_rephrased: data/rephrased.jsonl}`` adds splits that
+``eval.splits`` evaluates beside ``test`` (same templates; name out-of-distribution ones ``ood_*``).
+
 Rewards: ``accuracy`` (the verifier's score in [0, 1]), ``format`` and, when on, ``overlong``.
 Paths are relative to the working directory. Relative paths in a suite resolve from where the
 suite is run.
@@ -27,7 +30,7 @@ Not covered: multi-turn or tool-using tasks; several references per row other th
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import rlbench
 from rlbench.tasks import answers, rows as rowsmod, verifiers
@@ -54,6 +57,9 @@ class DatasetConfig(PromptConfig):
     train_where: str = ""  # a Jinja2 expression over a row: only the rows where it is true (e.g. "task_id > 600")
     test_where: str = ""  # the same for the test file (one file may hold both splits)
     test_fraction: float = 0.0  # no test_file: this share of the train rows, fixed by split_seed, is held out
+    # more held-out splits, name -> file, rendered with the same templates and evaluated beside "test"
+    # with eval.splits; name the out-of-distribution ones ood_* (e.g. {ood_rephrased: data/rephrased.jsonl})
+    eval_files: dict = field(default_factory=dict)
     split_seed: int = 0  # the held-out share is the same for every run seed
     train_split: str = "train"  # hf_dataset split names
     test_split: str = "test"
@@ -84,6 +90,9 @@ class DatasetConfig(PromptConfig):
         if self.verifier == "code_tests" and not self.tests:
             raise ValueError("verifier code_tests needs tests: a template of the row's asserts, e.g. "
                              "\"{{ test_list | join('\\n') }}\"")
+        bad = [k for k in self.eval_files if not isinstance(k, str) or k in ("train", "test") or not k]
+        if bad or not all(isinstance(v, str) and v for v in self.eval_files.values()):
+            raise ValueError(f"eval_files maps new split names (not train or test) to files; got {self.eval_files!r}")
         if self.max_gold_rejects < 0:
             raise ValueError("max_gold_rejects must be >= 0")
         for key in ("prompt", "answer", "tests", "id", "gold"):
@@ -196,7 +205,11 @@ class Dataset:
                                 f"with test_fraction {c.test_fraction}")
             test = [r for i, r in enumerate(train) if i in held]
             train = [r for i, r in enumerate(train) if i not in held]
-        return {"train": train, "test": test}
+        extra = {}
+        for name, path in c.eval_files.items():  # eval.splits' other held-out sets
+            extra[name] = rowsmod.read_file(path)
+            self.files[path] = rowsmod.file_hash(path)
+        return {"train": train, "test": test, **extra}
 
     def _build(self, split: str, raw: list[rowsmod.Row]) -> list[dict]:
         fields = set().union(*(fields for _, fields in self.templates.values()))
@@ -224,8 +237,12 @@ class Dataset:
 
     def records(self, split: str) -> list[dict]:
         if split not in self.items:
-            raise DataError(f"the dataset task has splits 'train' and 'test', not {split!r}")
+            raise DataError(f"the dataset task has splits {', '.join(map(repr, self.items))}, not {split!r}")
         return self.items[split]
+
+    def splits(self) -> list[str]:
+        """The held-out splits (``eval.splits``): ``test`` and ``eval_files``' names."""
+        return [s for s in self.items if s != "train"]
 
     def size(self, split: str) -> int:
         return len(self.records(split))

@@ -12,6 +12,7 @@ from rlbench.tasks import answers, verifiers
 from rlbench.tasks.dataset import Dataset
 from rlbench.training import task_check
 from rlbench.types import DataError
+from rlbench.config import ConfigError
 
 V = verifiers.VerifyOptions(choices="options")
 
@@ -349,3 +350,17 @@ def test_the_letter_answer_example_trains_with_nonzero_accuracy_on_the_embedded_
                        f"task.test_file={root}/examples/unit-conversion/test.jsonl", "eval.before=false", "eval.after=false"])
     steps = train(cfg, tmp_path / "run")
     assert max(s["reward/accuracy"] for s in steps) > 0, steps
+
+
+def test_eval_files_are_more_held_out_splits_evaluated_with_eval_splits(tmp_path):
+    rephrased = [{"question": f"Which one, q{i}?", "options": ["10", "20", "30"], "label": "ABC"[i % 3]} for i in range(5)]
+    spec = _spec(tmp_path, MC, MC[:3], eval_files={"ood_rephrased": _write(tmp_path / "reph.jsonl", rephrased)})
+    cfg = tiny_config("eval.splits=[ood_rephrased]", "eval.before=true", "train.steps=1", task=spec)
+    train(cfg, tmp_path / "run")
+    (rec,) = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert rec["n"] == 3 and rec["splits"]["ood_rephrased"]["n"] == 5
+    assert sorted(rec["splits"]["ood_rephrased"]["ids"]) == [f"dataset/ood_rephrased/{i}" for i in range(5)]
+    with pytest.raises(ConfigError, match="eval_files maps new split names"):
+        tiny_config(task=_spec(tmp_path, MC, MC[:3], eval_files={"test": "x.jsonl"}))
+    with pytest.raises(ConfigError, match="does not offer"):
+        train(tiny_config("eval.splits=[ood_other]", task=spec), tmp_path / "run2")
