@@ -20,6 +20,13 @@ signal-based timeouts are switched off, as they only work in the main thread
 (elsewhere every answer would silently score 0). Timeouts are counted in
 ``timeouts``.
 
+Distribution shift by subject and level: ``subjects`` / ``levels`` restrict training (and
+``test``) to those subjects (MATH's seven: Algebra, Counting & Probability, Geometry,
+Intermediate Algebra, Number Theory, Prealgebra, Precalculus) and levels (1–5); the held-out
+problems outside them are the splits ``ood_subjects`` and ``ood_levels`` (``eval.splits``), e.g.
+train on levels 1–3 and evaluate on 4–5. A custom file needs the fields ``subject`` (or ``type``)
+and ``level`` for this.
+
 Not covered: answers with no ``\\boxed{}`` and no answer tags (read as no
 answer); repeating decimals (``0.\\overline{3}``) are not parsed by math-verify.
 """
@@ -31,7 +38,7 @@ import multiprocessing
 import multiprocessing.util
 import threading
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import rlbench
 from rlbench.tasks.common import DATA, DatasetTask, PromptConfig, answer_block, chat_messages, chat_prompt, last_boxed, load_split
@@ -50,11 +57,30 @@ class MATHConfig(PromptConfig):
     instruction: str = "Put the final answer inside <answer></answer> tags."
     verify_timeout_s: float = 5.0  # per answer, enforced by killing the worker process
     verify_workers: int = 2  # math-verify worker processes
+    subjects: list = field(default_factory=list)  # train (and test) on these subjects only; the others: ood_subjects
+    levels: list = field(default_factory=list)  # train (and test) on these levels (1-5) only; the others: ood_levels
 
     def validate(self):
         super().validate()
         if self.verify_timeout_s <= 0 or self.verify_workers < 1:
             raise ValueError("verify_timeout_s must be > 0 and verify_workers >= 1")
+        bad = [x for x in self.subjects if x not in SUBJECTS]
+        if bad:
+            raise ValueError(f"unknown subject(s) {bad}; MATH's are {', '.join(SUBJECTS)}")
+        if not all(isinstance(x, int) and 1 <= x <= 5 for x in self.levels):
+            raise ValueError(f"levels must be integers 1-5, got {self.levels!r}")
+
+
+SUBJECTS = ("Algebra", "Counting & Probability", "Geometry", "Intermediate Algebra", "Number Theory", "Prealgebra",
+            "Precalculus")
+
+
+def subject_and_level(row: dict) -> tuple[str | None, int | None]:
+    """A MATH row's subject (``subject``, or the original files' ``type``) and level (5 or "Level 5")."""
+    level = row.get("level")
+    if isinstance(level, str):
+        level = int(level.split()[-1]) if level.split() and level.split()[-1].isdigit() else None
+    return row.get("subject") or row.get("type"), level
 
 
 def prediction(text: str) -> str | None:
@@ -153,8 +179,32 @@ class MATH(DatasetTask):
         self.timeouts = 0
         self.skipped: dict[str, int] = {}
 
+    def splits(self) -> list[str]:
+        """``test`` and, when training is restricted, the held-out problems outside it."""
+        c = self.config
+        return ["test"] + (["ood_subjects"] if c.subjects else []) + (["ood_levels"] if c.levels else [])
+
+    def _in_distribution(self, row: dict, where: str) -> tuple[bool, bool] | None:
+        """(subject in distribution, level in distribution) of a row; None for a row whose level is
+        not a number ("Level ?": two of the 12,000), which no restricted split takes."""
+        c = self.config
+        if not (c.subjects or c.levels):
+            return True, True
+        if (c.subjects and not (row.get("subject") or row.get("type"))) or (c.levels and "level" not in row):
+            raise DataError(f"math {where}: subjects/levels need each row's subject (or type) and level")
+        subject, level = subject_and_level(row)
+        if c.levels and level is None:
+            return None
+        return (not c.subjects or subject in c.subjects), (not c.levels or level in c.levels)
+
     def _records(self, split):
-        rows = load_split(self.config, split, self.FILES, ("problem",))
+        rows = load_split(self.config, "train" if split == "train" else "test", self.FILES, ("problem",))
+        keep = {"train": lambda s, lv: s and lv, "test": lambda s, lv: s and lv,
+                "ood_subjects": lambda s, lv: not s and lv, "ood_levels": lambda s, lv: s and not lv}.get(split)
+        if keep is None or split not in ["train"] + self.splits():
+            raise DataError(f"math has splits {', '.join(['train'] + self.splits())}, not {split!r}")
+        where = [self._in_distribution(r, f"{split} record {i}") for i, r in enumerate(rows)]
+        rows = [r for r, w in zip(rows, where) if w is not None and keep(*w)]
         out, skipped = [], []
         for i, r in enumerate(rows):
             answer = r.get("answer") or (last_boxed(r.get("solution") or "") if r.get("solution") else None)

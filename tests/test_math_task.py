@@ -1,7 +1,9 @@
 """MATH verifier: extraction, symbolic equivalence through math-verify, the hard time limit."""
+import json
 import threading
 import time
 
+import pytest
 
 from rlbench.tasks.hendrycks_math import MATH, MATHConfig, check_many, prediction
 
@@ -126,3 +128,29 @@ def test_time_limit_holds_inside_a_worker_process():
     res = q.get(timeout=120)
     p.join(30)
     assert res == ([False, True], 1) and p.exitcode == 0  # and the worker exits (its verifier pool stopped)
+
+
+def test_subject_and_level_splits_are_disjoint_and_out_of_distribution():
+    from rlbench.modeling import models
+    from rlbench.tasks.hendrycks_math import MATH, MATHConfig, subject_and_level
+
+    cfg = MATHConfig(subjects=["Algebra", "Prealgebra"], levels=[1, 2, 3])
+    cfg.validate()
+    task = MATH(cfg, models.load_tokenizer("tiny-random"))
+    assert task.splits() == ["test", "ood_subjects", "ood_levels"]
+    rows = {s: task.records(s) for s in ("train", "test", "ood_subjects", "ood_levels")}
+    raw = {r["unique_id"]: r for r in map(json.loads, open(MATH.FILES["test"]))}
+    for uid, *_ in rows["test"]:
+        assert subject_and_level(raw[uid]) in {(s, lv) for s in ("Algebra", "Prealgebra") for lv in (1, 2, 3)}
+    assert all(subject_and_level(raw[uid])[0] not in cfg.subjects and subject_and_level(raw[uid])[1] <= 3
+               for uid, *_ in rows["ood_subjects"])
+    assert all(subject_and_level(raw[uid])[0] in cfg.subjects and subject_and_level(raw[uid])[1] >= 4
+               for uid, *_ in rows["ood_levels"])
+    ids = {s: {r[0] for r in v} for s, v in rows.items() if s != "train"}
+    assert not ids["test"] & ids["ood_subjects"] and not ids["test"] & ids["ood_levels"]
+    assert not ids["ood_subjects"] & ids["ood_levels"] and min(map(len, ids.values())) > 20
+    assert len(rows["train"]) < 12_000 and all(p.id.startswith("math/") for p in task.prompts("ood_levels", 5, 0))
+    with pytest.raises(ValueError, match="unknown subject"):
+        MATHConfig(subjects=["Algebr"]).validate()
+    with pytest.raises(Exception, match="not 'ood_levels'"):
+        MATH(MATHConfig(), models.load_tokenizer("tiny-random")).records("ood_levels")
