@@ -106,14 +106,26 @@ def _version(pkg: str) -> str | None:
         return None
 
 
-def git_revision() -> str | None:
-    here = Path(__file__).resolve().parent
+# What a run's behaviour depends on in the checkout: a commit that touches only records, reports or
+# docs leaves a run's git_revision unchanged (so a suite's records can be committed while it runs).
+CODE_PATHS = ("rlbench", "plugins", "tasks", "pyproject.toml")
+
+
+def git_revision(root: Path | None = None) -> str | None:
+    """The last commit that changed the code (``CODE_PATHS``), ``+dirty`` when the code has
+    uncommitted changes; None outside a git checkout (an installed package)."""
+    here = root or Path(__file__).resolve().parent
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5)
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here, capture_output=True, text=True, timeout=5)
+        if top.returncode != 0:
+            return None
+        paths = [p for p in CODE_PATHS if (Path(top.stdout.strip()) / p).exists()]
+        git = ["git", "-C", top.stdout.strip()]
+        rev = subprocess.run([*git, "log", "-1", "--format=%H", "--", *paths], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", *paths], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if rev.returncode != 0:
+    if rev.returncode != 0 or not rev.stdout.strip():
         return None
     return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 

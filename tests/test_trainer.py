@@ -145,3 +145,33 @@ def test_truncated_importance_weights_scale_the_policy_gradient():
     ctx = StepContext(step=1, is_weights=torch.tensor([[2.0, 0.5]]))
     loss, _ = algo.loss(logp, TrainBatch(t, {"seqs": 1.0, "tokens": 2.0}), ctx)
     assert loss.item() == pytest.approx(-(2.0 + 0.5) / 2)  # ratio 1, A = 1: −w per token, token mean
+
+
+def test_git_revision_is_the_codes_last_commit_and_records_do_not_change_it(tmp_path):
+    import subprocess
+
+    from rlbench import rundir
+
+    def git(*a):
+        return subprocess.run(["git", "-C", str(tmp_path), *a], capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    git("config", "user.email", "t@t")
+    git("config", "user.name", "t")
+    (tmp_path / "rlbench").mkdir()
+    (tmp_path / "rlbench" / "ops.py").write_text("x = 1\n")
+    git("add", "-A")
+    git("commit", "-qm", "code")
+    code = git("rev-parse", "HEAD")
+    assert rundir.git_revision(tmp_path / "rlbench") == code
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "run.json").write_text("{}")
+    assert rundir.git_revision(tmp_path) == code  # an untracked record is not dirty code
+    git("add", "-A")
+    git("commit", "-qm", "records")
+    assert git("rev-parse", "HEAD") != code and rundir.git_revision(tmp_path) == code
+    (tmp_path / "rlbench" / "ops.py").write_text("x = 2\n")
+    assert rundir.git_revision(tmp_path) == code + "+dirty"
+    outside = tmp_path.parent / f"{tmp_path.name}-plain"  # a folder in no git checkout
+    outside.mkdir()
+    assert rundir.git_revision(outside) is None
