@@ -306,3 +306,29 @@ def test_the_answer_carries_the_infrastructure_caveat_where_the_runs_differ(tmp_
     md = (out / "report.md").read_text()
     answer = md.split("## The answer", 1)[1].split("\n## ", 1)[0]
     assert "Caveat: 1 of these comparisons differ in more than the algorithm and seed (manifest.git_revision)" in answer
+
+
+def test_what_a_suite_variant_sets_is_the_comparison_not_an_infrastructure_flag(tmp_path):
+    root, runs = _suite_dir(tmp_path, f"""
+name: lag
+base: {ROOT / "configs" / "smoke.yaml"}
+matrix:
+  algorithm: [grpo]
+  variant: [{{label: k0, set: ["rollout.off_policy_steps=0"]}}, {{label: k1, set: ["rollout.off_policy_steps=1"]}}]
+  seed: [0, 1]
+""")
+    spec = {"name": "lag", "path": str(tmp_path / "s.yaml"), "matrix": {"variant": [
+        {"label": "k0", "set": ["rollout.off_policy_steps=0"]}, {"label": "k1", "set": ["rollout.off_policy_steps=1"]}]}}
+    (root / "suite.json").write_text(json.dumps(spec))
+    for name, c in runs:
+        cfg = c.to_dict()
+        if name == "grpo-arithmetic-k1-s1":
+            cfg["rollout"]["top_p"] = 0.9  # not what the variant sets: a real difference
+        _run(root, cfg, [(0, 0.0, 0.5), (4, 1.0, 0.6)], correct_seed=cfg["run"]["seed"])
+    out = tmp_path / "rep"
+    r = _cli("report", str(root), "--out", str(out), "--baseline", "grpo-k0")
+    assert r.returncode == 0, r.stderr
+    md = (out / "report.md").read_text()
+    flags = md.split("## Identical infrastructure", 1)[1].split("\n## ", 1)[0]
+    assert "config.rollout.top_p" in flags and "off_policy_steps" not in flags
+    assert "Caveat: 1 of these comparisons" in md

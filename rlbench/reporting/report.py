@@ -33,7 +33,7 @@ from rlbench.reporting import compare, curves
 from rlbench.reporting import plots as plotsmod, splits as splitsmod, stats
 from rlbench.reporting.html import page
 from rlbench.reporting.runs import (SUMMARY_COLUMNS, ReportError, by_seed, answers, check_groups, find_runs,
-                                 infra_differences, load_run)
+                                 infra_differences, load_run, treatment_keys, variant_keys)
 
 __all__ = ["build", "ReportError", "find_runs", "load_run", "infra_differences", "SUMMARY_COLUMNS"]
 INTERVAL_COLUMNS = ("accuracy_after", "accuracy_delta", "kl_final")
@@ -60,8 +60,9 @@ def _aggregate(summary, baseline: str) -> list[dict]:
     return rows
 
 
-def _problem_level(runs, summary, baseline: str) -> tuple[list[dict], list[dict], list[dict]]:
-    """(per-seed McNemar rows, combined rows, infrastructure flags) against the baseline."""
+def _problem_level(runs, summary, baseline: str, variants: dict | None = None) -> tuple[list[dict], list[dict], list[dict]]:
+    """(per-seed McNemar rows, combined rows, infrastructure flags) against the baseline; ``variants``
+    (``variant_keys`` of the suites): what differing variants set is the comparison, not a flag."""
     per_seed_rows, combined, flags = [], [], []
     for (task, algo), _ in summary.groupby(["task", "algorithm"], sort=False):
         if algo == baseline:
@@ -72,7 +73,7 @@ def _problem_level(runs, summary, baseline: str) -> tuple[list[dict], list[dict]
         for s in mine:
             if s in base:
                 flags += [{"task": task, "algorithm": algo, "baseline": baseline, "seed": s, "difference": d}
-                          for d in infra_differences(mine[s], base[s])]
+                          for d in infra_differences(mine[s], base[s], treatment_keys(mine[s], base[s], variants or {}))]
         if not pairs:
             continue
         res = stats.problem_level(pairs)
@@ -111,7 +112,11 @@ def build(paths, out: str | Path, baseline: str | None = None, title: str | None
     summary.to_csv(out / "summary.csv", index=False)
     agg = pd.DataFrame(_aggregate(summary, baseline))
     agg.to_csv(out / "aggregate.csv", index=False)
-    per_seed, problem, flags = _problem_level(runs, summary, baseline)
+    variants = {}
+    for r in roots:  # each suite's variants: the keys their `set` overrides are the treatment
+        if (r / "suite.json").is_file():
+            variants.update(variant_keys(json.loads((r / "suite.json").read_text())))
+    per_seed, problem, flags = _problem_level(runs, summary, baseline, variants)
     pd.DataFrame(per_seed).to_csv(out / "mcnemar.csv", index=False)
     power = compare.seed_comparisons(summary, baseline, mde=mde)
     pd.DataFrame(power).to_csv(out / "power.csv", index=False)
@@ -230,7 +235,8 @@ def _markdown(title, command, t, plots, baseline, probes=None, compute=None) -> 
     if t["flags"]:
         lines += ["These comparisons differ in more than the algorithm (and seed):", "", _fmt(pd.DataFrame(t["flags"])), ""]
     else:
-        lines += [f"Every comparison with `{baseline}` differs only in the algorithm section and the seed: same "
+        lines += [f"Every comparison with `{baseline}` differs only in the algorithm section, the seed and what the "
+                  "runs' suite variants set: same "
                   "resolved task, model, sampler, budget and eval settings, same package versions, engine, device, "
                   "data hash and git revision.", ""]
     lines += [_randomness(summary), ""]

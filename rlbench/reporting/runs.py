@@ -130,11 +130,16 @@ def answers(run: dict) -> dict:
     return dict(zip(ev[-1]["ids"], ev[-1]["correct"])) if ev and ev[-1]["step"] > 0 and "ids" in ev[-1] else {}
 
 
-def infra_differences(run_a: dict, run_b: dict) -> list[str]:
-    """Everything that differs between two runs besides the algorithm section, run name, seed and variant."""
+def infra_differences(run_a: dict, run_b: dict, treatment: tuple[str, ...] = ()) -> list[str]:
+    """Everything that differs between two runs besides the algorithm section, run name, seed and
+    variant, and the config keys ``treatment`` names (``section.key``: what the two runs' suite
+    variants set — the comparison itself, not its infrastructure)."""
     diffs = []
+    skip = tuple(f"config.{k}" for k in treatment)
 
     def walk(x, y, path):
+        if path in skip:
+            return
         if isinstance(x, dict) and isinstance(y, dict):
             for k in sorted(set(x) | set(y)):
                 walk(x.get(k), y.get(k), f"{path}.{k}" if path else k)
@@ -161,3 +166,20 @@ def infra_differences(run_a: dict, run_b: dict) -> list[str]:
 def by_seed(runs: list[dict], task: str, algorithm: str) -> dict:
     """{seed: run} of one group."""
     return {r["row"]["seed"]: r for r in runs if r["row"]["task"] == task and r["row"]["algorithm"] == algorithm}
+
+
+def variant_keys(suite_spec: dict) -> dict[str, tuple[str, ...]]:
+    """{variant label: the config keys (``section.key``) its ``set`` overrides} of a suite spec."""
+    out = {}
+    for v in (suite_spec.get("matrix") or {}).get("variant") or []:
+        if isinstance(v, dict) and "label" in v:
+            out[str(v["label"])] = tuple(str(x).split("=", 1)[0].strip() for x in v.get("set") or [])
+    return out
+
+
+def treatment_keys(run_a: dict, run_b: dict, variants: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """The keys two runs' different suite variants set (none when their variants are the same)."""
+    va, vb = (r["config"].get("run", {}).get("variant") for r in (run_a, run_b))
+    if va == vb:
+        return ()
+    return tuple(dict.fromkeys(variants.get(str(va), ()) + variants.get(str(vb), ())))
