@@ -399,10 +399,10 @@ def test_stopping_a_local_suite_stops_it_and_a_rerun_resumes(tmp_path, how):
 name: stop
 base: {ROOT / "configs" / "smoke.yaml"}
 matrix: {{algorithm: [grpo, rloo], seed: [0]}}
-set: ["train.steps=8", "train.checkpoint_every=1", "eval.before=false", "eval.n=4", "rollout.max_tokens=4",
+set: ["train.steps=40", "train.checkpoint_every=1", "eval.before=false", "eval.n=4", "rollout.max_tokens=4",
       "logging.loggers=[]"]
 probe: false
-""")
+""")  # 40 steps: the run must still be going when `suite cancel` (a new process) arrives, on a loaded machine too
     out = tmp_path / "out"
     root = out / "stop"
     driver = subprocess.Popen([sys.executable, "-m", "rlbench.cli", "suite", "run", str(spec), "--out", str(out)],
