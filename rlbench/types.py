@@ -1,5 +1,4 @@
-"""The data that flows through one training step, and (re-exported from rlbench/protocols.py) the
-plugin protocols.
+"""The data that flows through one training step, and the plugin protocols.
 
     Task.prompts ──► [Prompt] ──► RolloutEngine.generate(n=G) ──► Rollouts
     Task.score(prompts, texts) ──► {component: [N]} rewards
@@ -17,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol
 
 import torch
+
+from rlbench import rollout_layout as layout
 
 
 class DataError(ValueError):
@@ -75,17 +76,7 @@ class Rollouts:
 
     def select_groups(self, keep: list[int]) -> "Rollouts":
         """The rollouts of prompts ``keep`` (indices into ``prompts``), in that order, re-indexed."""
-        rows = torch.cat([(self.group == g).nonzero().view(-1) for g in keep]) if keep else torch.zeros(0, dtype=torch.long)
-        new_index = {g: i for i, g in enumerate(keep)}
-        return Rollouts(
-            prompts=[self.prompts[g] for g in keep], prompt_ids=[self.prompt_ids[g] for g in keep],
-            group=torch.tensor([new_index[g] for g in self.group[rows].tolist()], dtype=torch.long),
-            completion_ids=self.completion_ids[rows], completion_mask=self.completion_mask[rows],
-            sampler_logprobs=None if self.sampler_logprobs is None else self.sampler_logprobs[rows],
-            texts=[self.texts[i] for i in rows.tolist()], finish_reasons=[self.finish_reasons[i] for i in rows.tolist()],
-            pad_id=self.pad_id, env_mask=None if self.env_mask is None else self.env_mask[rows],
-            turns=None if self.turns is None else [self.turns[i] for i in rows.tolist()],
-            turn_rewards=None if self.turn_rewards is None else self.turn_rewards[rows])
+        return layout.select_groups(self, keep)
 
     @classmethod
     def from_token_lists(cls, prompts: list[Prompt], prompt_ids: list[list[int]], group: list[int],
@@ -93,56 +84,16 @@ class Rollouts:
                          pad_id: int) -> "Rollouts":
         """Rollouts of completions that were not sampled (offline data: preference pairs, reference
         solutions): token lists right-padded to the longest, no sampler logprobs."""
-        C = max([len(c) for c in completions] + [1])
-        ids = torch.full((len(completions), C), pad_id, dtype=torch.long)  # [N, C]
-        mask = torch.zeros((len(completions), C))  # [N, C]
-        for i, c in enumerate(completions):
-            ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
-            mask[i, :len(c)] = 1.0
-        return cls(prompts=prompts, prompt_ids=prompt_ids, group=torch.tensor(group, dtype=torch.long),
-                   completion_ids=ids, completion_mask=mask, sampler_logprobs=None, texts=texts,
-                   finish_reasons=finish_reasons, pad_id=pad_id)
+        return layout.from_token_lists(cls, prompts, prompt_ids, group, completions, texts, finish_reasons, pad_id)
 
     @staticmethod
     def cat(parts: list["Rollouts"]) -> "Rollouts":
         """Concatenate rollouts of different prompts (completions re-padded to the longest)."""
-        C = max(r.completion_ids.shape[1] for r in parts)
-
-        def pad(t: torch.Tensor, value) -> torch.Tensor:  # [n, c] -> [n, C]
-            return torch.nn.functional.pad(t, (0, C - t.shape[1]), value=value)
-
-        offsets = [0]
-        for r in parts[:-1]:
-            offsets.append(offsets[-1] + len(r.prompts))
-        has_lp = all(r.sampler_logprobs is not None for r in parts)
-        any_env = any(r.env_mask is not None for r in parts)
-        return Rollouts(
-            prompts=[p for r in parts for p in r.prompts], prompt_ids=[p for r in parts for p in r.prompt_ids],
-            group=torch.cat([r.group + o for r, o in zip(parts, offsets)]),
-            completion_ids=torch.cat([pad(r.completion_ids, parts[0].pad_id) for r in parts]),
-            completion_mask=torch.cat([pad(r.completion_mask, 0) for r in parts]),
-            sampler_logprobs=torch.cat([pad(r.sampler_logprobs, 0.0) for r in parts]) if has_lp else None,
-            texts=[t for r in parts for t in r.texts], finish_reasons=[f for r in parts for f in r.finish_reasons],
-            pad_id=parts[0].pad_id,
-            env_mask=torch.cat([pad(r.env_mask if r.env_mask is not None else torch.zeros_like(r.completion_mask), 0)
-                                for r in parts]) if any_env else None,
-            turns=[t for r in parts for t in (r.turns or [{} for _ in range(r.n)])] if any_env else None,
-            turn_rewards=torch.cat([pad(r.turn_rewards if r.turn_rewards is not None else torch.zeros_like(r.completion_mask), 0)
-                                    for r in parts]) if any(r.turn_rewards is not None for r in parts) else None)
+        return layout.cat(parts)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """Left-padded prompt + right-padded completion, ready for a forward pass."""
-        P = max(len(p) for p in self.prompt_ids)
-        N, C = self.completion_ids.shape
-        prompt = torch.full((N, P), self.pad_id, dtype=torch.long)  # [N, P]
-        pmask = torch.zeros((N, P), dtype=torch.long)  # [N, P]
-        for i, g in enumerate(self.group.tolist()):
-            ids = self.prompt_ids[g]
-            prompt[i, P - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            pmask[i, P - len(ids):] = 1
-        input_ids = torch.cat([prompt, self.completion_ids], dim=1)  # [N, L]
-        attention_mask = torch.cat([pmask, self.attention().long()], dim=1)  # [N, L] environment tokens included
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return layout.model_inputs(self)
 
 
 @dataclass
@@ -317,9 +268,92 @@ class AlgorithmBase:
         pass
 
 
-# -- what a registered plugin provides: the Protocols live in rlbench/protocols.py (hookspecs.py says
-# how each is registered and built); this module keeps their public names
-from rlbench.protocols import Algorithm, Environment, Executor, Job, Logger, RolloutEngine, Task  # noqa: E402,F401
+# -- what a registered plugin provides (hookspecs.py says how each is registered and built) -----------
+
+class Algorithm(Protocol):
+    """``Class(config)``; ``needs`` tells the trainer what to compute, ``prepare`` turns a step's
+    rollouts into a batch, ``loss`` is one micro-batch's share (rlbench_algorithms)."""
+
+    Config: type
+
+    @classmethod
+    def needs(cls, config: Any) -> Needs: ...
+
+    def prepare(self, rollouts: Rollouts, rewards: torch.Tensor, ctx: StepContext) -> TrainBatch: ...
+
+    def loss(self, logprobs: torch.Tensor, batch: TrainBatch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def after_step(self, metrics: dict[str, float]) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class RolloutEngine(Protocol):
+    """``Class(config, model, tokenizer, device, seed=seed)``; completions group-major with the
+    sampled tokens' logprobs of π_T (rlbench_rollout_engines)."""
+
+    Config: type
+
+    def generate(self, prompts: list[Prompt], n: int, sampling: Sampling) -> Rollouts: ...
+
+    def sync(self, model: torch.nn.Module) -> None: ...
+
+
+class Task(Protocol):
+    """``Class(config, tokenizer)``; named reward components, ``accuracy`` among them (rlbench_tasks).
+    Optional: ``gold(prompt) -> str | None``, the reference written as a completion (the task
+    check's self-check, sft's demonstrations); ``splits() -> list[str]``, the held-out splits
+    ``prompts`` serves besides ``test`` (``eval.splits``; out-of-distribution ones named ``ood_*``)."""
+
+    Config: type
+
+    def prompts(self, split: str, n: int, seed: int) -> list[Prompt]: ...
+
+    def score(self, prompts: list[Prompt], texts: list[str]) -> dict[str, list[float]]: ...
+
+
+class Environment(Protocol):
+    """One trajectory's environment, in the shape of TRL's ``environment_factory``
+    (rlbench_environments): ``reset(**row)`` opens it; its other public methods are tools, or
+    ``step(text) -> (observation | None, done)`` answers each turn; ``get_reward()`` and
+    ``turn_rewards()`` are optional."""
+
+    def reset(self, **row: Any) -> str | None: ...
+
+
+class Logger(Protocol):
+    """``Class(run_dir, config)``; every step's metrics line (rlbench_loggers)."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Job(Protocol):
+    """One run of a suite as an executor sees it (rlbench.suites.jobs.Job)."""
+
+    name: str
+    log: Any  # Path: the file its output is appended to
+    processes: int  # processes per machine
+
+    def command(self, machines: int = 1, machine_rank: int = 0, main_ip: str = "127.0.0.1",
+                port: int | None = None) -> list[str]: ...
+
+
+class Executor(Protocol):
+    """``Class(config, suite_dir)``; where a suite's runs execute (rlbench_executors)."""
+
+    Config: type
+    name: str
+    parallel: int
+
+    def submit(self, job: Job) -> str: ...
+
+    def poll(self, job_ids: list[str]) -> dict[str, str]: ...
+
+    def cancel(self, job_ids: list[str]) -> None: ...
 
 
 @dataclass
