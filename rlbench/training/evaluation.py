@@ -110,34 +110,37 @@ def evaluate(engine: RolloutEngine, task: Task, plan: EvalPlan = EvalPlan(), fit
 
 
 @torch.no_grad()
-def during_training(sampler, weights, reference, ev: EvalConfig, plan: MicroBatching, step: int) -> dict:
+def during_training(sampler, weights, reference, ev: EvalConfig, plan: MicroBatching, step: int,
+                    splits: list[str] = ()) -> dict:
     """The trainer's held-out evaluation: greedy pass@1 on ``eval.n`` problems through ``evaluate``
     (the sampler's engine, long-prompt policy and engine-fault recovery; sharded over its ranks)
     plus, with ``eval.kl``, the exact KL(policy ‖ reference) summed over the vocabulary on those
     completions (micro-batched as ``plan``; of the models' own distributions, T = 1), the same
-    measure for every algorithm. With ``eval.splits``, each other held-out split is evaluated the
-    same way into ``splits`` (name → ``SPLIT_FIELDS``); the top-level fields stay ``test``'s."""
+    measure for every algorithm. Each other held-out split in ``splits`` (``eval.splits`` as
+    ``eval_splits`` resolved it at setup) is evaluated the same way, without the KL, into
+    ``splits`` (name → ``SPLIT_FIELDS``); the top-level fields stay ``test``'s."""
     t = time.perf_counter()
-    device, world = sampler.device, sampler.world
-    rec, rollouts = evaluate(sampler.engine, sampler.task, EvalPlan("test", ev.n, samples=1, max_tokens=ev.max_tokens),
-                             fit_prompts=lambda ps, m: sampler.fit_prompts(ps, m, step, count=False),
-                             generate=lambda ps, n, smp: sampler.rollouts(ps, n, smp, step)[0],
-                             shard=(sampler.rank, world) if world > 1 else None)
+    world = sampler.world
+
+    def run(split: str):
+        return evaluate(sampler.engine, sampler.task, EvalPlan(split, ev.n, samples=1, max_tokens=ev.max_tokens),
+                        fit_prompts=lambda ps, m: sampler.fit_prompts(ps, m, step, count=False),
+                        generate=lambda ps, n, smp: sampler.rollouts(ps, n, smp, step)[0],
+                        shard=(sampler.rank, world) if world > 1 else None)
+
+    rec, rollouts = run("test")
     rec = {"step": step, **rec}
-    extra = eval_splits(sampler.task, ev.splits)
-    if extra:  # the other held-out splits (eval.splits): the same evaluation, without the KL
+    if splits:
         rec["splits"] = {}
-        for name in extra:
-            r, _ = evaluate(sampler.engine, sampler.task, EvalPlan(name, ev.n, samples=1, max_tokens=ev.max_tokens),
-                            fit_prompts=lambda ps, m: sampler.fit_prompts(ps, m, step, count=False),
-                            generate=lambda ps, n, smp: sampler.rollouts(ps, n, smp, step)[0],
-                            shard=(sampler.rank, world) if world > 1 else None)
+        for name in splits:
+            r, _ = run(name)
             rec["splits"][name] = {k: r[k] for k in SPLIT_FIELDS}
     if ev.kl:
         kl_sum, tokens = 0.0, 0.0
         if rollouts is not None:
             inputs = rollouts.model_inputs()
             weights.model.eval()
+            device = sampler.device
             kl = lpmod.exact_kl(weights.whole, reference, inputs["input_ids"].to(device),
                                 inputs["attention_mask"].to(device), rollouts.completion_mask.to(device),
                                 plan.size, plan.share_prompts)  # [n, C]
