@@ -34,6 +34,19 @@ def test_interval_of_three_values_is_the_t_interval_and_says_so():
     assert math.isnan(stats.iqm([1, 2, 3])) and stats.iqm([1, 2, 3, 100]) == pytest.approx(2.5)
 
 
+def test_an_accuracy_interval_is_cut_at_the_range_an_accuracy_can_take():
+    vals = [0.80, 0.95, 1.0]  # the t interval of these reaches past 1
+    lo, hi = sps.t.interval(0.95, 2, loc=np.mean(vals), scale=sps.sem(vals))
+    assert hi > 1
+    iv = stats.interval(vals, bounds=stats.ACCURACY)
+    assert iv["clipped"] and iv["high"] == 1.0 and iv["low"] == pytest.approx(lo)
+    assert not stats.interval(vals)["clipped"] and stats.interval(vals)["high"] == pytest.approx(hi)
+    down = stats.interval([-0.9, -0.5, -0.95], bounds=stats.ACCURACY_CHANGE)  # a change of accuracy: [-1, 1]
+    assert down["clipped"] and down["low"] == -1.0
+    inside = stats.interval([0.4, 0.5, 0.6], bounds=stats.ACCURACY)
+    assert not inside["clipped"] and 0 < inside["low"] < inside["high"] < 1
+
+
 def test_power_carries_the_uncertainty_of_the_seeds_spread():
     d = [0.05, -0.1, 0.2]
     rec = compare.paired_power(d, mde=0.05)

@@ -36,7 +36,8 @@ from rlbench.reporting.runs import (SUMMARY_COLUMNS, ReportError, by_seed, answe
                                  infra_differences, load_run, treatment_keys, variant_keys)
 
 __all__ = ["build", "ReportError", "find_runs", "load_run", "infra_differences", "SUMMARY_COLUMNS"]
-INTERVAL_COLUMNS = ("accuracy_after", "accuracy_delta", "kl_final")
+# the columns with an interval over seeds, each with the range it can take (the interval is cut there)
+INTERVAL_COLUMNS = {"accuracy_after": stats.ACCURACY, "accuracy_delta": stats.ACCURACY_CHANGE, "kl_final": (0.0, None)}
 
 
 def _aggregate(summary, baseline: str) -> list[dict]:
@@ -49,7 +50,7 @@ def _aggregate(summary, baseline: str) -> list[dict]:
             vals = [v for v in g[col].tolist() if v is not None and v == v]
             row[f"{col}_mean"] = sum(vals) / len(vals) if vals else None
             if col in INTERVAL_COLUMNS:
-                iv = stats.interval(vals)
+                iv = stats.interval(vals, bounds=INTERVAL_COLUMNS[col])
                 row[f"{col}_ci_low"], row[f"{col}_ci_high"], row[f"{col}_ci_method"] = iv["low"], iv["high"], iv["method"]
         row["accuracy_after_iqm"] = stats.iqm(g["accuracy_after"].tolist())
         row[f"p_improvement_vs_{baseline}"] = (stats.prob_improvement(g["accuracy_after"].tolist(),
@@ -207,7 +208,8 @@ def _markdown(title, command, t, plots, baseline, probes=None, compute=None) -> 
     lines += ["## Per algorithm and task", "",
               "Accuracy is greedy pass@1 on the task's fixed held-out problems. Intervals are 95% intervals of the mean "
               "over seeds; `*_ci_method` names the method (t: Student t, used below 10 seeds, where a bootstrap over "
-              "seeds cannot reach past the observed range; bootstrap: percentile, from 10 seeds). `accuracy_after_iqm` "
+              "seeds cannot reach past the observed range; bootstrap: percentile, from 10 seeds), cut at the range the "
+              "measure can take (an accuracy at [0, 1]). `accuracy_after_iqm` "
               f"needs 4 seeds. `p_improvement` is P(algorithm > {baseline}) over seed pairs; `regressed_runs` counts "
               "runs whose final accuracy is more than 2 standard errors below their own peak.", ""]
     show = ["task", "algorithm", "seeds", "accuracy_after_mean", "accuracy_after_ci_low", "accuracy_after_ci_high",

@@ -61,7 +61,8 @@ def per_split(rows: list[dict]) -> list[dict]:
     for r in rows:
         groups.setdefault((r["task"], r["algorithm"], r["split"]), []).append(r)
     for (task, algo, split), g in groups.items():
-        acc, gain = stats.interval([r["accuracy_after"] for r in g]), stats.interval([r["gain"] for r in g])
+        acc = stats.interval([r["accuracy_after"] for r in g], bounds=stats.ACCURACY)
+        gain = stats.interval([r["gain"] for r in g], bounds=stats.ACCURACY_CHANGE)
         out.append({"task": task, "algorithm": algo, "split": split, "seeds": len(g), "accuracy_after_mean": acc["mean"],
                     "accuracy_after_ci_low": acc["low"], "accuracy_after_ci_high": acc["high"], "gain_mean": gain["mean"],
                     "gain_ci_low": gain["low"], "gain_ci_high": gain["high"], "ci_method": gain["method"]})
