@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlbench.reporting import compare, curves
+from rlbench.reporting import compare, curves, episodes
 from rlbench.reporting import plots as plotsmod, splits as splitsmod, stats
 from rlbench.reporting.html import page
 from rlbench.reporting.runs import (SUMMARY_COLUMNS, ReportError, by_seed, answers, check_groups, find_runs,
@@ -139,10 +139,13 @@ def build(paths, out: str | Path, baseline: str | None = None, title: str | None
         for name, key in (("splits", "table"), ("generalisation", "gaps"), ("split_tests", "paired")):
             pd.DataFrame(ood[key]).to_csv(out / f"{name}.csv", index=False)
         plots.insert(0, splitsmod.plot(rows, ood["table"], out / "plots"))
+    env_rows = episodes.rows(runs) if episodes.has_env(runs) else []
+    if env_rows:  # multi-turn runs: trajectory shape, faults, template drift, solved within k attempts
+        pd.DataFrame(env_rows).to_csv(out / "environment.csv", index=False)
     regressed = [f"{r.run} ({r.algorithm}, seed {r.seed})" for r in summary.itertuples() if r.regressed]
     tables = {"summary": summary, "aggregate": agg, "per_seed": per_seed, "problem": problem, "flags": flags,
               "power": power, "two_way": two_way, "regressed": regressed, "plot_notes": notes,
-              "no_signal": plotsmod.no_signal(runs), "ood": ood}
+              "no_signal": plotsmod.no_signal(runs), "ood": ood, "env": env_rows}
     md = _markdown(title or f"rlbench report: {', '.join(map(str, paths))}", command, tables, plots, baseline,
                    probes, compute)
     (out / "report.md").write_text(md)
@@ -203,6 +206,8 @@ def _markdown(title, command, t, plots, baseline, probes=None, compute=None) -> 
                   _fmt(pd.DataFrame([{c: p.get(c) for c in cols} for p in probes.values()])), ""]
     if compute:
         lines += curves.markdown(compute, baseline, _fmt)
+    if t.get("env"):
+        lines += episodes.markdown(t["env"], _fmt)
     if t.get("ood"):
         lines += splitsmod.markdown(t["ood"]["table"], t["ood"]["gaps"], t["ood"]["paired"], baseline, _fmt)
     lines += ["## Per algorithm and task", "",

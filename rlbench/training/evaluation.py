@@ -95,12 +95,14 @@ def evaluate(engine: RolloutEngine, task: Task, plan: EvalPlan = EvalPlan(), fit
     sampling = Sampling(temperature=plan.temperature, top_p=plan.top_p, max_tokens=plan.max_tokens, greedy=greedy,
                         logprobs=False)
     rollouts = (generate or engine.generate)(prompts, samples, sampling) if prompts else None
-    raw = {"ids": [p.id for p in prompts], "group": [], "scores": {}, "lengths": [], "finish": [], "texts": []}
+    raw = {"ids": [p.id for p in prompts], "group": [], "scores": {}, "lengths": [], "finish": [], "texts": [],
+           "attempts": []}
     if rollouts is not None:
         expanded = [prompts[g] for g in rollouts.group.tolist()]
         raw.update(group=rollouts.group.tolist(), scores=episodes.scores(task, expanded, rollouts),
                    lengths=rollouts.lengths().tolist(), finish=list(rollouts.finish_reasons),
-                   texts=list(rollouts.texts) if keep_completions else [])
+                   texts=list(rollouts.texts) if keep_completions else [],
+                   attempts=[r.get("attempts") for r in rollouts.turns] if rollouts.turns else [])
     if shard is not None and shard[1] > 1:
         raw = merge_raw(dist.gather_objects(raw))
     rec = {"split": split, **summarize(raw, samples, keep_completions)}
@@ -172,15 +174,15 @@ def eval_splits(task: Task, splits) -> list[str]:
 
 def merge_raw(parts: list[dict]) -> dict:
     """Concatenate per-rank raw evaluation results (problem order = rank order)."""
-    out = {"ids": [], "group": [], "scores": {}, "lengths": [], "finish": [], "texts": []}
+    out = {"ids": [], "group": [], "scores": {}, "lengths": [], "finish": [], "texts": [], "attempts": []}
     for part in parts:
         offset = len(out["ids"])
         out["ids"] += part["ids"]
         out["group"] += [g + offset for g in part["group"]]
         for k, v in part["scores"].items():
             out["scores"].setdefault(k, []).extend(v)
-        for k in ("lengths", "finish", "texts"):
-            out[k] += part[k]
+        for k in ("lengths", "finish", "texts", "attempts"):
+            out[k] += part.get(k, [])
     return out
 
 
@@ -202,6 +204,10 @@ def summarize(raw: dict, samples: int, keep_completions: bool = False) -> dict:
     rec["format_rate"] = sum(1 for v in scores.get("format", []) if v > 0) / max(1, n)
     rec["completion_len"] = sum(raw["lengths"]) / max(1, n)
     rec["truncated_frac"] = sum(f == "length" for f in raw["finish"]) / max(1, n)
+    attempts = raw.get("attempts", [])
+    by_attempt = episodes.solved_by_attempt(attempts, max((len(a) for a in attempts if a), default=0))
+    if by_attempt:  # an environment with attempts (retry): the share solved within k attempts, k = 1 … the most made
+        rec["solved_by_attempt"] = [by_attempt[k] for k in sorted(by_attempt)]
     rec["correct"] = counts
     rec["ids"] = list(raw["ids"])
     if keep_completions:
