@@ -165,8 +165,10 @@ def rlbench_environments() -> Mapping[str, str | type[Environment]]:
     (optional): the trajectory's reward (a float is read as ``accuracy``; a dict as named
     components); without it the task's verifier scores the final assistant message. An
     environment without tools answers each turn through ``step(text) -> (observation | None,
-    done)``. Built in: ``python`` (code in the sandbox as a tool), ``retry`` (attempts with
-    feedback on any single-turn task).
+    done)``. An environment that counts attempts may expose ``accuracies`` (an attribute or
+    property, so not a tool: each attempt's accuracy), logged as ``env/solved_by_attempt_k`` and
+    evaluated as ``solved_by_attempt``. Built in: ``python`` (code in the sandbox as a tool),
+    ``retry`` (attempts with feedback on any single-turn task).
     """
 
 

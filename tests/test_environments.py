@@ -225,6 +225,35 @@ def test_a_training_run_with_the_retry_environment_logs_env_metrics_and_trains_o
     assert steps[-1]["tokens/generated"] <= 2 * 4 * 4 * 3 * 6
     ev = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert ev[-1]["n"] == 4
+    # per attempt: never solved, over the 3 attempts every trajectory made (training and evaluation)
+    assert ev[-1]["solved_by_attempt"] == [0.0, 0.0, 0.0] and steps[-1]["env/solved_by_attempt_3"] == 0.0
+
+
+def test_retry_counts_what_is_solved_within_each_attempt(tokenizer):
+    """The retry environment's attempts: a wrong first answer, then the right one; the share
+    solved within k attempts is 0 at k = 1 and 1 from k = 2, in training metrics and by hand."""
+    from rlbench.environments.episodes import solved_by_attempt
+    from rlbench.plugins.environments.retry import RetryConfig, RetryEnv
+    from rlbench.tasks.arithmetic import Arithmetic, ArithmeticConfig
+
+    task = Arithmetic(ArithmeticConfig(digits=1), tokenizer)
+    prompts = task.prompts("test", 2, seed=0)
+    answer = prompts[0].answer
+    engine = ScriptedEngine(ScriptedConfig(script=[f"<answer>{answer + 1}</answer>", f"<answer>{answer}</answer>"]),
+                            None, tokenizer, "cpu")
+    cfg = dataclasses.replace(EnvConfig(name="retry"), max_turns=3)
+    episodes = Episodes(lambda: RetryEnv(RetryConfig(), task), cfg, tokenizer, stop_token_ids(tokenizer))
+    ro, metrics = episodes.run(engine.generate, prompts[:1], 2, Sampling(max_tokens=16))
+    assert [r["attempts"] for r in ro.turns] == [[0.0, 1.0], [0.0, 1.0]]  # stops at the first right answer
+    assert metrics["env/turns_mean"] == 2.0
+    assert [metrics[f"env/solved_by_attempt_{k}"] for k in (1, 2, 3)] == [0.0, 1.0, 1.0]
+    # by hand: right at once, right at the third try, never right (3 tries), no attempts reported
+    mixed = [[1.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0], None]
+    assert solved_by_attempt(mixed, 3) == {1: pytest.approx(1 / 3), 2: pytest.approx(1 / 3), 3: pytest.approx(2 / 3)}
+    assert solved_by_attempt([None, None], 3) == {}
+    # an environment without attempts (the calculator) logs none
+    _, _, plain = _run(tokenizer, [CALL, "<answer>42</answer>"])
+    assert not any(k.startswith("env/solved_by_attempt") for k in plain)
 
 
 def test_a_real_textarena_game_through_the_adapter(tokenizer):

@@ -168,10 +168,12 @@ def test_opd_loss_is_the_reverse_kl_estimate_and_its_gradient_the_per_token_poli
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     lp = torch.tensor([[-1.0, -0.5, -2.0], [-0.3, -9.0, -9.0]], requires_grad=True)
     teacher = torch.tensor([[-1.5, -0.5, -1.0], [-1.3, 0.0, 0.0]])
-    batch = OPD(OPDConfig(teacher="x")).prepare(
-        Rollouts(prompts=[Prompt("a", "", 1)], prompt_ids=[[1]], group=torch.tensor([0, 0]),
-                 completion_ids=torch.zeros(2, 3, dtype=torch.long), completion_mask=mask, sampler_logprobs=None,
-                 texts=["", ""], finish_reasons=["stop", "stop"]), torch.tensor([1.0, 0.0]), StepContext(step=1))
+    rollouts = Rollouts(prompts=[Prompt("a", "", 1)], prompt_ids=[[1]], group=torch.tensor([0, 0]),
+                        completion_ids=torch.zeros(2, 3, dtype=torch.long), completion_mask=mask,
+                        sampler_logprobs=None, texts=["", ""], finish_reasons=["stop", "stop"])
+    rewards = torch.tensor([1.0, 0.0])
+    batch = OPD(OPDConfig(teacher="x")).prepare(rollouts, rewards, StepContext(step=1))
+    assert "advantages" not in batch  # pure distillation computes no reward advantage
     loss, m = OPD(OPDConfig(teacher="x")).loss(lp, batch, StepContext(step=1, teacher_logprobs=teacher))
     d = [0.5, 0.0, -1.0, 1.0]  # log π_student − log π_teacher on the four real tokens
     assert loss.item() == pytest.approx(sum(d) / 4) and m["opd/reverse_kl"] == pytest.approx(sum(d) / 4)
@@ -179,7 +181,9 @@ def test_opd_loss_is_the_reverse_kl_estimate_and_its_gradient_the_per_token_poli
     assert torch.allclose(lp.grad, torch.tensor([[0.5, 0.0, -1.0], [1.0, 0.0, 0.0]]) / 4)
     # with the task reward: GRPO's advantage (±0.7071 in a group of two) joins with its weight
     lp2 = lp.detach().clone().requires_grad_(True)
-    loss2, _ = OPD(OPDConfig(teacher="x", reward_coef=0.5)).loss(lp2, batch, StepContext(step=1, teacher_logprobs=teacher))
+    with_reward = OPD(OPDConfig(teacher="x", reward_coef=0.5))
+    batch2 = with_reward.prepare(rollouts, rewards, StepContext(step=1))
+    loss2, _ = with_reward.loss(lp2, batch2, StepContext(step=1, teacher_logprobs=teacher))
     loss2.backward()
     a = 0.5 / (0.5 ** 0.5 + 1e-4)  # (1 − mean 0.5) / (unbiased std 0.7071 + eps 1e-4)
     assert lp2.grad[0, 0].item() == pytest.approx((0.5 - 0.5 * a) / 4, rel=1e-3)

@@ -34,6 +34,19 @@ def test_interval_of_three_values_is_the_t_interval_and_says_so():
     assert math.isnan(stats.iqm([1, 2, 3])) and stats.iqm([1, 2, 3, 100]) == pytest.approx(2.5)
 
 
+def test_an_accuracy_interval_is_cut_at_the_range_an_accuracy_can_take():
+    vals = [0.80, 0.95, 1.0]  # the t interval of these reaches past 1
+    lo, hi = sps.t.interval(0.95, 2, loc=np.mean(vals), scale=sps.sem(vals))
+    assert hi > 1
+    iv = stats.interval(vals, bounds=stats.ACCURACY)
+    assert iv["clipped"] and iv["high"] == 1.0 and iv["low"] == pytest.approx(lo)
+    assert not stats.interval(vals)["clipped"] and stats.interval(vals)["high"] == pytest.approx(hi)
+    down = stats.interval([-0.9, -0.5, -0.95], bounds=stats.ACCURACY_CHANGE)  # a change of accuracy: [-1, 1]
+    assert down["clipped"] and down["low"] == -1.0
+    inside = stats.interval([0.4, 0.5, 0.6], bounds=stats.ACCURACY)
+    assert not inside["clipped"] and 0 < inside["low"] < inside["high"] < 1
+
+
 def test_power_carries_the_uncertainty_of_the_seeds_spread():
     d = [0.05, -0.1, 0.2]
     rec = compare.paired_power(d, mde=0.05)
@@ -332,3 +345,46 @@ matrix:
     flags = md.split("## Identical infrastructure", 1)[1].split("\n## ", 1)[0]
     assert "config.rollout.top_p" in flags and "off_policy_steps" not in flags
     assert "Caveat: 1 of these comparisons" in md
+
+
+def test_multi_turn_runs_get_their_trajectory_table_by_hand(tmp_path):
+    """A fake multi-turn suite (grpo, rloo; 2 seeds): turns and tool calls averaged over steps then
+    seeds, errors and template drift summed, solved-within-k-attempts averaged over seeds with a
+    run that made fewer attempts carried forward."""
+    root, runs = _small_suite(tmp_path, "turns", "[grpo, rloo]")
+    env = {  # per run: per-step (turns, tool calls, env errors, drift), final solved_by_attempt
+        "grpo-arithmetic-s0": ([(3.0, 0.0, 0, 0), (2.0, 0.0, 1, 0)], [0.5, 0.7, 0.8]),
+        "grpo-arithmetic-s1": ([(2.5, 0.0, 0, 0), (2.0, 0.0, 0, 0)], [0.6, 0.9]),
+        "rloo-arithmetic-s0": ([(3.0, 1.0, 0, 2), (3.0, 0.5, 0, 0)], [0.4, 0.5, 0.6]),
+        "rloo-arithmetic-s1": ([(2.0, 1.0, 2, 0), (1.0, 0.0, 0, 0)], [0.5, 0.55, 0.6]),
+    }
+    for name, c in runs:
+        cfg = c.to_dict()
+        d = _run(root, cfg, [(0, 0.0, 0.5), (2, 1.0, 0.6)], correct_seed=cfg["run"]["seed"])
+        steps, solved = env[name]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(
+            {"step": i + 1, "kl": 0.0, "reward/mean": 0.5, "env/turns_mean": t, "env/tool_calls_mean": tc,
+             "env/errors": float(e), "env/tool_errors": 0.0, "env/template_drift": float(dr)}) + "\n"
+            for i, (t, tc, e, dr) in enumerate(steps)))
+        lines = [json.loads(x) for x in (d / "eval.jsonl").read_text().splitlines()]
+        lines[-1]["solved_by_attempt"] = solved
+        (d / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    out = tmp_path / "rep"
+    assert _cli("report", str(root), "--out", str(out)).returncode == 0
+    rows = {r["algorithm"]: r for r in csv.DictReader(open(out / "environment.csv"))}
+    g, r = rows["grpo"], rows["rloo"]
+    assert float(g["turns_mean"]) == pytest.approx(np.mean([2.5, 2.25])) and float(r["turns_mean"]) == pytest.approx(2.25)
+    assert float(r["tool_calls_mean"]) == pytest.approx(np.mean([0.75, 0.5]))
+    assert float(g["env_errors"]) == 1 and float(r["env_errors"]) == 2 and float(r["template_drift"]) == 2
+    # grpo seed 1 solved everything it would within 2 attempts: its 0.9 stands for the third too
+    assert [float(g[f"solved_by_attempt_{k}"]) for k in (1, 2, 3)] == pytest.approx([0.55, 0.8, 0.85])
+    assert [float(r[f"solved_by_attempt_{k}"]) for k in (1, 2, 3)] == pytest.approx([0.45, 0.525, 0.6])
+    assert "## Multi-turn trajectories" in (out / "report.md").read_text()
+    single = tmp_path / "single"  # runs without an environment get no such section
+    single.mkdir()
+    root2, runs2 = _small_suite(single, "plain", "[grpo]")
+    for name, c in runs2:
+        _run(root2, c.to_dict(), [(0, 0.0, 0.5), (2, 1.0, 0.6)])
+    assert _cli("report", str(root2), "--out", str(single / "rep")).returncode == 0
+    assert not (single / "rep" / "environment.csv").exists()
+    assert "Multi-turn" not in (single / "rep" / "report.md").read_text()

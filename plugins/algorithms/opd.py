@@ -66,7 +66,9 @@ class OPD(AlgorithmBase):
         return Needs(teacher=config.teacher, group_size=2 if config.reward_coef > 0 else 1)
 
     def prepare(self, rollouts, rewards, ctx) -> TrainBatch:
-        adv, _ = ops.group_advantages(rewards, rollouts.group_size)  # [N] (unused at reward_coef 0)
+        if self.config.reward_coef <= 0:  # pure distillation: the reward takes no part in the loss
+            return TrainBatch.from_rollouts(rollouts)
+        adv, _ = ops.group_advantages(rewards, rollouts.group_size)  # [N]
         return TrainBatch.from_rollouts(rollouts, advantages=adv)
 
     def loss(self, logprobs, batch, ctx):

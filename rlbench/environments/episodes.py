@@ -80,7 +80,30 @@ class Trajectory:
         return {"turns": self.turns, "tool_calls": self.tool_calls, "tool_errors": self.tool_errors,
                 "errors": self.errors, "observation_tokens": self.observation_tokens, "void_turns": self.void_turns,
                 "ended_by": self.ended_by, "truncated": not self.ended, "reward": self.reward,
-                "texts": [m["content"] for m in self.messages if m["role"] == "assistant"]}
+                "texts": [m["content"] for m in self.messages if m["role"] == "assistant"],
+                "attempts": self.attempts()}
+
+    def attempts(self) -> list[float] | None:
+        """The environment's ``accuracies`` (each attempt's accuracy, an attribute or property, not a
+        tool: ``retry`` has it), or None when it has none or it failed."""
+        if self.env is None or self.errors:
+            return None
+        try:
+            acc = getattr(self.env, "accuracies", None)
+            return [float(a) for a in acc] if isinstance(acc, (list, tuple)) else None
+        except Exception:  # an environment's property that raises costs its figure, not the trajectory
+            return None
+
+
+def solved_by_attempt(attempts: list[list[float] | None], limit: int) -> dict[int, float]:
+    """{k: share of trajectories answered correctly within their first k attempts}, k = 1..limit,
+    over the trajectories whose environment reports ``accuracies`` (a trajectory that ended with
+    fewer attempts keeps its last state); {} when none does. For ``retry`` (which stops at the
+    first right answer) k = 1 is first-try accuracy and the last k the final one."""
+    have = [a for a in attempts if a is not None]
+    if not have:
+        return {}
+    return {k: sum(any(x >= 1.0 for x in a[:k]) for a in have) / len(have) for k in range(1, limit + 1)}
 
 
 class Episodes:
@@ -276,6 +299,8 @@ class Episodes:
                    "env/observation_tokens": sum(r["observation_tokens"] for r in records) / N,
                    "env/void_turns": float(sum(r["void_turns"] for r in records)),
                    "env/template_drift": float(drift)}
+        for k, share in solved_by_attempt([r["attempts"] for r in records], self.cfg.max_turns).items():
+            metrics[f"env/solved_by_attempt_{k}"] = share
         return ro, metrics
 
 

@@ -107,7 +107,7 @@ def build(runs: list[dict], baseline: str, x: str = "flops") -> dict | None:
         common = [f for f in fractions if all(f in p for p in by_seed.values())]  # every seed reached it
         for f in fractions:
             have = [p[f] for p in by_seed.values() if f in p]
-            iv = stats.interval([h["accuracy"] for h in have])
+            iv = stats.interval([h["accuracy"] for h in have], bounds=stats.ACCURACY)
             curve.append({"task": task, "algorithm": algo, "fraction": f, "seeds": len(have),
                           "fraction_actual": float(np.mean([h["actual"] for h in have])),
                           "off_fraction": sum(h["off"] for h in have),
@@ -131,7 +131,7 @@ def build(runs: list[dict], baseline: str, x: str = "flops") -> dict | None:
             d = [by_seed[s][f]["accuracy"] - base[s][f]["accuracy"] for s in seeds]
             if not d:
                 continue
-            iv = stats.interval(d)
+            iv = stats.interval(d, bounds=stats.ACCURACY_CHANGE)
             rec = compare.paired_power(d)
             diffs.append({"task": task, "algorithm": algo, "baseline": baseline, "fraction": f, "paired_seeds": len(d),
                           "fraction_actual": float(np.mean([by_seed[s][f]["actual"] for s in seeds])),

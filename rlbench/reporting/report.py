@@ -29,14 +29,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlbench.reporting import compare, curves
+from rlbench.reporting import compare, curves, episodes
 from rlbench.reporting import plots as plotsmod, splits as splitsmod, stats
 from rlbench.reporting.html import page
 from rlbench.reporting.runs import (SUMMARY_COLUMNS, ReportError, by_seed, answers, check_groups, find_runs,
                                  infra_differences, load_run, treatment_keys, variant_keys)
 
 __all__ = ["build", "ReportError", "find_runs", "load_run", "infra_differences", "SUMMARY_COLUMNS"]
-INTERVAL_COLUMNS = ("accuracy_after", "accuracy_delta", "kl_final")
+# the columns with an interval over seeds, each with the range it can take (the interval is cut there)
+INTERVAL_COLUMNS = {"accuracy_after": stats.ACCURACY, "accuracy_delta": stats.ACCURACY_CHANGE, "kl_final": (0.0, None)}
 
 
 def _aggregate(summary, baseline: str) -> list[dict]:
@@ -49,7 +50,7 @@ def _aggregate(summary, baseline: str) -> list[dict]:
             vals = [v for v in g[col].tolist() if v is not None and v == v]
             row[f"{col}_mean"] = sum(vals) / len(vals) if vals else None
             if col in INTERVAL_COLUMNS:
-                iv = stats.interval(vals)
+                iv = stats.interval(vals, bounds=INTERVAL_COLUMNS[col])
                 row[f"{col}_ci_low"], row[f"{col}_ci_high"], row[f"{col}_ci_method"] = iv["low"], iv["high"], iv["method"]
         row["accuracy_after_iqm"] = stats.iqm(g["accuracy_after"].tolist())
         row[f"p_improvement_vs_{baseline}"] = (stats.prob_improvement(g["accuracy_after"].tolist(),
@@ -138,10 +139,13 @@ def build(paths, out: str | Path, baseline: str | None = None, title: str | None
         for name, key in (("splits", "table"), ("generalisation", "gaps"), ("split_tests", "paired")):
             pd.DataFrame(ood[key]).to_csv(out / f"{name}.csv", index=False)
         plots.insert(0, splitsmod.plot(rows, ood["table"], out / "plots"))
+    env_rows = episodes.rows(runs) if episodes.has_env(runs) else []
+    if env_rows:  # multi-turn runs: trajectory shape, faults, template drift, solved within k attempts
+        pd.DataFrame(env_rows).to_csv(out / "environment.csv", index=False)
     regressed = [f"{r.run} ({r.algorithm}, seed {r.seed})" for r in summary.itertuples() if r.regressed]
     tables = {"summary": summary, "aggregate": agg, "per_seed": per_seed, "problem": problem, "flags": flags,
               "power": power, "two_way": two_way, "regressed": regressed, "plot_notes": notes,
-              "no_signal": plotsmod.no_signal(runs), "ood": ood}
+              "no_signal": plotsmod.no_signal(runs), "ood": ood, "env": env_rows}
     md = _markdown(title or f"rlbench report: {', '.join(map(str, paths))}", command, tables, plots, baseline,
                    probes, compute)
     (out / "report.md").write_text(md)
@@ -202,12 +206,15 @@ def _markdown(title, command, t, plots, baseline, probes=None, compute=None) -> 
                   _fmt(pd.DataFrame([{c: p.get(c) for c in cols} for p in probes.values()])), ""]
     if compute:
         lines += curves.markdown(compute, baseline, _fmt)
+    if t.get("env"):
+        lines += episodes.markdown(t["env"], _fmt)
     if t.get("ood"):
         lines += splitsmod.markdown(t["ood"]["table"], t["ood"]["gaps"], t["ood"]["paired"], baseline, _fmt)
     lines += ["## Per algorithm and task", "",
               "Accuracy is greedy pass@1 on the task's fixed held-out problems. Intervals are 95% intervals of the mean "
               "over seeds; `*_ci_method` names the method (t: Student t, used below 10 seeds, where a bootstrap over "
-              "seeds cannot reach past the observed range; bootstrap: percentile, from 10 seeds). `accuracy_after_iqm` "
+              "seeds cannot reach past the observed range; bootstrap: percentile, from 10 seeds), cut at the range the "
+              "measure can take (an accuracy at [0, 1]). `accuracy_after_iqm` "
               f"needs 4 seeds. `p_improvement` is P(algorithm > {baseline}) over seed pairs; `regressed_runs` counts "
               "runs whose final accuracy is more than 2 standard errors below their own peak.", ""]
     show = ["task", "algorithm", "seeds", "accuracy_after_mean", "accuracy_after_ci_low", "accuracy_after_ci_high",

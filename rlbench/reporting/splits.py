@@ -30,6 +30,13 @@ def has_splits(runs: list[dict]) -> bool:
     return any("splits" in e for r in runs for e in r["evals"])
 
 
+def split_accuracy(e: dict | None, split: str) -> float | None:
+    """An eval.jsonl record's accuracy on ``split`` (``test``: the top-level fields), or None."""
+    if e is None:
+        return None
+    return e["accuracy"] if split == "test" else (e.get("splits", {}).get(split) or {}).get("accuracy")
+
+
 def split_rows(runs: list[dict]) -> list[dict]:
     """One row per run × split: task, algorithm, seed, split, accuracy before / after, gain."""
     rows = []
@@ -41,11 +48,7 @@ def split_rows(runs: list[dict]) -> list[dict]:
             continue
         names = ["test"] + [s for s in after.get("splits", {})]
         for name in names:
-            def acc(e):
-                if e is None:
-                    return None
-                return e["accuracy"] if name == "test" else (e.get("splits", {}).get(name) or {}).get("accuracy")
-            a, b = acc(after), acc(before)
+            a, b = split_accuracy(after, name), split_accuracy(before, name)
             rows.append({"task": r["row"]["task"], "algorithm": r["row"]["algorithm"], "seed": r["row"]["seed"],
                          "split": name, "accuracy_before": b, "accuracy_after": a,
                          "gain": a - b if a is not None and b is not None else None})
@@ -58,7 +61,8 @@ def per_split(rows: list[dict]) -> list[dict]:
     for r in rows:
         groups.setdefault((r["task"], r["algorithm"], r["split"]), []).append(r)
     for (task, algo, split), g in groups.items():
-        acc, gain = stats.interval([r["accuracy_after"] for r in g]), stats.interval([r["gain"] for r in g])
+        acc = stats.interval([r["accuracy_after"] for r in g], bounds=stats.ACCURACY)
+        gain = stats.interval([r["gain"] for r in g], bounds=stats.ACCURACY_CHANGE)
         out.append({"task": task, "algorithm": algo, "split": split, "seeds": len(g), "accuracy_after_mean": acc["mean"],
                     "accuracy_after_ci_low": acc["low"], "accuracy_after_ci_high": acc["high"], "gain_mean": gain["mean"],
                     "gain_ci_low": gain["low"], "gain_ci_high": gain["high"], "ci_method": gain["method"]})

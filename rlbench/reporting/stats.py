@@ -5,7 +5,8 @@ adjustment.
 * ``interval``: a 95% interval of a mean. Below ``T_BELOW`` values Student's t (scipy): the
   percentile bootstrap of n values cannot reach beyond [min, max] (at n = 3 it returns exactly the
   range, which covers the mean ~75% of the time); from ``T_BELOW`` values on the percentile
-  bootstrap. Every interval says which method made it (``method``).
+  bootstrap. Every interval says which method made it (``method``); an interval of an accuracy is
+  cut at [0, 1] (``bounds``; a t interval of 3 seeds near 0.9 reaches past 1).
 * ``iqm``: the interquartile mean, only from 4 values up (below that it trims nothing).
 * ``sd_interval``: the chi-square interval of a standard deviation: with n − 1 = 2 degrees of
   freedom it spans 0.52×–6.3× the estimate, so a power figure computed from it carries that range.
@@ -42,15 +43,18 @@ def interval_method(n: int) -> str:
     return "none" if n < 2 else ("t" if n < T_BELOW else "bootstrap")
 
 
-def interval(values, level: float = LEVEL, n_boot: int = 10_000, seed: int = 0) -> dict:
+def interval(values, level: float = LEVEL, n_boot: int = 10_000, seed: int = 0,
+             bounds: tuple[float | None, float | None] = (None, None)) -> dict:
     """{mean, low, high, n, method} of a mean: Student-t below ``T_BELOW`` values, else the
-    percentile bootstrap; one value or none: no interval (NaN bounds, method ``none``)."""
+    percentile bootstrap; one value or none: no interval (NaN bounds, method ``none``).
+    ``bounds``: the range the measure can take (an accuracy: (0, 1)); a t interval reaching past
+    it is cut there (the mean cannot lie outside it), and ``clipped`` says so."""
     from scipy import stats
 
     v = _clean(values)
     n = len(v)
     out = {"mean": float(v.mean()) if n else math.nan, "low": math.nan, "high": math.nan, "n": n,
-           "method": interval_method(n)}
+           "method": interval_method(n), "clipped": False}
     if n < 2:
         return out
     if out["method"] == "t":
@@ -60,12 +64,21 @@ def interval(values, level: float = LEVEL, n_boot: int = 10_000, seed: int = 0) 
         else:
             lo, hi = stats.t.interval(level, n - 1, loc=out["mean"], scale=sd / math.sqrt(n))
             out["low"], out["high"] = float(lo), float(hi)
-        return out
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, n, (n_boot, n))].mean(1)
-    a = (1 - level) / 2
-    out["low"], out["high"] = float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+    else:
+        rng = np.random.default_rng(seed)
+        means = v[rng.integers(0, n, (n_boot, n))].mean(1)
+        a = (1 - level) / 2
+        out["low"], out["high"] = float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+    lo_bound, hi_bound = bounds
+    if lo_bound is not None and out["low"] < lo_bound:
+        out["low"], out["clipped"] = float(lo_bound), True
+    if hi_bound is not None and out["high"] > hi_bound:
+        out["high"], out["clipped"] = float(hi_bound), True
     return out
+
+
+ACCURACY = (0.0, 1.0)  # the bounds of an accuracy (``interval``'s ``bounds``)
+ACCURACY_CHANGE = (-1.0, 1.0)  # of a difference of two accuracies
 
 
 def iqm(values) -> float:

@@ -95,12 +95,14 @@ def evaluate(engine: RolloutEngine, task: Task, plan: EvalPlan = EvalPlan(), fit
     sampling = Sampling(temperature=plan.temperature, top_p=plan.top_p, max_tokens=plan.max_tokens, greedy=greedy,
                         logprobs=False)
     rollouts = (generate or engine.generate)(prompts, samples, sampling) if prompts else None
-    raw = {"ids": [p.id for p in prompts], "group": [], "scores": {}, "lengths": [], "finish": [], "texts": []}
+    raw = {"ids": [p.id for p in prompts], "group": [], "scores": {}, "lengths": [], "finish": [], "texts": [],
+           "attempts": []}
     if rollouts is not None:
         expanded = [prompts[g] for g in rollouts.group.tolist()]
         raw.update(group=rollouts.group.tolist(), scores=episodes.scores(task, expanded, rollouts),
                    lengths=rollouts.lengths().tolist(), finish=list(rollouts.finish_reasons),
-                   texts=list(rollouts.texts) if keep_completions else [])
+                   texts=list(rollouts.texts) if keep_completions else [],
+                   attempts=[r.get("attempts") for r in rollouts.turns] if rollouts.turns else [])
     if shard is not None and shard[1] > 1:
         raw = merge_raw(dist.gather_objects(raw))
     rec = {"split": split, **summarize(raw, samples, keep_completions)}
@@ -110,34 +112,37 @@ def evaluate(engine: RolloutEngine, task: Task, plan: EvalPlan = EvalPlan(), fit
 
 
 @torch.no_grad()
-def during_training(sampler, weights, reference, ev: EvalConfig, plan: MicroBatching, step: int) -> dict:
+def during_training(sampler, weights, reference, ev: EvalConfig, plan: MicroBatching, step: int,
+                    splits: list[str] = ()) -> dict:
     """The trainer's held-out evaluation: greedy pass@1 on ``eval.n`` problems through ``evaluate``
     (the sampler's engine, long-prompt policy and engine-fault recovery; sharded over its ranks)
     plus, with ``eval.kl``, the exact KL(policy ‖ reference) summed over the vocabulary on those
     completions (micro-batched as ``plan``; of the models' own distributions, T = 1), the same
-    measure for every algorithm. With ``eval.splits``, each other held-out split is evaluated the
-    same way into ``splits`` (name → ``SPLIT_FIELDS``); the top-level fields stay ``test``'s."""
+    measure for every algorithm. Each other held-out split in ``splits`` (``eval.splits`` as
+    ``eval_splits`` resolved it at setup) is evaluated the same way, without the KL, into
+    ``splits`` (name → ``SPLIT_FIELDS``); the top-level fields stay ``test``'s."""
     t = time.perf_counter()
-    device, world = sampler.device, sampler.world
-    rec, rollouts = evaluate(sampler.engine, sampler.task, EvalPlan("test", ev.n, samples=1, max_tokens=ev.max_tokens),
-                             fit_prompts=lambda ps, m: sampler.fit_prompts(ps, m, step, count=False),
-                             generate=lambda ps, n, smp: sampler.rollouts(ps, n, smp, step)[0],
-                             shard=(sampler.rank, world) if world > 1 else None)
+    world = sampler.world
+
+    def run(split: str):
+        return evaluate(sampler.engine, sampler.task, EvalPlan(split, ev.n, samples=1, max_tokens=ev.max_tokens),
+                        fit_prompts=lambda ps, m: sampler.fit_prompts(ps, m, step, count=False),
+                        generate=lambda ps, n, smp: sampler.rollouts(ps, n, smp, step)[0],
+                        shard=(sampler.rank, world) if world > 1 else None)
+
+    rec, rollouts = run("test")
     rec = {"step": step, **rec}
-    extra = eval_splits(sampler.task, ev.splits)
-    if extra:  # the other held-out splits (eval.splits): the same evaluation, without the KL
+    if splits:
         rec["splits"] = {}
-        for name in extra:
-            r, _ = evaluate(sampler.engine, sampler.task, EvalPlan(name, ev.n, samples=1, max_tokens=ev.max_tokens),
-                            fit_prompts=lambda ps, m: sampler.fit_prompts(ps, m, step, count=False),
-                            generate=lambda ps, n, smp: sampler.rollouts(ps, n, smp, step)[0],
-                            shard=(sampler.rank, world) if world > 1 else None)
+        for name in splits:
+            r, _ = run(name)
             rec["splits"][name] = {k: r[k] for k in SPLIT_FIELDS}
     if ev.kl:
         kl_sum, tokens = 0.0, 0.0
         if rollouts is not None:
             inputs = rollouts.model_inputs()
             weights.model.eval()
+            device = sampler.device
             kl = lpmod.exact_kl(weights.whole, reference, inputs["input_ids"].to(device),
                                 inputs["attention_mask"].to(device), rollouts.completion_mask.to(device),
                                 plan.size, plan.share_prompts)  # [n, C]
@@ -169,15 +174,15 @@ def eval_splits(task: Task, splits) -> list[str]:
 
 def merge_raw(parts: list[dict]) -> dict:
     """Concatenate per-rank raw evaluation results (problem order = rank order)."""
-    out = {"ids": [], "group": [], "scores": {}, "lengths": [], "finish": [], "texts": []}
+    out = {"ids": [], "group": [], "scores": {}, "lengths": [], "finish": [], "texts": [], "attempts": []}
     for part in parts:
         offset = len(out["ids"])
         out["ids"] += part["ids"]
         out["group"] += [g + offset for g in part["group"]]
         for k, v in part["scores"].items():
             out["scores"].setdefault(k, []).extend(v)
-        for k in ("lengths", "finish", "texts"):
-            out[k] += part[k]
+        for k in ("lengths", "finish", "texts", "attempts"):
+            out[k] += part.get(k, [])
     return out
 
 
@@ -199,6 +204,10 @@ def summarize(raw: dict, samples: int, keep_completions: bool = False) -> dict:
     rec["format_rate"] = sum(1 for v in scores.get("format", []) if v > 0) / max(1, n)
     rec["completion_len"] = sum(raw["lengths"]) / max(1, n)
     rec["truncated_frac"] = sum(f == "length" for f in raw["finish"]) / max(1, n)
+    attempts = raw.get("attempts", [])
+    by_attempt = episodes.solved_by_attempt(attempts, max((len(a) for a in attempts if a), default=0))
+    if by_attempt:  # an environment with attempts (retry): the share solved within k attempts, k = 1 … the most made
+        rec["solved_by_attempt"] = [by_attempt[k] for k in sorted(by_attempt)]
     rec["correct"] = counts
     rec["ids"] = list(raw["ids"])
     if keep_completions:

@@ -15,7 +15,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -122,6 +122,7 @@ class Setup:
     max_drift: float  # rollout.max_logprob_drift, or its default for the device
     seed: int  # run.seed: everything was seeded with it; the update's shuffles are derived from it
     episodes: Episodes | None = None  # the config's env section: multi-turn rollouts (rlbench/environments)
+    eval_splits: list[str] = field(default_factory=list)  # eval.splits resolved: held-out splits besides test
 
 
 def build(cfg: cfgmod.Config) -> Setup:
@@ -162,7 +163,7 @@ def build(cfg: cfgmod.Config) -> Setup:
     load_seconds = time.perf_counter() - t0
 
     task = manager.get("task", cfg.names["task"])(cfg.task, tok)
-    eval_splits(task, cfg.eval.splits)  # an unknown split name stops the run here, before any training
+    extra_splits = eval_splits(task, cfg.eval.splits)  # an unknown split name stops the run here, before training
     episodes = Episodes(envs.factory(cfg.env, task), cfg.env, tok, models.stop_token_ids(tok)) if cfg.env else None
     algo_cls = manager.get("algorithm", cfg.names["algorithm"])
     algorithm, needs = algo_cls(cfg.algorithm), algo_cls.needs(cfg.algorithm)
@@ -197,7 +198,7 @@ def build(cfg: cfgmod.Config) -> Setup:
                  weights=PolicyWeights(accelerator, model, zero, use_lora),
                  n_params=n_params, n_critic=n_critic, model_hash=model_hash, load_seconds=load_seconds,
                  max_drift=cfg.rollout.max_logprob_drift or (2.0 if use_cuda else 1e-3), seed=cfg.run.seed,
-                 episodes=episodes)
+                 episodes=episodes, eval_splits=extra_splits)
 
 
 def _critic(cfg, needs: Needs, policy, tok, dtype):

@@ -69,6 +69,7 @@ class Trainer:
         self.accelerator, self.device, self.rank, self.world = s.accelerator, s.device, s.rank, s.world
         self.is_main = s.rank == 0
         self.task, self.algorithm, self.needs = s.task, s.algorithm, s.needs
+        self.eval_splits = s.eval_splits  # eval.splits resolved at setup
         self.model, self.optimizer, self.scheduler, self.critic = s.model, s.optimizer, s.scheduler, s.critic
         self.reference, self.zero, self.weights = s.reference, s.zero, s.weights
         self.n_params, self.n_critic, self.model_hash = s.n_params, s.n_critic, s.model_hash
@@ -274,7 +275,8 @@ class Trainer:
     def evaluate(self, step: int) -> dict:
         """Held-out evaluation (``rlbench.training.evaluation.during_training``), written to eval.jsonl."""
         with self.sampler.evaluation() as sampler:  # asynchronous: the engine between two batches, current weights
-            rec = during_training(sampler, self.weights, self.reference, self.cfg.eval, self.updater.plan, step)
+            rec = during_training(sampler, self.weights, self.reference, self.cfg.eval, self.updater.plan, step,
+                                  self.eval_splits)
         if self.ref_quant:
             rec["ref_quant_error"] = self.ref_quant["mean_abs_logprob_error"]
         spent = self.meter.spent()  # the compute axes; the timed ones apart ("time…" keys: not reproducible)
