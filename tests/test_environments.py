@@ -84,6 +84,7 @@ def test_token_layout_is_exactly_the_sampled_tokens_plus_masked_environment_toke
     assert ro.texts == ["<answer>42</answer>"] * 4
     assert [r["reward"] for r in ro.turns] == [1.0] * 4 and [r["turns"] for r in ro.turns] == [2] * 4
     assert metrics["env/template_drift"] == 0 and metrics["env/tool_calls_mean"] == 1.0
+    assert metrics["env/drift_frac"] == 0.0
     assert metrics["env/tool_errors"] == 0 and metrics["env/errors"] == 0
     # the tool was listed in the system prompt (the template takes no tools=): its schema from the signature
     assert '"name": "add"' in tok.decode(ro.prompt_ids[0]) and '"a": {"type": "integer"' in tok.decode(ro.prompt_ids[0])
@@ -166,7 +167,7 @@ def test_a_drifting_chat_template_is_counted(tokenizer):
     tok.chat_template = tok.chat_template.replace("message['content']", "(message['content'] | trim)")
     assert "trim" in tok.chat_template
     _, ro, metrics = _run(tok, ["   " + CALL, "  <answer>42</answer>"])
-    assert metrics["env/template_drift"] > 0
+    assert metrics["env/template_drift"] > 0 and metrics["env/drift_frac"] == 1.0  # every trajectory drifted
     with pytest.raises(chat.EnvError, match="differ from the chat template"):
         _run(tok, ["   " + CALL, "  <answer>42</answer>"], on_drift="error")
 

@@ -364,7 +364,8 @@ def test_multi_turn_runs_get_their_trajectory_table_by_hand(tmp_path):
         steps, solved = env[name]
         (d / "metrics.jsonl").write_text("".join(json.dumps(
             {"step": i + 1, "kl": 0.0, "reward/mean": 0.5, "env/turns_mean": t, "env/tool_calls_mean": tc,
-             "env/errors": float(e), "env/tool_errors": 0.0, "env/template_drift": float(dr)}) + "\n"
+             "env/errors": float(e), "env/tool_errors": 0.0, "env/template_drift": float(dr),
+             "env/drift_frac": 0.25 * (dr > 0)}) + "\n"
             for i, (t, tc, e, dr) in enumerate(steps)))
         lines = [json.loads(x) for x in (d / "eval.jsonl").read_text().splitlines()]
         lines[-1]["solved_by_attempt"] = solved
@@ -376,6 +377,7 @@ def test_multi_turn_runs_get_their_trajectory_table_by_hand(tmp_path):
     assert float(g["turns_mean"]) == pytest.approx(np.mean([2.5, 2.25])) and float(r["turns_mean"]) == pytest.approx(2.25)
     assert float(r["tool_calls_mean"]) == pytest.approx(np.mean([0.75, 0.5]))
     assert float(g["env_errors"]) == 1 and float(r["env_errors"]) == 2 and float(r["template_drift"]) == 2
+    assert float(g["drift_frac_mean"]) == 0 and float(r["drift_frac_mean"]) == pytest.approx(0.25 / 2 / 2)
     # grpo seed 1 solved everything it would within 2 attempts: its 0.9 stands for the third too
     assert [float(g[f"solved_by_attempt_{k}"]) for k in (1, 2, 3)] == pytest.approx([0.55, 0.8, 0.85])
     assert [float(r[f"solved_by_attempt_{k}"]) for k in (1, 2, 3)] == pytest.approx([0.45, 0.525, 0.6])

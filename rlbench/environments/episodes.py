@@ -269,7 +269,7 @@ class Episodes:
         env = torch.zeros(N, C)  # [N, C] environment tokens
         lps = torch.zeros(N, C)  # [N, C]
         per_turn = torch.zeros(N, C) if any(t.turn_rewards is not None for t in trajs) else None  # [N, C]
-        drift = 0
+        drift, drifted = 0, 0  # tokens that differ from the re-rendering; trajectories with any
         for i, t in enumerate(trajs):
             k = len(t.region)
             ids[i, :k] = torch.tensor(t.region, dtype=torch.long)
@@ -283,6 +283,7 @@ class Episodes:
             if t.turns and t.initial:  # a task without chat messages (Prompt.meta['messages']): not checked
                 t_drift = self.renderer.drift(t.initial, _schemas(t), t.messages, t.ids, t.ended)
                 drift += t_drift
+                drifted += t_drift > 0
                 if t_drift and self.cfg.on_drift == "error":
                     raise EnvError(f"trajectory of prompt {prompts[t.prompt].id!r}: {t_drift} token(s) differ from the "
                                    "chat template's rendering of its conversation (env.on_drift: error)")
@@ -298,7 +299,7 @@ class Episodes:
                    "env/errors": float(sum(r["errors"] for r in records)),
                    "env/observation_tokens": sum(r["observation_tokens"] for r in records) / N,
                    "env/void_turns": float(sum(r["void_turns"] for r in records)),
-                   "env/template_drift": float(drift)}
+                   "env/template_drift": float(drift), "env/drift_frac": drifted / N}
         for k, share in solved_by_attempt([r["attempts"] for r in records], self.cfg.max_turns).items():
             metrics[f"env/solved_by_attempt_{k}"] = share
         return ro, metrics

@@ -3,9 +3,11 @@ algorithm, the training trajectories' shape and faults, and the held-out share s
 attempt where the environment counts attempts (``retry``).
 
 From every step of metrics.jsonl, averaged over a run's steps and then over its seeds: turns and
-tool calls per trajectory. Summed over a run's steps, then over seeds: environment errors, tool
-errors and ``env/template_drift`` (tokens whose chat-template rendering differs from the trained
-trajectory; 0 means the trained tokens are exactly what the conversation renders to). From the
+tool calls per trajectory, and the share of trajectories whose chat-template rendering differs
+from the trained tokens (``env/drift_frac``: what re-tokenizing the conversation would have
+changed). Summed over a run's steps, then over seeds: environment errors, tool errors and
+``env/template_drift`` (the positions that differ; one token split in two shifts every later
+position, so a single event counts many). From the
 final evaluation, mean over seeds: ``solved_by_attempt`` (k = 1 is first-try accuracy).
 
 Not covered: per-turn rewards and the filtered share (``env/filtered_frac``) are in metrics.jsonl
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-MEANS = {"turns": "env/turns_mean", "tool_calls": "env/tool_calls_mean"}
+MEANS = {"turns": "env/turns_mean", "tool_calls": "env/tool_calls_mean", "drift_frac": "env/drift_frac"}
 TOTALS = {"env_errors": "env/errors", "tool_errors": "env/tool_errors", "template_drift": "env/template_drift"}
 
 
@@ -51,9 +53,11 @@ def markdown(table: list[dict], fmt) -> list[str]:
     import pandas as pd
 
     return ["## Multi-turn trajectories", "",
-            "Per algorithm: turns and tool calls per training trajectory (mean over steps, then seeds); environment "
-            "errors, tool errors and template drift summed over every step and seed (`template_drift`: tokens where "
-            "the chat template's rendering of the conversation differs from the trained trajectory; 0: the trained "
-            "tokens are exactly the sampled ones plus the environment's); `solved_by_attempt_k`: the share of held-out "
+            "Per algorithm: turns and tool calls per training trajectory and `drift_frac`, the share of trajectories "
+            "whose chat-template rendering differs from the trained tokens (what re-tokenizing the conversation would "
+            "have changed; rlbench trains the sampled tokens as sampled), each a mean over steps, then seeds; "
+            "environment errors, tool errors and `template_drift` summed over every step and seed (`template_drift`: "
+            "positions that differ; one token split in two shifts every later position); `solved_by_attempt_k`: the "
+            "share of held-out "
             "problems answered right within k attempts at the final evaluation (mean over seeds; k = 1 is first-try "
             "accuracy). environment.csv.", "", fmt(pd.DataFrame(table)), ""]
