@@ -21,12 +21,8 @@ MEANS = {"turns": "env/turns_mean", "tool_calls": "env/tool_calls_mean", "drift_
 TOTALS = {"env_errors": "env/errors", "tool_errors": "env/tool_errors", "template_drift": "env/template_drift"}
 
 
-def has_env(runs: list[dict]) -> bool:
-    return any("env/turns_mean" in m for r in runs for m in r["metrics"])
-
-
 def rows(runs: list[dict]) -> list[dict]:
-    """One row per task × algorithm (module docstring)."""
+    """One row per task × algorithm of the multi-turn runs (module docstring); [] when there are none."""
     groups: dict = {}
     for r in runs:
         if any("env/turns_mean" in m for m in r["metrics"]):

@@ -139,7 +139,7 @@ def build(paths, out: str | Path, baseline: str | None = None, title: str | None
         for name, key in (("splits", "table"), ("generalisation", "gaps"), ("split_tests", "paired")):
             pd.DataFrame(ood[key]).to_csv(out / f"{name}.csv", index=False)
         plots.insert(0, splitsmod.plot(rows, ood["table"], out / "plots"))
-    env_rows = episodes.rows(runs) if episodes.has_env(runs) else []
+    env_rows = episodes.rows(runs)
     if env_rows:  # multi-turn runs: trajectory shape, faults, template drift, solved within k attempts
         pd.DataFrame(env_rows).to_csv(out / "environment.csv", index=False)
     regressed = [f"{r.run} ({r.algorithm}, seed {r.seed})" for r in summary.itertuples() if r.regressed]

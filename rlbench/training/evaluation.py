@@ -182,7 +182,7 @@ def merge_raw(parts: list[dict]) -> dict:
         for k, v in part["scores"].items():
             out["scores"].setdefault(k, []).extend(v)
         for k in ("lengths", "finish", "texts", "attempts"):
-            out[k] += part.get(k, [])
+            out[k] += part[k]
     return out
 
 
@@ -204,7 +204,7 @@ def summarize(raw: dict, samples: int, keep_completions: bool = False) -> dict:
     rec["format_rate"] = sum(1 for v in scores.get("format", []) if v > 0) / max(1, n)
     rec["completion_len"] = sum(raw["lengths"]) / max(1, n)
     rec["truncated_frac"] = sum(f == "length" for f in raw["finish"]) / max(1, n)
-    attempts = raw.get("attempts", [])
+    attempts = raw["attempts"]
     by_attempt = episodes.solved_by_attempt(attempts, max((len(a) for a in attempts if a), default=0))
     if by_attempt:  # an environment with attempts (retry): the share solved within k attempts, k = 1 … the most made
         rec["solved_by_attempt"] = [by_attempt[k] for k in sorted(by_attempt)]
