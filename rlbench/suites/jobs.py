@@ -93,6 +93,9 @@ class RunCallbacks:
     # time limit) or "failed"
     finish: Callable[[str], str]
     tail: Callable[[str], str]  # the end of its log
+    # seconds the run may need, once stopped, to finish its step and write its checkpoint (from its
+    # own steps so far: a multi-turn step takes minutes); a stop waits at least this long for it
+    grace: Callable[[str], float] = lambda name: 0.0
 
 
 class StopRequest:
@@ -131,13 +134,15 @@ class StopRequest:
 
 def stop_all(active: dict, executor: Executor, status, runs: RunCallbacks, why: str, wait_s: float, echo) -> dict:
     """Stop every active job (the executor's cancel: a run finishes its step and writes a
-    checkpoint), wait up to ``wait_s`` for them to end, and mark each ``interrupted`` (or complete,
-    if it finished meanwhile). A job still running after the wait is cancelled again (local: killed)."""
+    checkpoint), wait for each up to ``wait_s`` or its own ``runs.grace`` if longer, and mark each
+    ``interrupted`` (or complete, if it finished meanwhile). A job still running after its wait is
+    cancelled again (local: killed)."""
     results = {}
     if active:
         executor.cancel(list(active.values()))
-    deadline = time.monotonic() + wait_s
-    while active and time.monotonic() < deadline:
+    start = time.monotonic()
+    waits = {name: max(wait_s, runs.grace(name)) for name in active}
+    while active:  # each ends, or is killed at its own deadline
         states = executor.poll(list(active.values()))
         for name, jid in list(active.items()):
             if states.get(jid, "gone") not in ACTIVE:
@@ -152,15 +157,17 @@ def stop_all(active: dict, executor: Executor, status, runs: RunCallbacks, why: 
                                      + ("resumes it from its newest checkpoint" if verdict == "resume" else "starts it again"))
                     results[name] = "interrupted"
                 echo(f"  {name}: {results[name]} ({why})")
+        for name, jid in list(active.items()):
+            if time.monotonic() >= start + waits[name]:  # did not stop in time
+                del active[name]
+                kill = getattr(executor, "kill", None)
+                (kill or executor.cancel)([jid])
+                status.set(name, status="interrupted", state="killed", finished=_now(),
+                           error=f"stopped by {why}; it did not stop within {waits[name]:.0f} s and was killed")
+                results[name] = "interrupted"
+                echo(f"  {name}: killed ({why}; no checkpoint within {waits[name]:.0f} s)")
         if active:
             time.sleep(0.5)
-    for name, jid in active.items():  # did not stop in time
-        kill = getattr(executor, "kill", None)
-        (kill or executor.cancel)([jid])
-        status.set(name, status="interrupted", state="killed", finished=_now(),
-                   error=f"stopped by {why}; it did not stop within {wait_s:.0f} s and was killed")
-        results[name] = "interrupted"
-        echo(f"  {name}: killed ({why}; no checkpoint within {wait_s:.0f} s)")
     return results
 
 

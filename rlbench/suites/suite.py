@@ -211,6 +211,31 @@ def judge(name: str, root: Path, keep_checkpoints: int) -> str:
     return "resume" if run_dir.exists() and has_checkpoint(run_dir) else "failed"
 
 
+def stop_grace(run_dir: Path) -> float:
+    """Seconds a stopped run may need to finish its step and write its checkpoint: 1.5 × (its
+    longest step so far + its longest evaluation) plus 60 s for the checkpoint; 0 before its first
+    step is logged (the executor's default wait applies). A multi-turn step takes minutes on a CPU,
+    more than any fixed wait."""
+    def column(file: str, key: str) -> list[float]:
+        out = []
+        try:
+            lines = (run_dir / file).read_text().splitlines()
+        except OSError:
+            return out
+        for line in lines:
+            try:
+                out.append(float(json.loads(line)[key]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut by a kill, or without the field
+        return out
+
+    walls = column("metrics.jsonl", "time_spent/wall_seconds")  # training time, cumulative
+    steps = [b - a for a, b in zip([0.0, *walls], walls) if b > a]  # a resumed run's counter goes on
+    if not steps:
+        return 0.0
+    return 1.5 * (max(steps) + max(column("eval.jsonl", "time"), default=0.0)) + 60.0
+
+
 def log_tail(root: Path, name: str, lines: int = 15) -> str:
     log = root / "logs" / f"{name}.log"
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.is_file() else ""
@@ -306,7 +331,8 @@ def run_suite(path: str | Path, out: str | Path = "runs/suites", jobs: int | Non
         else:
             todo.append((name, cfg))
     callbacks = jobsmod.RunCallbacks(make_job=lambda n: make_job(n, root, getattr(executor.config, "processes", 1)),
-                                     finish=lambda n: judge(n, root, keep), tail=lambda n: log_tail(root, n))
+                                     finish=lambda n: judge(n, root, keep), tail=lambda n: log_tail(root, n),
+                                     grace=lambda n: stop_grace(root / "runs" / n))
     try:
         done = jobsmod.run_jobs(todo, executor, status, callbacks, max_attempts=max_attempts, poll_seconds=poll,
                                 echo=echo)
